@@ -1,0 +1,285 @@
+"""Detector architectures and checkpoint loading.
+
+Three checkpoint formats are accepted, all read with
+``torch.load(weights_only=True)`` so a checkpoint can never run code:
+
+a. the project's own format (:func:`save_checkpoint`): a dict with
+   ``format == "aidetect-batch"``, ``state_dict`` and metadata (arch, number
+   of logits, AI class index, mean/std, preprocess policy, threshold, info);
+b. CNNDetection's ``{"model": state_dict}`` for ``resnet50(num_classes=1)``;
+c. a plain torchvision state dict with a 1- or 2-logit head.
+
+The score is P(AI-generated): sigmoid of a single logit, or the softmax
+probability of the AI class for two logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import pickle
+from typing import Any
+
+import torch
+from torch import nn
+
+from aidetect_batch.storage import filesystem
+
+FORMAT_NAME = "aidetect-batch"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLASS_NAMES = ("real", "ai")
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGIC = b"\x80"
+
+_HEAD = {
+    "resnet50": "fc.weight",
+    "resnet_tiny": "fc.weight",
+    "mobilenet_v2": "classifier.1.weight",
+    "efficientnet_b0": "classifier.1.weight",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is unsafe, or does not fit the architecture."""
+
+
+def build_model(arch: str, num_logits: int) -> nn.Module:
+    """A randomly initialised detector. ``resnet_tiny`` is a 1-1-1-1 BasicBlock ResNet for tests."""
+    import torchvision.models as tvm
+
+    if arch == "resnet50":
+        return tvm.resnet50(weights=None, num_classes=num_logits)
+    if arch == "mobilenet_v2":
+        return tvm.mobilenet_v2(weights=None, num_classes=num_logits)
+    if arch == "efficientnet_b0":
+        return tvm.efficientnet_b0(weights=None, num_classes=num_logits)
+    if arch == "resnet_tiny":
+        return tvm.resnet.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_logits)
+    raise CheckpointError(f"unknown architecture {arch!r}; choose one of {', '.join(_HEAD)}")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded detector checkpoint and the metadata the scan needs."""
+
+    arch: str
+    num_logits: int
+    ai_class_index: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    preprocess: str | None
+    threshold: float
+    info: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    model_id: str
+    kind: str
+
+    def build(self) -> nn.Module:
+        """Instantiate the architecture and load the weights; raises :class:`CheckpointError` on mismatch."""
+        model = build_model(self.arch, self.num_logits)
+        try:
+            result = model.load_state_dict(self.state_dict, strict=False)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"checkpoint weights do not fit {self.arch} with {self.num_logits} logit(s): "
+                f"{str(exc).splitlines()[-1].strip()} (pass --arch if it is another architecture)"
+            ) from None
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(
+                f"checkpoint does not match {self.arch}: "
+                f"missing keys {_few(result.missing_keys)}, unexpected keys {_few(result.unexpected_keys)} "
+                "(pass --arch if it is another architecture)"
+            )
+        return model.eval()
+
+    def metadata(self) -> dict[str, Any]:
+        """Metadata without weights, for ``_run.json``."""
+        return {
+            "kind": self.kind,
+            "arch": self.arch,
+            "num_logits": self.num_logits,
+            "ai_class_index": self.ai_class_index,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "preprocess": self.preprocess,
+            "threshold": self.threshold,
+            "info": self.info,
+            "model_id": self.model_id,
+        }
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    if not keys:
+        return "none"
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _guess_arch(state_dict: dict[str, Any]) -> str:
+    if "layer4.0.conv3.weight" in state_dict:
+        return "resnet50"
+    if "fc.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
+        return "resnet_tiny"
+    if "features.8.0.block.0.0.weight" in state_dict or "features.1.0.block.0.0.weight" in state_dict:
+        return "efficientnet_b0"
+    if "features.18.0.weight" in state_dict:
+        return "mobilenet_v2"
+    return "resnet50"
+
+
+def _head_logits(state_dict: dict[str, Any], arch: str) -> int:
+    key = _HEAD[arch]
+    if key not in state_dict:
+        raise CheckpointError(
+            f"checkpoint has no {key!r} for a {arch} head; found keys like {_few(sorted(state_dict), 3)} "
+            "(pass --arch if it is another architecture)"
+        )
+    n = int(state_dict[key].shape[0])
+    if n not in (1, 2):
+        raise CheckpointError(
+            f"the {arch} head has {n} outputs; a detector needs 1 (P(AI) by sigmoid) or 2 (real/ai) "
+            "- is this an ImageNet classifier rather than a real-vs-AI detector?"
+        )
+    return n
+
+
+def read_checkpoint_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Read a checkpoint file (local or remote); raises :class:`CheckpointError` when unreadable."""
+    try:
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri!r} does not exist") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {uri!r} cannot be read: {exc}") from None
+
+
+def parse_checkpoint(
+    data: bytes,
+    arch: str | None = None,
+    ai_class_index: int | None = None,
+) -> Checkpoint:
+    """Parse checkpoint bytes in any accepted format.
+
+    Args:
+        data: The checkpoint file's bytes.
+        arch: Architecture for plain state dicts; guessed from the keys when ``None``.
+        ai_class_index: Which of two logits is "AI" for plain state dicts (default 1).
+    """
+    model_id = hashlib.sha256(data).hexdigest()[:16]
+    if not data.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        raise CheckpointError("not a PyTorch checkpoint: the file is neither a torch.save zip nor a pickle")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        detail = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
+        raise CheckpointError(
+            "checkpoint refused: it contains Python objects beyond tensors and plain containers, and "
+            f"loading it would run code ({detail[:200]}). Re-save it as a state dict."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f"not a PyTorch checkpoint: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
+
+    if obj.get("format") == FORMAT_NAME:
+        try:
+            return Checkpoint(
+                arch=obj["arch"],
+                num_logits=int(obj["num_logits"]),
+                ai_class_index=int(obj.get("ai_class_index", 1 if int(obj["num_logits"]) == 2 else 0)),
+                mean=tuple(obj.get("mean", IMAGENET_MEAN)),
+                std=tuple(obj.get("std", IMAGENET_STD)),
+                preprocess=obj.get("preprocess"),
+                threshold=float(obj.get("threshold", 0.5)),
+                info=dict(obj.get("info", {})),
+                state_dict=obj["state_dict"],
+                model_id=model_id,
+                kind="aidetect-batch",
+            )
+        except KeyError as exc:
+            raise CheckpointError(f"aidetect-batch checkpoint lacks the field {exc}") from None
+
+    if "model" in obj and isinstance(obj["model"], dict):
+        state_dict, kind, arch = _strip_prefix(obj["model"]), "cnndetection", arch or "resnet50"
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state_dict, kind = _strip_prefix(obj), "state_dict"
+        arch = arch or _guess_arch(state_dict)
+    else:
+        raise CheckpointError(
+            "unrecognised checkpoint layout: expected an aidetect-batch checkpoint, "
+            "CNNDetection's {'model': state_dict}, or a plain state dict"
+        )
+    num_logits = _head_logits(state_dict, arch)
+    return Checkpoint(
+        arch=arch,
+        num_logits=num_logits,
+        ai_class_index=(1 if ai_class_index is None else ai_class_index) if num_logits == 2 else 0,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        preprocess=None,
+        threshold=0.5,
+        info={},
+        state_dict=state_dict,
+        model_id=model_id,
+        kind=kind,
+    )
+
+
+def save_checkpoint(
+    path: str,
+    model: nn.Module,
+    arch: str,
+    *,
+    num_logits: int = 1,
+    ai_class_index: int | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    preprocess: str = "resize",
+    threshold: float = 0.5,
+    info: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model`` in the project's own checkpoint format (local or remote)."""
+    payload = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "arch": arch,
+        "num_logits": num_logits,
+        "class_names": list(CLASS_NAMES),
+        "ai_class_index": (1 if num_logits == 2 else 0) if ai_class_index is None else ai_class_index,
+        "mean": list(mean),
+        "std": list(std),
+        "input_size": 224,
+        "preprocess": preprocess,
+        "threshold": threshold,
+        "info": info or {},
+        "state_dict": model.state_dict(),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    fs, inner = filesystem(path, storage_options)
+    parent = inner.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(inner, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def scores_from_logits(logits: torch.Tensor, ai_class_index: int) -> torch.Tensor:
+    """P(AI) from a ``(N, 1)`` or ``(N, 2)`` logit tensor, as float32."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return torch.softmax(logits, dim=1)[:, ai_class_index]

@@ -1,0 +1,218 @@
+"""Aggregates computed from the scores Parquet: what a person reads first.
+
+The report streams the scores files in record batches, so memory depends on
+the number of distinct prefixes, formats and error kinds, not on the number
+of rows. It writes ``OUT/report/*.parquet``, ``summary.json`` and a score
+histogram plot, and can be rebuilt at any time from the scores alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from aidetect_batch import schema
+from aidetect_batch.storage import filesystem, join
+
+HISTOGRAM_BINS = 20
+TOP_ERRORS = 20
+_DIGITS = re.compile(r"\d+")
+_NO_PREFIX = "(root)"
+
+
+def prefix_of(path: str, source: str | None, depth: int) -> str:
+    """First ``depth`` folder components of ``path`` below ``source``."""
+    if depth == 0:
+        return _NO_PREFIX
+    relative = path[len(source) :] if source and path.startswith(source) else path
+    parts = [p for p in relative.split("/") if p][:-1]
+    return "/".join(parts[:depth]) or _NO_PREFIX
+
+
+def _new_prefix_row() -> dict[str, float]:
+    return {"files": 0, "ok": 0, "failed": 0, "ai": 0, "real": 0, "score_sum": 0.0}
+
+
+def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stream the scores files once and return every aggregate as plain Python data."""
+    fs, root = filesystem(scores_dir, storage_options)
+    dataset = pads.dataset(root, filesystem=fs, format="parquet", schema=schema.SCORES_SCHEMA)
+    status_counts: Counter[str] = Counter()
+    label_counts: Counter[str] = Counter()
+    format_counts: Counter[str] = Counter()
+    errors: dict[tuple[str, str], dict[str, Any]] = {}
+    prefixes: dict[str, dict[str, float]] = defaultdict(_new_prefix_row)
+    histogram = {lab: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for lab in ("all", schema.LABEL_AI, schema.LABEL_REAL)}
+    edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+    stage_ms = {"read": 0.0, "decode": 0.0, "infer": 0.0}
+    stage_rows = {"read": 0, "decode": 0, "infer": 0}
+    columns = [
+        schema.PATH,
+        schema.SOURCE,
+        schema.STATUS,
+        schema.ERROR,
+        schema.SCORE,
+        schema.LABEL,
+        schema.FORMAT,
+        schema.T_READ_MS,
+        schema.T_DECODE_MS,
+        schema.T_INFER_MS,
+    ]
+    for batch in dataset.to_batches(columns=columns):
+        data = batch.to_pydict()
+        scores = batch.column(schema.SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
+        labels = data[schema.LABEL]
+        finite = np.isfinite(scores)
+        histogram["all"] += np.histogram(scores[finite], bins=edges)[0]
+        for lab in (schema.LABEL_AI, schema.LABEL_REAL):
+            mask = finite & np.array([x == lab for x in labels], dtype=bool)
+            histogram[lab] += np.histogram(scores[mask], bins=edges)[0]
+        for stage, column in (("read", schema.T_READ_MS), ("decode", schema.T_DECODE_MS), ("infer", schema.T_INFER_MS)):
+            values = batch.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+            values = values[np.isfinite(values)]
+            stage_ms[stage] += float(values.sum())
+            stage_rows[stage] += int(values.size)
+        for i, path in enumerate(data[schema.PATH]):
+            status = data[schema.STATUS][i]
+            status_counts[status] += 1
+            label_counts[labels[i] or "none"] += 1
+            format_counts[data[schema.FORMAT][i] or "unknown"] += 1
+            row = prefixes[prefix_of(path, data[schema.SOURCE][i], group_depth)]
+            row["files"] += 1
+            if status == schema.Status.OK.value:
+                row["ok"] += 1
+                row["score_sum"] += float(scores[i])
+                row[labels[i]] += 1
+            else:
+                row["failed"] += 1
+                kind = _DIGITS.sub("#", data[schema.ERROR][i] or "")
+                entry = errors.setdefault((status, kind), {"count": 0, "example_path": path, "example_error": data[schema.ERROR][i]})
+                entry["count"] += 1
+    total = sum(status_counts.values())
+    ok = status_counts.get(schema.Status.OK.value, 0)
+    prefix_rows = [
+        {
+            "prefix": prefix,
+            "files": int(r["files"]),
+            "ok": int(r["ok"]),
+            "failed": int(r["failed"]),
+            "ai": int(r["ai"]),
+            "real": int(r["real"]),
+            "ai_rate": r["ai"] / r["ok"] if r["ok"] else None,
+            "mean_score": r["score_sum"] / r["ok"] if r["ok"] else None,
+        }
+        for prefix, r in sorted(prefixes.items())
+    ]
+    error_rows = sorted(
+        ({"status": s, "error": k, **v} for (s, k), v in errors.items()), key=lambda e: (-e["count"], e["status"], e["error"])
+    )
+    return {
+        "total": total,
+        "ok": ok,
+        "failed": total - ok,
+        "status_counts": {s.value: status_counts.get(s.value, 0) for s in schema.Status},
+        "label_counts": {k: label_counts.get(k, 0) for k in (schema.LABEL_AI, schema.LABEL_REAL, "none")},
+        "format_counts": dict(format_counts.most_common()),
+        "histogram": {
+            "bin_start": edges[:-1].round(4).tolist(),
+            "bin_end": edges[1:].round(4).tolist(),
+            **{k: v.tolist() for k, v in histogram.items()},
+        },
+        "prefixes": prefix_rows,
+        "errors": error_rows,
+        "stage_images_per_s": {
+            stage: (stage_rows[stage] * 1000.0 / stage_ms[stage]) if stage_ms[stage] > 0 else None for stage in stage_ms
+        },
+    }
+
+
+def _write_table(fs: Any, path: str, rows: list[dict[str, Any]] | dict[str, list[Any]]) -> None:
+    table = pa.Table.from_pylist(rows) if isinstance(rows, list) else pa.table(rows)
+    with fs.open(path, "wb") as handle:
+        pq.write_table(table, handle)
+
+
+def write_report(
+    out: str,
+    group_depth: int = 1,
+    storage_options: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compute the aggregates of ``out/scores`` and write them under ``out/report``.
+
+    Args:
+        out: The scan's output directory.
+        group_depth: Path components below the source root for the prefix breakdown.
+        storage_options: fsspec options for a remote ``out``.
+        extra: Run-level facts to merge into ``summary.json`` (wall time, throughput, threshold).
+
+    Returns:
+        The summary as written to ``summary.json`` (prefixes and errors truncated there).
+    """
+    summary = summarise(join(out, schema.SCORES_DIR), group_depth, storage_options)
+    summary.update(extra or {})
+    fs, root = filesystem(join(out, schema.REPORT_DIR), storage_options)
+    fs.makedirs(root, exist_ok=True)
+    _write_table(fs, f"{root}/status.parquet", {"status": list(summary["status_counts"]), "count": list(summary["status_counts"].values())})
+    _write_table(fs, f"{root}/labels.parquet", {"label": list(summary["label_counts"]), "count": list(summary["label_counts"].values())})
+    _write_table(fs, f"{root}/formats.parquet", {"format": list(summary["format_counts"]), "count": list(summary["format_counts"].values())})
+    _write_table(fs, f"{root}/histogram.parquet", summary["histogram"])
+    if summary["prefixes"]:
+        _write_table(fs, f"{root}/prefixes.parquet", summary["prefixes"])
+    _write_table(
+        fs,
+        f"{root}/errors.parquet",
+        summary["errors"] or {"status": pa.array([], pa.string()), "error": pa.array([], pa.string()), "count": pa.array([], pa.int64())},
+    )
+    short = dict(summary, prefixes=summary["prefixes"][:100], errors=summary["errors"][:TOP_ERRORS])
+    with fs.open(f"{root}/{schema.SUMMARY_FILE}", "w") as handle:
+        json.dump(short, handle, indent=2, default=str)
+    _plot_histogram(fs, f"{root}/histogram.png", summary)
+    return summary
+
+
+def _plot_histogram(fs: Any, path: str, summary: dict[str, Any]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    hist = summary["histogram"]
+    starts = np.array(hist["bin_start"])
+    width = starts[1] - starts[0] if len(starts) > 1 else 1.0
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    ax.bar(starts, hist[schema.LABEL_REAL], width=width, align="edge", color="#4c72b0", label="real")
+    ax.bar(starts, hist[schema.LABEL_AI], width=width, align="edge", bottom=hist[schema.LABEL_REAL], color="#dd8452", label="ai")
+    threshold = summary.get("threshold")
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score = P(AI-generated)")
+    ax.set_ylabel("images")
+    ax.set_title(f"{summary['ok']} scored images ({summary['failed']} failed)")
+    ax.legend()
+    fig.tight_layout()
+    with fs.open(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+
+
+def closing_line(summary: dict[str, Any]) -> str:
+    """The one-line result the CLI prints last."""
+    reasons = [f"{s} {c}" for s, c in summary["status_counts"].items() if s != schema.Status.OK.value and c]
+    why = f" ({', '.join(reasons)})" if reasons else ""
+    rate = summary.get("images_per_s")
+    rate_text = f", {rate:.1f} img/s" if rate is not None else ""
+    return (
+        f"scanned {summary['total']} files: ok {summary['ok']}, failed {summary['failed']}{why}, "
+        f"flagged {summary['label_counts'][schema.LABEL_AI]} as ai{rate_text}"
+    )

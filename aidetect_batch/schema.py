@@ -1,0 +1,92 @@
+"""Column names, dtypes and statuses of every table the scanner writes.
+
+This is the single source of truth: stages, sinks, the report and the tests
+import names from here instead of spelling strings.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import pyarrow as pa
+
+
+class Status(str, enum.Enum):
+    """Outcome of one input file. Every input yields exactly one row with one of these."""
+
+    OK = "ok"
+    """Decoded, preprocessed and scored."""
+    UNREADABLE = "unreadable"
+    """The bytes could not be read (missing, permission denied, storage error)."""
+    EMPTY = "empty"
+    """The file has zero bytes."""
+    UNDECODABLE = "undecodable"
+    """The bytes are not an image any installed decoder recognises, or they are corrupt."""
+    TRUNCATED = "truncated"
+    """A recognised image whose data ends early; never silently accepted."""
+    TOO_LARGE = "too_large"
+    """The header announces more pixels than ``max_pixels`` (decompression-bomb guard)."""
+    UNSUPPORTED = "unsupported"
+    """A recognised media type that this build cannot decode (HEIC, video, PDF, SVG, odd modes)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FAILED_STATUSES = tuple(s.value for s in Status if s is not Status.OK)
+
+LABEL_AI = "ai"
+LABEL_REAL = "real"
+
+# Columns of OUT/scores/*.parquet
+PATH = "path"
+SOURCE = "source"
+STATUS = "status"
+ERROR = "error"
+SCORE = "score"
+LABEL = "label"
+FORMAT = "format"
+MODE = "mode"
+WIDTH = "width"
+HEIGHT = "height"
+FILE_SIZE = "file_size"
+SHA256 = "sha256"
+PREPROCESS = "preprocess"
+MODEL_ID = "model_id"
+T_READ_MS = "t_read_ms"
+T_DECODE_MS = "t_decode_ms"
+T_INFER_MS = "t_infer_ms"
+
+# Intermediate column between the CPU stage and the Classifier; never written.
+IMAGE = "image"
+
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field(PATH, pa.string(), nullable=False),
+        pa.field(SOURCE, pa.string()),
+        pa.field(STATUS, pa.string(), nullable=False),
+        pa.field(ERROR, pa.string()),
+        pa.field(SCORE, pa.float32()),
+        pa.field(LABEL, pa.string()),
+        pa.field(FORMAT, pa.string()),
+        pa.field(MODE, pa.string()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(FILE_SIZE, pa.int64()),
+        pa.field(SHA256, pa.string()),
+        pa.field(PREPROCESS, pa.string()),
+        pa.field(MODEL_ID, pa.string()),
+        pa.field(T_READ_MS, pa.float32()),
+        pa.field(T_DECODE_MS, pa.float32()),
+        pa.field(T_INFER_MS, pa.float32()),
+    ]
+)
+
+SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
+
+# Directory layout of OUT
+SCORES_DIR = "scores"
+REPORT_DIR = "report"
+RUN_FILE = "_run.json"
+CONFIG_FILE = "_config.json"
+SUMMARY_FILE = "summary.json"

@@ -1,0 +1,115 @@
+"""Turn what the user names into the list of files to scan.
+
+Sources are local folders (walked recursively), single files, globs and
+``s3://bucket/prefix`` URIs. The result is a table of ``path`` and ``source``
+(the root it was found under, for the report's per-prefix breakdown).
+
+Rules:
+- Hidden entries (a component starting with ``.``) below a folder or prefix
+  are skipped: ``.DS_Store``, AppleDouble ``._x.jpg`` files, ``.git``.
+- Zero-length S3 "folder marker" keys ending in ``/`` are skipped; other
+  zero-byte files are kept and become ``empty`` rows.
+- Folders and prefixes keep only image extensions unless ``all_files``;
+  a file named explicitly is always scanned.
+- A source that does not exist is an error; one that exists but holds no
+  matching files is logged.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import logging
+from typing import Any
+
+import pyarrow as pa
+
+from aidetect_batch import schema
+from aidetect_batch.storage import filesystem, is_remote, to_uri
+
+_logger = logging.getLogger(__name__)
+
+_GLOB_CHARS = set("*?[")
+
+
+class SourceError(ValueError):
+    """A source that does not exist or cannot be listed."""
+
+
+def _wanted(relative: str, extensions: tuple[str, ...], all_files: bool) -> bool:
+    parts = [p for p in relative.split("/") if p]
+    if any(p.startswith(".") for p in parts):
+        return False
+    if all_files:
+        return True
+    name = parts[-1] if parts else relative
+    return "." in name and name.rsplit(".", 1)[1].lower() in extensions
+
+
+def _list_one(
+    source: str, extensions: tuple[str, ...], all_files: bool, storage_options: dict[str, Any]
+) -> list[tuple[str, str]]:
+    fs, path = filesystem(source, storage_options)
+    if any(c in _GLOB_CHARS for c in source):
+        matches = sorted(fs.glob(path)) if is_remote(source) else sorted(globlib.glob(path, recursive=True))
+        if not matches:
+            raise SourceError(f"source {source!r}: the glob matches nothing")
+        root = to_uri(fs, path.split("*", 1)[0].rsplit("/", 1)[0])
+        rows = []
+        for match in matches:
+            if fs.isdir(match):
+                rows += [(p, root) for p, _ in _walk(fs, match, extensions, all_files)]
+            elif _wanted(match.rsplit("/", 1)[-1], extensions, all_files):
+                rows.append((to_uri(fs, match), root))
+        return rows
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise SourceError(f"source {source!r} does not exist") from None
+    except OSError as exc:
+        raise SourceError(f"source {source!r} cannot be listed: {exc}") from exc
+    if info["type"] != "directory":
+        return [(to_uri(fs, path), to_uri(fs, path.rsplit("/", 1)[0]))]
+    return _walk(fs, path, extensions, all_files)
+
+
+def _walk(fs: Any, root: str, extensions: tuple[str, ...], all_files: bool) -> list[tuple[str, str]]:
+    root = root.rstrip("/")
+    root_uri = to_uri(fs, root)
+    rows = []
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        if info.get("type") == "directory" or (path.endswith("/") and not info.get("size")):
+            continue
+        relative = path[len(root) :].lstrip("/")
+        if _wanted(relative, extensions, all_files):
+            rows.append((to_uri(fs, path), root_uri))
+    if not rows:
+        _logger.warning("source %s holds no %sfiles", root_uri, "" if all_files else "image ")
+    return rows
+
+
+def list_sources(
+    sources: tuple[str, ...],
+    extensions: tuple[str, ...],
+    all_files: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> pa.Table:
+    """List every file to scan as a table of ``path`` and ``source``, without duplicates.
+
+    Raises:
+        SourceError: a source is missing, unlistable, or nothing at all was found.
+    """
+    seen: dict[str, str] = {}
+    for source in sources:
+        for path, root in _list_one(source, extensions, all_files, storage_options or {}):
+            seen.setdefault(path, root)
+    if not seen:
+        hint = "" if all_files else " (only image extensions are scanned; --all-files sends every file)"
+        raise SourceError(f"no files found in {', '.join(sources)}{hint}")
+    return pa.table({schema.PATH: list(seen), schema.SOURCE: list(seen.values())})
+
+
+def read_file(path: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """Read a whole file's bytes. Raises ``OSError`` (incl. ``FileNotFoundError``) on failure."""
+    fs, inner = filesystem(path, storage_options)
+    with fs.open(inner, "rb") as handle:
+        return handle.read()

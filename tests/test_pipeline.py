@@ -1,0 +1,126 @@
+import json
+import math
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from aidetect_batch import schema
+from aidetect_batch.config import ScanConfig
+from aidetect_batch.model import parse_checkpoint, read_checkpoint_bytes
+from aidetect_batch.pipeline import plan_classifier, run_scan
+from aidetect_batch.config import ConfigError
+
+
+def read_scores(out: str):
+    return pq.read_table(os.path.join(out, schema.SCORES_DIR)).to_pylist()
+
+
+def reference_scores(checkpoint: str, paths: list[str], policy: str) -> dict[str, float]:
+    """Score files by calling the model directly on torchvision-transformed tensors."""
+    model = parse_checkpoint(read_checkpoint_bytes(checkpoint)).build()
+    crop = [T.Resize(256), T.CenterCrop(224)] if policy == "resize" else [T.CenterCrop(224)]
+    transform = T.Compose([*crop, T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.inference_mode():
+        return dict(zip(paths, torch.sigmoid(model(batch)[:, 0]).tolist()))
+
+
+@pytest.fixture(scope="module")
+def corpus_scan(ray_cluster, corpus, tiny_checkpoint, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("scan") / "out")
+    cfg = ScanConfig(
+        sources=(corpus["root"],), out=out, checkpoint=tiny_checkpoint, all_files=True, batch_size=8, decode_batch_size=4
+    )
+    return run_scan(cfg), cfg
+
+
+def test_every_input_yields_exactly_one_row(corpus_scan, corpus):
+    result, cfg = corpus_scan
+    rows = read_scores(cfg.out)
+    paths = [r[schema.PATH] for r in rows]
+    assert len(paths) == len(set(paths))
+    assert set(paths) == set(corpus["all_files"])
+
+
+def test_statuses_and_scores(corpus_scan, corpus):
+    _, cfg = corpus_scan
+    for row in read_scores(cfg.out):
+        expected = corpus["all_files"][row[schema.PATH]].value
+        assert row[schema.STATUS] == expected, (row[schema.PATH], row[schema.ERROR])
+        assert row[schema.PREPROCESS] == "resize"
+        if expected == "ok":
+            assert 0.0 <= row[schema.SCORE] <= 1.0
+            assert row[schema.LABEL] == ("ai" if row[schema.SCORE] >= 0.5 else "real")
+            assert row[schema.ERROR] is None and row[schema.WIDTH] > 0 and row[schema.FORMAT]
+            assert len(row[schema.SHA256]) == 64
+        else:
+            assert math.isnan(row[schema.SCORE]) and row[schema.LABEL] is None and row[schema.ERROR]
+        assert row[schema.MODEL_ID] == result_model_id(cfg)
+
+
+def result_model_id(cfg):
+    return parse_checkpoint(read_checkpoint_bytes(cfg.checkpoint)).model_id
+
+
+def test_golden_resize_scores_match_direct_model(corpus_scan, corpus, tiny_checkpoint):
+    _, cfg = corpus_scan
+    rows = {r[schema.PATH]: r for r in read_scores(cfg.out)}
+    # Modes whose conversion to RGB is PIL's plain convert(); 16-bit and palette alpha are covered in test_decode.
+    pngs = [p for p in corpus["default"] if p.endswith(("rgb.png", "rgba.png", "gray_alpha.png", "one_pixel.png"))]
+    assert len(pngs) == 4
+    expected = reference_scores(tiny_checkpoint, pngs, "resize")
+    got = [rows[p][schema.SCORE] for p in pngs]
+    assert np.ptp(got) > 1e-3, "scores should differ between images for a meaningful comparison"
+    np.testing.assert_allclose(got, [expected[p] for p in pngs], atol=1e-4)
+
+
+def test_golden_center_crop_scores_match_direct_model(ray_cluster, corpus, tiny_checkpoint, tmp_path):
+    png_dir = os.path.join(corpus["root"], "png")
+    cfg = ScanConfig(sources=(png_dir,), out=str(tmp_path / "cc"), checkpoint=tiny_checkpoint, preprocess="center-crop")
+    run_scan(cfg)
+    rows = {r[schema.PATH]: r for r in read_scores(cfg.out)}
+    pngs = [p for p in rows if p.endswith(("rgb.png", "rgba.png", "gray_alpha.png", "one_pixel.png"))]
+    assert {r[schema.PREPROCESS] for r in rows.values()} == {"center-crop"}
+    expected = reference_scores(tiny_checkpoint, pngs, "center-crop")
+    np.testing.assert_allclose([rows[p][schema.SCORE] for p in pngs], [expected[p] for p in pngs], atol=1e-4)
+
+
+def test_report_and_run_record(corpus_scan, corpus):
+    result, cfg = corpus_scan
+    summary = result.summary
+    assert summary["total"] == len(corpus["all_files"])
+    expected_failed = sum(1 for s in corpus["all_files"].values() if s.value != "ok")
+    assert summary["failed"] == expected_failed
+    assert summary["status_counts"]["too_large"] == 2
+    assert sum(summary["histogram"]["all"]) == summary["ok"]
+    assert summary["label_counts"]["ai"] + summary["label_counts"]["real"] == summary["ok"]
+    prefixes = {p["prefix"]: p for p in summary["prefixes"]}
+    assert prefixes["broken"]["failed"] == prefixes["broken"]["files"]
+    assert sum(p["files"] for p in prefixes.values()) == summary["total"]
+    report_dir = os.path.join(cfg.out, schema.REPORT_DIR)
+    for name in ("status", "labels", "formats", "histogram", "prefixes", "errors"):
+        assert pq.read_table(os.path.join(report_dir, f"{name}.parquet")).num_rows > 0
+    with open(os.path.join(report_dir, "histogram.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(cfg.out, schema.RUN_FILE)) as handle:
+        run = json.load(handle)
+    assert run["status"] == "complete" and run["inputs"] == summary["total"]
+    assert run["resolved"]["preprocess"] == "resize" and run["model_id"] == result_model_id(cfg)
+    assert run["versions"]["torch"] and run["cluster_resources"]["CPU"] == 2
+    assert summary["images_per_s"] > 0
+
+
+def test_plan_uses_gpus_when_present_and_leaves_cpus_for_decode(tiny_checkpoint):
+    cfg = ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint)
+    assert plan_classifier(cfg, {"CPU": 16, "GPU": 4}) == {
+        "device": "cuda", "actors": (1, 4), "num_gpus": 1, "num_cpus": 1, "cpu_threads": None,
+    }
+    cpu = plan_classifier(cfg, {"CPU": 2})
+    assert cpu["device"] == "cpu" and cpu["actors"] == (1, 1) and cpu["num_cpus"] == 1
+    with pytest.raises(ConfigError, match="no CPU for decoding"):
+        plan_classifier(ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint, actors=(2, 2)), {"CPU": 2})
