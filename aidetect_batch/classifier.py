@@ -101,7 +101,7 @@ class Classifier:
             infer_ms[ok] = (time.perf_counter() - start) * 1000.0 / int(ok.sum())
         labels = [
             (schema.LABEL_AI if s >= self.threshold else schema.LABEL_REAL) if good else None
-            for s, good in zip(scores.tolist(), ok.tolist())
+            for s, good in zip(scores.tolist(), ok.tolist(), strict=True)
         ]
         out = batch.drop_columns([schema.IMAGE])
         out = out.append_column(schema.SCORE, pa.array(scores, pa.float32()))

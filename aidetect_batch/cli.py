@@ -38,10 +38,14 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="+", help="folders, files, globs or s3://bucket/prefix")
     parser.add_argument("--checkpoint", help="detector checkpoint, local or s3://")
     parser.add_argument("--out", required=True, help="output directory, local or s3://")
-    parser.add_argument("--arch", choices=ARCHS, help="architecture of a plain state dict (default: guessed, else resnet50)")
+    parser.add_argument(
+        "--arch", choices=ARCHS, help="architecture of a plain state dict (default: guessed, else resnet50)"
+    )
     parser.add_argument("--ai-class-index", type=int, help="which of two logits means AI, for plain state dicts")
     parser.add_argument("--preprocess", choices=POLICIES, help="default: the checkpoint's policy, else resize")
-    parser.add_argument("--threshold", type=float, help="P(AI) at or above which a file is labelled ai (default: the checkpoint's)")
+    parser.add_argument(
+        "--threshold", type=float, help="P(AI) at or above which a file is labelled ai (default: the checkpoint's)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per model forward pass")
     parser.add_argument("--decode-batch-size", type=int, default=16, help="files per CPU decode batch")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision on GPU")
@@ -56,7 +60,9 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://minio:9000, anon=true)",
     )
-    parser.add_argument("--group-depth", type=int, default=1, help="path components below the source root in the report")
+    parser.add_argument(
+        "--group-depth", type=int, default=1, help="path components below the source root in the report"
+    )
     parser.add_argument("--rows-per-file", type=int, default=250_000, help="rows per scores Parquet file")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous scan in --out")
 

@@ -183,7 +183,7 @@ def parse_checkpoint(
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = str(exc).splitlines()
-        detail = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0] if lines else "")
+        detail = next((ln.strip() for ln in lines if "GLOBAL" in ln), lines[0] if lines else "")
         raise CheckpointError(
             "checkpoint refused: it contains Python objects beyond tensors and plain containers, and "
             f"loading it would run code ({detail[:200]}). Re-save it as a state dict."

@@ -93,7 +93,9 @@ def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, 
             else:
                 row["failed"] += 1
                 kind = _DIGITS.sub("#", data[schema.ERROR][i] or "")
-                entry = errors.setdefault((status, kind), {"count": 0, "example_path": path, "example_error": data[schema.ERROR][i]})
+                entry = errors.setdefault(
+                    (status, kind), {"count": 0, "example_path": path, "example_error": data[schema.ERROR][i]}
+                )
                 entry["count"] += 1
     total = sum(status_counts.values())
     ok = status_counts.get(schema.Status.OK.value, 0)
@@ -111,7 +113,8 @@ def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, 
         for prefix, r in sorted(prefixes.items())
     ]
     error_rows = sorted(
-        ({"status": s, "error": k, **v} for (s, k), v in errors.items()), key=lambda e: (-e["count"], e["status"], e["error"])
+        ({"status": s, "error": k, **v} for (s, k), v in errors.items()),
+        key=lambda e: (-e["count"], e["status"], e["error"]),
     )
     return {
         "total": total,
@@ -160,16 +163,29 @@ def write_report(
     summary.update(extra or {})
     fs, root = filesystem(join(out, schema.REPORT_DIR), storage_options)
     fs.makedirs(root, exist_ok=True)
-    _write_table(fs, f"{root}/status.parquet", {"status": list(summary["status_counts"]), "count": list(summary["status_counts"].values())})
-    _write_table(fs, f"{root}/labels.parquet", {"label": list(summary["label_counts"]), "count": list(summary["label_counts"].values())})
-    _write_table(fs, f"{root}/formats.parquet", {"format": list(summary["format_counts"]), "count": list(summary["format_counts"].values())})
+    _write_table(
+        fs,
+        f"{root}/status.parquet",
+        {"status": list(summary["status_counts"]), "count": list(summary["status_counts"].values())},
+    )
+    _write_table(
+        fs,
+        f"{root}/labels.parquet",
+        {"label": list(summary["label_counts"]), "count": list(summary["label_counts"].values())},
+    )
+    _write_table(
+        fs,
+        f"{root}/formats.parquet",
+        {"format": list(summary["format_counts"]), "count": list(summary["format_counts"].values())},
+    )
     _write_table(fs, f"{root}/histogram.parquet", summary["histogram"])
     if summary["prefixes"]:
         _write_table(fs, f"{root}/prefixes.parquet", summary["prefixes"])
     _write_table(
         fs,
         f"{root}/errors.parquet",
-        summary["errors"] or {"status": pa.array([], pa.string()), "error": pa.array([], pa.string()), "count": pa.array([], pa.int64())},
+        summary["errors"]
+        or {"status": pa.array([], pa.string()), "error": pa.array([], pa.string()), "count": pa.array([], pa.int64())},
     )
     short = dict(summary, prefixes=summary["prefixes"][:100], errors=summary["errors"][:TOP_ERRORS])
     with fs.open(f"{root}/{schema.SUMMARY_FILE}", "w") as handle:
@@ -191,7 +207,15 @@ def _plot_histogram(fs: Any, path: str, summary: dict[str, Any]) -> None:
     width = starts[1] - starts[0] if len(starts) > 1 else 1.0
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
     ax.bar(starts, hist[schema.LABEL_REAL], width=width, align="edge", color="#4c72b0", label="real")
-    ax.bar(starts, hist[schema.LABEL_AI], width=width, align="edge", bottom=hist[schema.LABEL_REAL], color="#dd8452", label="ai")
+    ax.bar(
+        starts,
+        hist[schema.LABEL_AI],
+        width=width,
+        align="edge",
+        bottom=hist[schema.LABEL_REAL],
+        color="#dd8452",
+        label="ai",
+    )
     threshold = summary.get("threshold")
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")

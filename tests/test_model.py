@@ -1,9 +1,10 @@
 import io
+import os
 import pickle
 
 import numpy as np
-import pytest
 import pyarrow as pa
+import pytest
 import torch
 
 from aidetect_batch import schema
@@ -87,16 +88,21 @@ def test_arch_is_guessed_from_keys():
 
 
 class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (print, ("pwned",))
+        return (os.mkdir, (self.marker,))
 
 
-def test_tampered_pickle_is_refused():
+def test_tampered_pickle_is_refused_without_running_it(tmp_path):
+    marker = str(tmp_path / "code-ran")
     buf = io.BytesIO()
-    torch.save({"state": torch.zeros(1), "evil": Evil()}, buf)
-    for blob in (buf.getvalue(), pickle.dumps({"x": Evil()}, protocol=2)):
-        with pytest.raises(CheckpointError, match=r"refused.*Unsupported global: GLOBAL print"):
+    torch.save({"state": torch.zeros(1), "evil": Evil(marker)}, buf)
+    for blob in (buf.getvalue(), pickle.dumps({"x": Evil(marker)}, protocol=2)):
+        with pytest.raises(CheckpointError, match=r"refused.*GLOBAL posix\.mkdir"):
             parse_checkpoint(blob)
+    assert not os.path.exists(marker)
 
 
 def test_imagenet_head_is_a_clear_error():

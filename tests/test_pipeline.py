@@ -10,10 +10,9 @@ import torchvision.transforms as T
 from PIL import Image
 
 from aidetect_batch import schema
-from aidetect_batch.config import ScanConfig
+from aidetect_batch.config import ConfigError, ScanConfig
 from aidetect_batch.model import parse_checkpoint, read_checkpoint_bytes
 from aidetect_batch.pipeline import plan_classifier, run_scan
-from aidetect_batch.config import ConfigError
 
 
 def read_scores(out: str):
@@ -27,14 +26,19 @@ def reference_scores(checkpoint: str, paths: list[str], policy: str) -> dict[str
     transform = T.Compose([*crop, T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.inference_mode():
-        return dict(zip(paths, torch.sigmoid(model(batch)[:, 0]).tolist()))
+        return dict(zip(paths, torch.sigmoid(model(batch)[:, 0]).tolist(), strict=True))
 
 
 @pytest.fixture(scope="module")
 def corpus_scan(ray_cluster, corpus, tiny_checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("scan") / "out")
     cfg = ScanConfig(
-        sources=(corpus["root"],), out=out, checkpoint=tiny_checkpoint, all_files=True, batch_size=8, decode_batch_size=4
+        sources=(corpus["root"],),
+        out=out,
+        checkpoint=tiny_checkpoint,
+        all_files=True,
+        batch_size=8,
+        decode_batch_size=4,
     )
     return run_scan(cfg), cfg
 
@@ -118,7 +122,11 @@ def test_report_and_run_record(corpus_scan, corpus):
 def test_plan_uses_gpus_when_present_and_leaves_cpus_for_decode(tiny_checkpoint):
     cfg = ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint)
     assert plan_classifier(cfg, {"CPU": 16, "GPU": 4}) == {
-        "device": "cuda", "actors": (1, 4), "num_gpus": 1, "num_cpus": 1, "cpu_threads": None,
+        "device": "cuda",
+        "actors": (1, 4),
+        "num_gpus": 1,
+        "num_cpus": 1,
+        "cpu_threads": None,
     }
     cpu = plan_classifier(cfg, {"CPU": 2})
     assert cpu["device"] == "cpu" and cpu["actors"] == (1, 1) and cpu["num_cpus"] == 1

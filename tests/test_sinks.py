@@ -22,8 +22,10 @@ def test_rolls_files_and_commits_atomically(tmp_path):
     writer = ScoreWriter(out, rows_per_file=40_000, run_id="r1")
     for i in range(0, 100_000, 7_000):
         writer.write(rows(i, min(7_000, 100_000 - i)))
-        assert all(not name.startswith("part-") or name in {os.path.basename(f) for f in writer.files}
-                   for name in os.listdir(out)), "only committed files carry the part- name"
+        assert all(
+            not name.startswith("part-") or name in {os.path.basename(f) for f in writer.files}
+            for name in os.listdir(out)
+        ), "only committed files carry the part- name"
     files = writer.close()
     assert [os.path.basename(f) for f in files] == [f"part-r1-{i:05d}.parquet" for i in range(3)]
     assert sorted(os.listdir(out)) == sorted(os.path.basename(f) for f in files)

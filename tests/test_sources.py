@@ -3,15 +3,15 @@ import os
 import pytest
 
 from aidetect_batch import schema
-from aidetect_batch.sources import SourceError, list_sources
 from aidetect_batch.config import DEFAULT_EXTENSIONS
+from aidetect_batch.sources import SourceError, list_sources
 
 
 def listed(*sources, all_files=False):
     table = list_sources(tuple(sources), DEFAULT_EXTENSIONS, all_files)
     paths = table.column(schema.PATH).to_pylist()
     assert len(paths) == len(set(paths))
-    return dict(zip(paths, table.column(schema.SOURCE).to_pylist()))
+    return dict(zip(paths, table.column(schema.SOURCE).to_pylist(), strict=True))
 
 
 def test_folder_is_walked_recursively_with_extension_filter(corpus):

@@ -1,0 +1,91 @@
+"""S3 end to end against moto's server mode on 127.0.0.1: a real HTTP S3 API, not a mock of s3fs."""
+
+import json
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from aidetect_batch import schema
+from aidetect_batch.config import DEFAULT_EXTENSIONS, ScanConfig, parse_storage_options
+from aidetect_batch.pipeline import run_scan
+from aidetect_batch.sources import SourceError, list_sources
+
+UPLOAD = [
+    "jpeg/photo.jpg",
+    "png/rgb.png",
+    "other/photo.webp",
+    "broken/truncated.jpg",
+    "broken/zero.jpg",
+    "broken/text.jpg",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """Ray starts after the AWS environment points at moto, so its workers inherit it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, corpus, tiny_checkpoint):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for bucket in ("dump", "models", "results"):
+        fs.mkdir(bucket)
+    for relative in UPLOAD:
+        fs.put_file(os.path.join(corpus["root"], relative), f"dump/2026/{relative}")
+    fs.pipe_file("dump/2026/emptydir/", b"")
+    fs.pipe_file("dump/2026/.hidden.jpg", b"x")
+    fs.put_file(tiny_checkpoint, "models/tiny.pt")
+    return fs
+
+
+def test_scan_reads_and_writes_s3_via_aws_endpoint_url(ray_cluster, s3, corpus):
+    assert "AWS_ENDPOINT_URL" in os.environ
+    cfg = ScanConfig(sources=("s3://dump/2026",), out="s3://results/run1", checkpoint="s3://models/tiny.pt")
+    result = run_scan(cfg)
+    table = pq.read_table("results/run1/scores", filesystem=s3)
+    rows = {r[schema.PATH]: r for r in table.to_pylist()}
+    assert set(rows) == {f"s3://dump/2026/{r}" for r in UPLOAD}
+    for relative in UPLOAD:
+        row = rows[f"s3://dump/2026/{relative}"]
+        expected = corpus["default"][os.path.join(corpus["root"], relative)].value
+        assert row[schema.STATUS] == expected
+        assert (0 <= row[schema.SCORE] <= 1) if expected == "ok" else math.isnan(row[schema.SCORE])
+        assert row[schema.SOURCE] == "s3://dump/2026"
+    assert result.summary["total"] == len(UPLOAD)
+    run = json.loads(s3.cat_file("results/run1/_run.json"))
+    assert run["status"] == "complete"
+    assert s3.exists("results/run1/report/summary.json") and s3.exists("results/run1/report/histogram.png")
+    prefixes = {p["prefix"] for p in result.summary["prefixes"]}
+    assert prefixes == {"jpeg", "png", "other", "broken"}
+
+
+def test_existing_s3_output_is_refused_before_work(ray_cluster, s3):
+    s3.pipe_file("results/taken/_run.json", b"{}")
+    from aidetect_batch.config import ConfigError
+
+    cfg = ScanConfig(sources=("s3://dump/2026",), out="s3://results/taken", checkpoint="s3://models/tiny.pt")
+    with pytest.raises(ConfigError, match="not empty"):
+        run_scan(cfg)
+
+
+def test_storage_options_reach_s3fs(s3_server, s3, monkeypatch):
+    """An S3-compatible store named by --storage-option endpoint_url=... rather than the environment."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    options = parse_storage_options([f"endpoint_url={s3_server}", "use_listings_cache=false"])
+    assert options == {"client_kwargs": {"endpoint_url": s3_server}, "use_listings_cache": False}
+    table = list_sources(("s3://dump/2026/png",), DEFAULT_EXTENSIONS, storage_options=options)
+    assert table.column(schema.PATH).to_pylist() == ["s3://dump/2026/png/rgb.png"]
+
+
+def test_missing_s3_prefix_is_a_source_error(s3):
+    with pytest.raises(SourceError, match="does not exist"):
+        list_sources(("s3://dump/nothing-here",), DEFAULT_EXTENSIONS)
