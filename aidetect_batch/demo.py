@@ -72,7 +72,7 @@ def write_demo_corpus(root: str) -> dict[str, Status]:
     put("broken/truncated.jpg", rocket[: len(rocket) // 2], Status.TRUNCATED)
     put("broken/zero_bytes.jpg", b"", Status.EMPTY)
     put("broken/notes.jpg", b"this is a text file someone named .jpg\n", Status.UNDECODABLE)
-    put("broken/bomb.png", png_header_only(40_000, 40_000), Status.TOO_LARGE)
+    put("broken/bomb.png", png_header_only(12_000, 12_000), Status.TOO_LARGE)
     return expected
 
 

@@ -9,6 +9,7 @@ and source listing. Every listed file yields exactly one output row.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ from aidetect_batch.storage import filesystem, join
 
 _logger = logging.getLogger(__name__)
 
-BLOCK_ROWS = 256
+MAX_BLOCK_ROWS = 256
+MIN_BLOCK_ROWS = 16
 # Memory reserved per Classifier actor (model, activations, one batch). It also keeps the
 # stages apart: Ray Data fuses consecutive map stages whose remote args are equal, which
 # would run decoding inside the Classifier actors and leave the remaining CPUs idle.
@@ -57,8 +59,6 @@ def prepare_batch(
     Returns an Arrow table typed like the scores schema plus the uint8 ``image``
     tensor column, so nullable integers stay integers on the way to the sink.
     """
-    import hashlib
-
     from ray.data.extensions import ArrowTensorArray
 
     paths = batch[schema.PATH]
@@ -177,6 +177,12 @@ def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> dict[str, A
     return {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": per_actor, "cpu_threads": per_actor}
 
 
+def block_size(total: int, cpus: int) -> int:
+    """Paths per input block: at least 8 blocks per CPU for small scans, so work spreads and
+    progress shows early; at most 256 so a huge listing does not become millions of objects."""
+    return max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, total // (8 * max(cpus, 1))))
+
+
 class _Progress:
     def __init__(self, total: int) -> None:
         self.total = total
@@ -253,7 +259,8 @@ def run_scan(cfg: ScanConfig) -> ScanResult:
     fs.makedirs(root, exist_ok=True)
     _write_json(run_uri, run, cfg.storage_options)
 
-    blocks = [listing.slice(i, BLOCK_ROWS) for i in range(0, total, BLOCK_ROWS)]
+    block_rows = block_size(total, int(resources.get("CPU", 1)))
+    blocks = [listing.slice(i, block_rows) for i in range(0, total, block_rows)]
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         prepare_batch,

@@ -195,17 +195,13 @@ def write_report(
 
 
 def _plot_histogram(fs: Any, path: str, summary: dict[str, Any]) -> None:
-    try:
-        import matplotlib
+    from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     hist = summary["histogram"]
     starts = np.array(hist["bin_start"])
     width = starts[1] - starts[0] if len(starts) > 1 else 1.0
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    fig = Figure(figsize=(7, 3.5), dpi=100)
+    ax = fig.subplots()
     ax.bar(starts, hist[schema.LABEL_REAL], width=width, align="edge", color="#4c72b0", label="real")
     ax.bar(
         starts,
@@ -222,12 +218,14 @@ def _plot_histogram(fs: Any, path: str, summary: dict[str, Any]) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("score = P(AI-generated)")
     ax.set_ylabel("images")
-    ax.set_title(f"{summary['ok']} scored images ({summary['failed']} failed)")
+    title = f"{summary['ok']} scored images ({summary['failed']} failed)"
+    if summary.get("untrained_model"):
+        title += " - UNTRAINED MODEL: scores mean nothing"
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     with fs.open(path, "wb") as handle:
         fig.savefig(handle, format="png")
-    plt.close(fig)
 
 
 def closing_line(summary: dict[str, Any]) -> str:

@@ -89,6 +89,7 @@ def test_argparse_rejects_unknown_choices(corpus, tiny_checkpoint, tmp_path):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_demo_and_job_entry_point_end_to_end(tmp_path):
     """README command 1 (the demo), then jobs/scan.py on the demo corpus, as subprocesses with their own Ray."""
     env = {**os.environ, "RAY_ADDRESS": ""}

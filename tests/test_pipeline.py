@@ -132,3 +132,11 @@ def test_plan_uses_gpus_when_present_and_leaves_cpus_for_decode(tiny_checkpoint)
     assert cpu["device"] == "cpu" and cpu["actors"] == (1, 1) and cpu["num_cpus"] == 1
     with pytest.raises(ConfigError, match="no CPU for decoding"):
         plan_classifier(ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint, actors=(2, 2)), {"CPU": 2})
+
+
+def test_block_size_spreads_small_scans_and_caps_large_ones():
+    from aidetect_batch.pipeline import block_size
+
+    assert block_size(600, 2) == 37
+    assert block_size(10, 2) == 16
+    assert block_size(10_000_000, 64) == 256
