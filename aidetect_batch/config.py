@@ -11,6 +11,8 @@ import dataclasses
 import re
 from typing import Any
 
+from aidetect_batch.preprocess import POLICIES
+
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ARCHS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "resnet_tiny")
@@ -74,8 +76,6 @@ class ScanConfig:
 
     def validate(self) -> None:
         """Check value ranges and names; raises :class:`ConfigError` with the flag to fix."""
-        from aidetect_batch.preprocess import POLICIES
-
         if not self.sources:
             raise ConfigError("no sources given: name at least one folder, file, glob or s3:// prefix")
         if not self.out:

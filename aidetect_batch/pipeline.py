@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aidetect_batch import decode, preprocess, schema, sources
 from aidetect_batch.config import ConfigError, ScanConfig
@@ -193,7 +194,7 @@ class _Progress:
 
     def update(self, table: pa.Table) -> None:
         self.done += table.num_rows
-        self.ok += int(np.sum(np.asarray(table.column(schema.STATUS).to_pylist(), dtype=object) == "ok"))
+        self.ok += pc.sum(pc.equal(table.column(schema.STATUS), schema.Status.OK.value)).as_py() or 0
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY_S or self.done == self.total:
             self.last = now

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob as globlib
 import logging
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -28,7 +29,7 @@ from aidetect_batch.storage import filesystem, is_remote, to_uri
 
 _logger = logging.getLogger(__name__)
 
-_GLOB_CHARS = set("*?[")
+_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class SourceError(ValueError):
@@ -49,11 +50,11 @@ def _list_one(
     source: str, extensions: tuple[str, ...], all_files: bool, storage_options: dict[str, Any]
 ) -> list[tuple[str, str]]:
     fs, path = filesystem(source, storage_options)
-    if any(c in _GLOB_CHARS for c in source):
+    if _GLOB_CHARS.search(source):
         matches = sorted(fs.glob(path)) if is_remote(source) else sorted(globlib.glob(path, recursive=True))
         if not matches:
             raise SourceError(f"source {source!r}: the glob matches nothing")
-        root = to_uri(fs, path.split("*", 1)[0].rsplit("/", 1)[0])
+        root = to_uri(fs, path[: _GLOB_CHARS.search(path).start()].rsplit("/", 1)[0])
         rows = []
         for match in matches:
             if fs.isdir(match):

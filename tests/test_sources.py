@@ -51,3 +51,9 @@ def test_folder_without_images_is_an_error_that_mentions_all_files(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(SourceError, match="--all-files"):
         listed(str(tmp_path))
+
+
+def test_glob_source_root_is_the_folder_before_the_first_wildcard(corpus):
+    root = corpus["root"]
+    found = listed(os.path.join(root, "p?g", "rgb.png"))
+    assert found == {os.path.join(root, "png", "rgb.png"): root}
