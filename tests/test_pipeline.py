@@ -140,3 +140,29 @@ def test_block_size_spreads_small_scans_and_caps_large_ones():
     assert block_size(600, 2) == 37
     assert block_size(10, 2) == 16
     assert block_size(10_000_000, 64) == 256
+
+
+def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster, corpus, tmp_path):
+    from aidetect_batch.model import save_checkpoint
+    from tests.conftest import tiny_model
+
+    model = tiny_model(seed=3)
+    ckpt = str(tmp_path / "meta.pt")
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    save_checkpoint(ckpt, model, "resnet_tiny", preprocess="center-crop", threshold=0.99, mean=mean, std=std)
+    png_dir = os.path.join(corpus["root"], "png")
+    result = run_scan(ScanConfig(sources=(png_dir,), out=str(tmp_path / "a"), checkpoint=ckpt))
+    rows = {r[schema.PATH]: r for r in read_scores(str(tmp_path / "a"))}
+    assert result.run["resolved"]["preprocess"] == "center-crop" and result.run["resolved"]["threshold"] == 0.99
+    ok = [r for r in rows.values() if r[schema.STATUS] == "ok"]
+    assert {r[schema.PREPROCESS] for r in ok} == {"center-crop"}
+    assert all(r[schema.LABEL] == ("ai" if r[schema.SCORE] >= 0.99 else "real") for r in ok)
+
+    path = os.path.join(png_dir, "rgb.png")
+    transform = T.Compose([T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(transform(Image.open(path).convert("RGB"))[None])[0, 0]).item()
+    assert abs(rows[path][schema.SCORE] - expected) < 1e-4
+
+    override = ScanConfig(sources=(path,), out=str(tmp_path / "b"), checkpoint=ckpt, threshold=0.0)
+    assert run_scan(override).summary["label_counts"]["ai"] == 1
