@@ -32,10 +32,10 @@ _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 DRAFT_OVERSAMPLE = 2
 
 # Magic bytes of media that Pillow cannot decode here, so the row says what the file is.
-_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
-    (b"%PDF", 0, "PDF document"),
-    (b"<svg", 0, "SVG vector image"),
-    (b"\x1aE\xdf\xa3", 0, "Matroska/WebM video"),
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF", "PDF document"),
+    (b"<svg", "SVG vector image"),
+    (b"\x1aE\xdf\xa3", "Matroska/WebM video"),
 )
 _FTYP_BRANDS = {
     b"heic": "HEIC image",
@@ -70,8 +70,8 @@ def sniff(data: bytes) -> str | None:
     head = data[:64]
     if head[4:8] == b"ftyp":
         return _FTYP_BRANDS.get(head[8:12], "ISO media file")
-    for magic, offset, name in _SIGNATURES:
-        if head[offset : offset + len(magic)] == magic:
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
             return name
     stripped = head.lstrip()
     if stripped.startswith(b"<?xml") and b"<svg" in data[:1024]:

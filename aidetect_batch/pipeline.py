@@ -292,9 +292,8 @@ def run_scan(cfg: ScanConfig) -> ScanResult:
     progress = _Progress(total)
     t0 = time.monotonic()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        table = batch if isinstance(batch, pa.Table) else pa.table(batch)
-        writer.write(table)
-        progress.update(table)
+        writer.write(batch)
+        progress.update(batch)
     files = writer.close()
     wall = time.monotonic() - t0
     if writer.rows_written != total:

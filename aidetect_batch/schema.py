@@ -33,8 +33,6 @@ class Status(str, enum.Enum):
         return self.value
 
 
-FAILED_STATUSES = tuple(s.value for s in Status if s is not Status.OK)
-
 LABEL_AI = "ai"
 LABEL_REAL = "real"
 
@@ -88,5 +86,4 @@ SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
 SCORES_DIR = "scores"
 REPORT_DIR = "report"
 RUN_FILE = "_run.json"
-CONFIG_FILE = "_config.json"
 SUMMARY_FILE = "summary.json"
