@@ -166,3 +166,18 @@ def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster
 
     override = ScanConfig(sources=(path,), out=str(tmp_path / "b"), checkpoint=ckpt, threshold=0.0)
     assert run_scan(override).summary["label_counts"]["ai"] == 1
+
+
+def test_file_vanished_after_listing_becomes_an_unreadable_row(corpus, tmp_path):
+    from aidetect_batch.pipeline import prepare_batch
+
+    good = os.path.join(corpus["root"], "png", "rgb.png")
+    gone = str(tmp_path / "deleted-after-listing.jpg")
+    batch = {schema.PATH: np.array([good, gone], dtype=object), schema.SOURCE: np.array(["/", "/"], dtype=object)}
+    table = prepare_batch(batch, policy="resize", max_pixels=10**8, storage_options={})
+    rows = table.drop_columns([schema.IMAGE]).to_pylist()
+    assert [r[schema.STATUS] for r in rows] == ["ok", "unreadable"]
+    assert "FileNotFoundError" in rows[1][schema.ERROR] and rows[1][schema.FILE_SIZE] is None
+    assert table.schema.field(schema.WIDTH).type == schema.SCORES_SCHEMA.field(schema.WIDTH).type
+    images = table.column(schema.IMAGE).combine_chunks().to_numpy()
+    assert images.shape == (2, 224, 224, 3) and images[0].any() and not images[1].any()
