@@ -163,21 +163,12 @@ def write_report(
     summary.update(extra or {})
     fs, root = filesystem(join(out, schema.REPORT_DIR), storage_options)
     fs.makedirs(root, exist_ok=True)
-    _write_table(
-        fs,
-        f"{root}/status.parquet",
-        {"status": list(summary["status_counts"]), "count": list(summary["status_counts"].values())},
-    )
-    _write_table(
-        fs,
-        f"{root}/labels.parquet",
-        {"label": list(summary["label_counts"]), "count": list(summary["label_counts"].values())},
-    )
-    _write_table(
-        fs,
-        f"{root}/formats.parquet",
-        {"format": list(summary["format_counts"]), "count": list(summary["format_counts"].values())},
-    )
+    for name, key, counts in (
+        ("status", "status", summary["status_counts"]),
+        ("labels", "label", summary["label_counts"]),
+        ("formats", "format", summary["format_counts"]),
+    ):
+        _write_table(fs, f"{root}/{name}.parquet", {key: list(counts), "count": list(counts.values())})
     _write_table(fs, f"{root}/histogram.parquet", summary["histogram"])
     if summary["prefixes"]:
         _write_table(fs, f"{root}/prefixes.parquet", summary["prefixes"])
