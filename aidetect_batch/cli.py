@@ -1,6 +1,6 @@
-"""Command line: ``aidetect-batch scan|demo``.
+"""Command line: ``aidetect-batch scan|train|evaluate|demo``.
 
-Arguments are parsed into a validated :class:`ScanConfig` before Ray starts.
+Arguments are parsed into a validated config before Ray starts.
 Exit codes: 0 when the job completed (even with bad files), 2 for bad
 arguments, missing sources or an unusable checkpoint, 1 for a failed job.
 """
@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from aidetect_batch.config import (
     ARCHS,
+    AUGMENTATIONS,
     DEFAULT_EXTENSIONS,
     DEFAULT_MAX_PIXELS,
+    OPTIMIZERS,
     PRECISIONS,
+    SCHEDULES,
+    TRAIN_ARCHS,
     ConfigError,
+    EvalConfig,
     ScanConfig,
+    TrainConfig,
     parse_actors,
     parse_storage_options,
 )
@@ -28,9 +33,9 @@ _logger = logging.getLogger("aidetect_batch")
 
 NO_CHECKPOINT = (
     "--checkpoint is required: a detector checkpoint (local path or s3:// URI). Get one by training "
-    "(`aidetect-batch train`, once available), by passing CNNDetection's published weights "
+    "(`aidetect-batch train DATASET --out DIR` writes DIR/model.pt), by passing CNNDetection's published weights "
     "(e.g. blur_jpg_prob0.5.pth, {'model': state_dict}), or a torchvision state dict with a 1- or 2-logit "
-    "head (with --arch). `aidetect-batch demo` shows the pipeline with an untrained model."
+    "head (with --arch). `aidetect-batch demo` trains a small one offline."
 )
 
 
@@ -53,6 +58,15 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-actor", type=int, help="CPUs per Classifier actor when running on CPU")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
     parser.add_argument("--all-files", action="store_true", help="decode every file, not only image extensions")
+    _add_storage_option(parser)
+    parser.add_argument(
+        "--group-depth", type=int, default=1, help="path components below the source root in the report"
+    )
+    parser.add_argument("--rows-per-file", type=int, default=250_000, help="rows per scores Parquet file")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous scan in --out")
+
+
+def _add_storage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--storage-option",
         action="append",
@@ -60,11 +74,65 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="fsspec/s3fs option, repeatable (e.g. endpoint_url=http://minio:9000, anon=true)",
     )
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="labelled folder tree (real/ + ai/ or fake/, ...) or manifest, local or s3://")
+    parser.add_argument("--out", required=True, help="output directory for model.pt, splits, history")
+    parser.add_argument("--arch", choices=TRAIN_ARCHS, default="resnet50")
     parser.add_argument(
-        "--group-depth", type=int, default=1, help="path components below the source root in the report"
+        "--init", help="imagenet (torchvision weights), none, or a weights file (default: imagenet where available)"
     )
-    parser.add_argument("--rows-per-file", type=int, default=250_000, help="rows per scores Parquet file")
-    parser.add_argument("--overwrite", action="store_true", help="replace a previous scan in --out")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train only the classification head")
+    parser.add_argument("--input-size", type=int, help="model input side (default: 224, 32 for cifake_cnn)")
+    parser.add_argument("--preprocess", choices=POLICIES, default="resize", help="stored in the checkpoint")
+    parser.add_argument(
+        "--augment",
+        default=",".join(AUGMENTATIONS),
+        help=f"comma list from {','.join(AUGMENTATIONS)}, or none (default: all)",
+    )
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=1e-5)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per step per worker")
+    parser.add_argument("--patience", type=int, default=3, help="early stopping: epochs without lower val loss")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--split", default="0.7225,0.1275,0.15", help="train,val,test fractions when the dataset has no split folders"
+    )
+    parser.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
+    parser.add_argument(
+        "--threshold-rule", default="f1", help="checkpoint threshold on validation: f1, fpr:RATE, or a number"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
+    parser.add_argument("--cpus-per-worker", type=int, default=1)
+    gpu = parser.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="use_gpu", action="store_true", default=None, help="one GPU per worker")
+    gpu.add_argument("--cpu", dest="use_gpu", action="store_false", help="train on CPU even if GPUs exist")
+    parser.add_argument("--max-failures", type=int, default=0, help="worker-group restarts from the last epoch")
+    parser.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
+    parser.add_argument("--all-files", action="store_true", help="use every file, not only image extensions")
+    _add_storage_option(parser)
+
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="labelled folder tree or manifest (e.g. a training run's splits.parquet)")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--split", choices=("train", "val", "test", "all"), help="default: test if any, else all")
+    parser.add_argument("--target-fpr", type=float, default=0.01, help="FPR on real images for the targeted threshold")
+    parser.add_argument(
+        "--perturb", nargs="*", default=[], help="robustness sweep, e.g. jpeg:95,75,50,30 blur:1,2 downscale:0.5"
+    )
+    parser.add_argument("--preprocess", choices=POLICIES, help="override the checkpoint's policy")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--actors", help="Classifier actors: N or MIN,MAX")
+    parser.add_argument("--all-files", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
+    _add_storage_option(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     scan = sub.add_parser("scan", help="score every image under the sources")
     _add_scan_arguments(scan)
-    demo = sub.add_parser("demo", help="write a small demo corpus and scan it on a local Ray instance")
+    train = sub.add_parser("train", help="fine-tune a detector on a labelled dataset with Ray Train")
+    _add_train_arguments(train)
+    evaluate = sub.add_parser("evaluate", help="score a labelled set through the scan pipeline and measure it")
+    _add_evaluate_arguments(evaluate)
+    demo = sub.add_parser("demo", help="offline: build a labelled corpus, train, evaluate and scan on local Ray")
     demo.add_argument("--dir", default="aidetect-demo", help="where to write the corpus and results")
+    demo.add_argument("--epochs", type=int, default=20, help="training epochs of the demo detector")
     return parser
 
 
@@ -106,6 +179,93 @@ def config_from_args(args: argparse.Namespace) -> ScanConfig:
     )
 
 
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--split takes three fractions like 0.7225,0.1275,0.15, not {text!r}") from None
+    if len(parts) != 3:
+        raise ConfigError(f"--split takes three fractions like 0.7225,0.1275,0.15, not {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Turn parsed ``train`` arguments into a validated config; raises :class:`ConfigError`."""
+    augment = () if args.augment.strip().lower() == "none" else tuple(a.strip() for a in args.augment.split(",") if a)
+    return TrainConfig(
+        dataset=args.dataset,
+        out=args.out,
+        arch=args.arch,
+        init=args.init,
+        freeze_backbone=args.freeze_backbone,
+        input_size=args.input_size,
+        preprocess=args.preprocess,
+        augment=augment,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        patience=args.patience,
+        seed=args.seed,
+        fractions=_fractions(args.split),
+        class_weights=args.class_weights,
+        threshold_rule=args.threshold_rule,
+        workers=args.workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+        all_files=args.all_files,
+        storage_options=parse_storage_options(args.storage_option),
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+
+
+def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """Turn parsed ``evaluate`` arguments into a validated config; raises :class:`ConfigError`."""
+    scan_options: dict = {"batch_size": args.batch_size}
+    if args.actors:
+        scan_options["actors"] = parse_actors(args.actors)
+    return EvalConfig(
+        dataset=args.dataset,
+        checkpoint=args.checkpoint,
+        out=args.out,
+        split=args.split,
+        target_fpr=args.target_fpr,
+        perturb=tuple(args.perturb),
+        preprocess=args.preprocess,
+        all_files=args.all_files,
+        storage_options=parse_storage_options(args.storage_option),
+        overwrite=args.overwrite,
+        scan_options=scan_options,
+    )
+
+
+def _train(cfg: TrainConfig) -> int:
+    from aidetect_batch.training import run_train
+
+    result = run_train(cfg)
+    at = result.val_metrics["at_threshold"]
+    print(
+        f"trained {cfg.arch} for {len(result.history)} epoch(s), kept epoch {result.val_metrics['epoch']}: "
+        f"val ROC-AUC {result.val_metrics['roc_auc']:.3f}, accuracy {at['accuracy']:.3f} at threshold "
+        f"{result.threshold:.3f} ({cfg.threshold_rule}); checkpoint {result.checkpoint}",
+        flush=True,
+    )
+    return 0
+
+
+def _evaluate(cfg: EvalConfig) -> int:
+    from aidetect_batch.evaluation import format_table, run_evaluate
+
+    result = run_evaluate(cfg)
+    print(format_table(result.metrics), flush=True)
+    print(f"metrics: {cfg.out}/metrics.json, plots: {cfg.out}/plots/, per-image scores: {cfg.out}/scan/", flush=True)
+    return 0
+
+
 def _scan(cfg: ScanConfig) -> int:
     from aidetect_batch.pipeline import run_scan
     from aidetect_batch.report import closing_line
@@ -115,21 +275,17 @@ def _scan(cfg: ScanConfig) -> int:
     return 0
 
 
-def _demo(directory: str) -> int:
-    from aidetect_batch.demo import UNTRAINED_BANNER, write_demo_corpus, write_untrained_checkpoint
+def _demo(directory: str, epochs: int) -> int:
+    from aidetect_batch.demo import run_demo
 
-    corpus = os.path.join(directory, "corpus")
-    checkpoint = os.path.join(directory, "untrained-resnet50.pt")
-    out = os.path.join(directory, "results")
-    files = write_demo_corpus(corpus)
-    write_untrained_checkpoint(checkpoint)
-    print(UNTRAINED_BANNER, file=sys.stderr, flush=True)
-    print(f"demo corpus: {len(files)} files in {corpus}", flush=True)
-    cfg = ScanConfig(sources=(corpus,), out=out, checkpoint=checkpoint, all_files=True, overwrite=True)
-    code = _scan(cfg)
-    print(UNTRAINED_BANNER, file=sys.stderr, flush=True)
-    print(f"results: {os.path.join(out, 'scores')} (Parquet), report: {os.path.join(out, 'report')}", flush=True)
-    return code
+    return run_demo(directory, epochs)
+
+
+def _job_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import RayError
+    from ray.train import TrainingFailedError
+
+    return (RayError, TrainingFailedError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,11 +300,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "demo":
-            return _demo(args.dir)
+            return _demo(args.dir, args.epochs)
+        if args.command == "train":
+            return _train(train_config_from_args(args))
+        if args.command == "evaluate":
+            return _evaluate(eval_config_from_args(args))
         return _scan(config_from_args(args))
     except (ConfigError, SourceError, CheckpointError) as exc:
         print(f"aidetect-batch: error: {exc}", file=sys.stderr)
         return 2
+    except _job_errors() as exc:
+        print(f"aidetect-batch: {args.command} failed: {exc}", file=sys.stderr)
+        if args.command == "train":
+            print(
+                "aidetect-batch: rerun the same command with --resume to continue from the last epoch", file=sys.stderr
+            )
+        return 1
 
 
 if __name__ == "__main__":

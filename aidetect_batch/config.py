@@ -1,4 +1,4 @@
-"""Typed, validated scan configuration.
+"""Typed, validated configuration of scan, train and evaluate.
 
 The config is built from the command line, validated before ``ray.init()`` so
 that bad arguments fail in a second instead of after a cluster start, and
@@ -8,14 +8,16 @@ written next to the results (``OUT/_run.json``) with secrets redacted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
+from aidetect_batch import perturb
 from aidetect_batch.preprocess import POLICIES
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 PRECISIONS = ("fp32", "bf16", "fp16")
-ARCHS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "resnet_tiny")
+ARCHS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "cifake_cnn", "resnet_tiny")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold: ~89 MP, about 9500x9500.
 
 _SECRET_KEY = re.compile(r"secret|token|password|key", re.IGNORECASE)
@@ -49,6 +51,8 @@ class ScanConfig:
         group_depth: Path components below the source root used for the report's breakdown.
         rows_per_file: Rows per scores Parquet file.
         overwrite: Replace the contents of a non-empty ``out``.
+        perturbation: A robustness perturbation (``jpeg:75``) applied before preprocessing;
+            set by ``evaluate --perturb``.
     """
 
     sources: tuple[str, ...]
@@ -70,6 +74,7 @@ class ScanConfig:
     group_depth: int = 1
     rows_per_file: int = 250_000
     overwrite: bool = False
+    perturbation: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +106,11 @@ class ScanConfig:
             lo, hi = self.actors
             if lo < 1 or hi < lo:
                 raise ConfigError(f"--actors needs 1 <= MIN <= MAX, got {lo},{hi}")
+        if self.perturbation is not None:
+            try:
+                perturb.parse(self.perturbation)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict with secret-looking storage options redacted."""
@@ -159,3 +169,206 @@ def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
         else:
             options[key] = value
     return options
+
+
+AUGMENTATIONS = ("flip", "rotate", "color", "translate", "jpeg", "blur")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("cosine", "step", "none")
+TRAIN_ARCHS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "cifake_cnn", "resnet_tiny")
+
+
+def parse_threshold_rule(rule: str) -> tuple[str, float]:
+    """``f1`` → best F1 on validation; ``fpr:0.01`` → 1% of real images flagged; ``0.5`` → fixed."""
+    if rule == "f1":
+        return "f1", math.nan
+    if rule.startswith("fpr:"):
+        try:
+            value = float(rule[4:])
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--threshold-rule fpr:X needs 0 <= X < 1, not {rule!r}")
+        return "fpr", value
+    try:
+        value = float(rule)
+    except ValueError:
+        raise ConfigError(f"--threshold-rule is f1, fpr:RATE or a number in [0, 1], not {rule!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"--threshold-rule {rule}: a fixed threshold lies in [0, 1]")
+    return "fixed", value
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; defaults follow the EfficientNet-B0 study.
+
+    Attributes:
+        dataset: Labelled folder tree or manifest, local or ``s3://``.
+        out: Output directory (checkpoint, splits, history, Ray Train state).
+        arch: Detector architecture.
+        init: ``imagenet`` (torchvision weights), ``none``, or a weights file; ``None`` means
+            ``imagenet`` where torchvision has ImageNet weights, else ``none``.
+        freeze_backbone: Train only the classification head (the studies' ablation).
+        input_size: Model input side; ``None`` means the architecture's (224, or 32 for cifake_cnn).
+        preprocess: Preprocess policy, stored in the checkpoint and used by every later scan.
+        augment: Training augmentations, a subset of :data:`AUGMENTATIONS`.
+        optimizer: ``adam`` or ``adamw``.
+        lr: Learning rate.
+        weight_decay: Weight decay (L2 for Adam, decoupled for AdamW).
+        schedule: ``cosine`` (to 0 over the epochs), ``step`` (×0.1 every third of the epochs) or ``none``.
+        epochs: Maximum epochs.
+        batch_size: Images per optimisation step per worker.
+        patience: Stop after this many epochs without a lower validation loss.
+        seed: Seed of splits, initialisation, shuffling and augmentation.
+        fractions: Train/val/test fractions when the dataset has no split folders.
+        class_weights: Weight the loss by inverse class frequency.
+        threshold_rule: How the checkpoint's threshold is chosen on validation (see
+            :func:`parse_threshold_rule`).
+        workers: Ray Train workers (data-parallel replicas).
+        use_gpu: One GPU per worker; ``None`` means when the cluster has GPUs.
+        cpus_per_worker: CPUs per training worker.
+        max_failures: Worker-group restarts from the last epoch's checkpoint before failing.
+        resume: Continue a stopped run in ``out`` from its last epoch.
+        overwrite: Replace a previous run in ``out``.
+        crash_after_epoch: Fault injection for tests: fail the first attempt after this epoch.
+    """
+
+    dataset: str
+    out: str
+    arch: str = "resnet50"
+    init: str | None = None
+    freeze_backbone: bool = False
+    input_size: int | None = None
+    preprocess: str = "resize"
+    augment: tuple[str, ...] = AUGMENTATIONS
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    schedule: str = "cosine"
+    epochs: int = 5
+    batch_size: int = 32
+    patience: int = 3
+    seed: int = 0
+    fractions: tuple[float, float, float] = (0.7225, 0.1275, 0.15)
+    class_weights: bool = False
+    threshold_rule: str = "f1"
+    workers: int = 1
+    use_gpu: bool | None = None
+    cpus_per_worker: int = 1
+    max_failures: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    all_files: bool = False
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    resume: bool = False
+    overwrite: bool = False
+    crash_after_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def resolved_init(self) -> str:
+        if self.init is not None:
+            return self.init
+        from aidetect_batch.model import IMAGENET_ARCHS
+
+        return "imagenet" if self.arch in IMAGENET_ARCHS else "none"
+
+    def validate(self) -> None:
+        """Check names and ranges; raises :class:`ConfigError` with the flag to fix."""
+        if not self.dataset:
+            raise ConfigError("name a labelled dataset: a folder with real/ and ai/ (or fake/) or a manifest")
+        if not self.out:
+            raise ConfigError("--out is required")
+        if self.arch not in TRAIN_ARCHS:
+            raise ConfigError(f"--arch must be one of {', '.join(TRAIN_ARCHS)}, not {self.arch!r}")
+        if self.preprocess not in POLICIES:
+            raise ConfigError(f"--preprocess must be one of {', '.join(POLICIES)}, not {self.preprocess!r}")
+        unknown = [a for a in self.augment if a not in AUGMENTATIONS]
+        if unknown:
+            raise ConfigError(f"--augment: unknown {unknown}; choose from {', '.join(AUGMENTATIONS)} or none")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ConfigError("--lr must be above 0 and --weight-decay at least 0")
+        for name in ("epochs", "batch_size", "patience", "workers", "cpus_per_worker", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.input_size is not None and self.input_size < 16:
+            raise ConfigError("--input-size must be at least 16")
+        if self.max_failures < -1:
+            raise ConfigError("--max-failures is -1 (no limit) or at least 0")
+        if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
+            raise ConfigError(f"--split needs three non-negative fractions summing to 1, got {self.fractions}")
+        if self.fractions[0] <= 0 or self.fractions[1] <= 0:
+            raise ConfigError("--split needs a train and a validation share above 0")
+        parse_threshold_rule(self.threshold_rule)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out; --overwrite replaces it: pick one")
+        init = self.resolved_init
+        if init == "imagenet":
+            from aidetect_batch.model import IMAGENET_ARCHS
+
+            if self.arch not in IMAGENET_ARCHS:
+                raise ConfigError(f"--init imagenet: torchvision has no ImageNet weights for {self.arch}")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict with secret-looking storage options redacted."""
+        data = dataclasses.asdict(self)
+        data["storage_options"] = redact(self.storage_options)
+        data["resolved_init"] = self.resolved_init
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation: a labelled set scored through the scan pipeline, then measured.
+
+    Attributes:
+        dataset: Labelled folder tree or manifest (a training run's ``splits.parquet``).
+        checkpoint: Detector checkpoint to evaluate.
+        out: Output directory for metrics, plots and the per-image scores.
+        split: Which split to score; ``None`` means ``test`` when the dataset has splits, else all.
+        target_fpr: False-positive rate on real images for the FPR-targeted threshold.
+        perturb: Robustness sweep specs (``jpeg:95,75 blur:1,2 downscale:0.5``).
+        preprocess: Override the checkpoint's preprocess policy.
+        scan_options: Other :class:`ScanConfig` fields (batch size, actors, precision, ...).
+    """
+
+    dataset: str
+    checkpoint: str
+    out: str
+    split: str | None = None
+    target_fpr: float = 0.01
+    perturb: tuple[str, ...] = ()
+    preprocess: str | None = None
+    all_files: bool = False
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    overwrite: bool = False
+    scan_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check names and ranges; raises :class:`ConfigError`."""
+        if not self.dataset or not self.checkpoint or not self.out:
+            raise ConfigError("evaluate needs DATASET, --checkpoint and --out")
+        if self.split is not None and self.split not in ("train", "val", "test", "all"):
+            raise ConfigError(f"--split must be train, val, test or all, not {self.split!r}")
+        if not 0.0 <= self.target_fpr < 1.0:
+            raise ConfigError("--target-fpr must be in [0, 1)")
+        if self.preprocess is not None and self.preprocess not in POLICIES:
+            raise ConfigError(f"--preprocess must be one of {', '.join(POLICIES)}")
+        try:
+            perturb.parse_sweep(self.perturb)
+        except ValueError as exc:
+            raise ConfigError(f"--perturb: {exc}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict with secret-looking storage options redacted."""
+        data = dataclasses.asdict(self)
+        data["storage_options"] = redact(self.storage_options)
+        return data

@@ -39,17 +39,57 @@ _HEAD = {
     "resnet_tiny": "fc.weight",
     "mobilenet_v2": "classifier.1.weight",
     "efficientnet_b0": "classifier.1.weight",
+    "cifake_cnn": "head.4.weight",
 }
+# Architectures with ImageNet weights in torchvision (``--init imagenet``).
+IMAGENET_ARCHS = ("resnet50", "mobilenet_v2", "efficientnet_b0")
+INPUT_SIZES = {"cifake_cnn": 32}
+DEFAULT_INPUT_SIZE = 224
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, is unsafe, or does not fit the architecture."""
 
 
-def build_model(arch: str, num_logits: int) -> nn.Module:
-    """A randomly initialised detector. ``resnet_tiny`` is a 1-1-1-1 BasicBlock ResNet for tests."""
+class SmallCNN(nn.Module):
+    """The CIFAKE study's small detector: 4 conv blocks and 2 fully connected layers on 32×32 input."""
+
+    def __init__(self, num_logits: int = 1, input_size: int = 32) -> None:
+        super().__init__()
+        widths = (3, 32, 64, 128, 128)
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(widths, widths[1:], strict=False):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        side = max(input_size // 16, 1)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(widths[-1] * side * side, 256),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.3),
+            nn.Linear(256, num_logits),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def default_input_size(arch: str) -> int:
+    """Input side the architecture is trained at unless told otherwise."""
+    return INPUT_SIZES.get(arch, DEFAULT_INPUT_SIZE)
+
+
+def build_model(arch: str, num_logits: int, input_size: int | None = None) -> nn.Module:
+    """A randomly initialised detector.
+
+    ``resnet_tiny`` is a 1-1-1-1 BasicBlock ResNet for tests; ``cifake_cnn`` is
+    :class:`SmallCNN`, whose first FC layer depends on ``input_size`` (default 32).
+    """
     import torchvision.models as tvm
 
+    if arch == "cifake_cnn":
+        return SmallCNN(num_logits, input_size or default_input_size(arch))
     if arch == "resnet50":
         return tvm.resnet50(weights=None, num_classes=num_logits)
     if arch == "mobilenet_v2":
@@ -76,10 +116,11 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     model_id: str
     kind: str
+    input_size: int = DEFAULT_INPUT_SIZE
 
     def build(self) -> nn.Module:
         """Instantiate the architecture and load the weights; raises :class:`CheckpointError` on mismatch."""
-        model = build_model(self.arch, self.num_logits)
+        model = build_model(self.arch, self.num_logits, self.input_size)
         try:
             result = model.load_state_dict(self.state_dict, strict=False)
         except RuntimeError as exc:
@@ -105,6 +146,7 @@ class Checkpoint:
             "mean": list(self.mean),
             "std": list(self.std),
             "preprocess": self.preprocess,
+            "input_size": self.input_size,
             "threshold": self.threshold,
             "info": self.info,
             "model_id": self.model_id,
@@ -125,6 +167,8 @@ def _strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _guess_arch(state_dict: dict[str, Any]) -> str:
+    if "head.4.weight" in state_dict and "features.0.weight" in state_dict:
+        return "cifake_cnn"
     if "layer4.0.conv3.weight" in state_dict:
         return "resnet50"
     if "fc.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
@@ -207,6 +251,7 @@ def parse_checkpoint(
                 state_dict=obj["state_dict"],
                 model_id=model_id,
                 kind="aidetect-batch",
+                input_size=int(obj.get("input_size", default_input_size(obj["arch"]))),
             )
         except KeyError as exc:
             raise CheckpointError(f"aidetect-batch checkpoint lacks the field {exc}") from None
@@ -234,7 +279,15 @@ def parse_checkpoint(
         state_dict=state_dict,
         model_id=model_id,
         kind=kind,
+        input_size=_input_size_of(state_dict, arch),
     )
+
+
+def _input_size_of(state_dict: dict[str, Any], arch: str) -> int:
+    if arch == "cifake_cnn" and "head.1.weight" in state_dict:
+        cells = int(state_dict["head.1.weight"].shape[1]) // 128
+        return 16 * max(int(round(cells**0.5)), 1)
+    return default_input_size(arch)
 
 
 def save_checkpoint(
@@ -248,6 +301,7 @@ def save_checkpoint(
     std: tuple[float, ...] = IMAGENET_STD,
     preprocess: str = "resize",
     threshold: float = 0.5,
+    input_size: int | None = None,
     info: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> None:
@@ -261,7 +315,7 @@ def save_checkpoint(
         "ai_class_index": (1 if num_logits == 2 else 0) if ai_class_index is None else ai_class_index,
         "mean": list(mean),
         "std": list(std),
-        "input_size": 224,
+        "input_size": input_size or default_input_size(arch),
         "preprocess": preprocess,
         "threshold": threshold,
         "info": info or {},
@@ -275,6 +329,92 @@ def save_checkpoint(
         fs.makedirs(parent, exist_ok=True)
     with fs.open(inner, "wb") as handle:
         handle.write(buffer.getvalue())
+
+
+def _offline_hint(arch: str, url: str) -> str:
+    name = url.rsplit("/", 1)[-1]
+    return (
+        f"--init imagenet could not download torchvision's ImageNet weights for {arch} ({url}). "
+        f"This machine looks offline. Download {name} on a machine with internet, put it in "
+        f"$TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), or pass --init {name}; "
+        "--init none trains from random weights."
+    )
+
+
+def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """torchvision's default ImageNet weights for ``arch`` (downloaded once, then cached by torch.hub).
+
+    Raises:
+        CheckpointError: ``arch`` has no ImageNet weights, or the download failed (offline).
+    """
+    import urllib.error
+
+    import torchvision.models as tvm
+
+    if arch not in IMAGENET_ARCHS:
+        raise CheckpointError(
+            f"--init imagenet: {arch} has no ImageNet weights; use --init none or --init PATH "
+            f"(ImageNet weights exist for {', '.join(IMAGENET_ARCHS)})"
+        )
+    weights = tvm.get_model_weights(arch).DEFAULT
+    try:
+        return weights.get_state_dict(progress=False)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        raise CheckpointError(f"{_offline_hint(arch, weights.url)} ({type(exc).__name__}: {exc})") from None
+
+
+def _load_state_dict_lenient(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f"--init: not a loadable weights file ({str(exc).splitlines()[0][:200]})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME:
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError("--init: the file holds no state dict of tensors")
+    return _strip_prefix(obj)
+
+
+def initial_model(
+    arch: str,
+    num_logits: int,
+    init: str,
+    input_size: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build a detector to fine-tune, initialised from ImageNet, a weights file, or at random.
+
+    Weights whose name and shape fit are copied; the rest (typically a
+    1000-class ImageNet head) keep their fresh initialisation. Returns the
+    model and a record of what was loaded, for the checkpoint's metadata.
+
+    Raises:
+        CheckpointError: offline ``imagenet``, an unreadable file, or a file sharing no weights with ``arch``.
+    """
+    model = build_model(arch, num_logits, input_size)
+    if init == "none":
+        return model, {"init": "none"}
+    if init == "imagenet":
+        source = imagenet_state_dict(arch)
+    else:
+        source = _load_state_dict_lenient(read_checkpoint_bytes(init, storage_options))
+    own = model.state_dict()
+    fitting = {k: v for k, v in source.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not fitting:
+        raise CheckpointError(f"--init {init}: no weight fits {arch} (is it another architecture?)")
+    model.load_state_dict(fitting, strict=False)
+    fresh = sorted(set(own) - set(fitting))
+    return model, {"init": init, "loaded": len(fitting), "fresh": fresh[:20], "fresh_count": len(fresh)}
+
+
+def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
+    """Parameters of the classification head: what ``--freeze-backbone`` leaves trainable."""
+    prefix = "head" if arch == "cifake_cnn" else _HEAD[arch].rsplit(".", 1)[0]
+    return [p for name, p in model.named_parameters() if name.startswith(prefix + ".")]
 
 
 def scores_from_logits(logits: torch.Tensor, ai_class_index: int) -> torch.Tensor:

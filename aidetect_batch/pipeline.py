@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aidetect_batch import decode, preprocess, schema, sources
+from aidetect_batch import decode, perturb, preprocess, schema, sources
 from aidetect_batch.config import ConfigError, ScanConfig
 from aidetect_batch.storage import filesystem, join
 
@@ -50,19 +50,25 @@ class ScanResult:
 
 
 def prepare_batch(
-    batch: dict[str, np.ndarray],
+    batch: pa.Table,
     policy: str,
     max_pixels: int,
     storage_options: dict[str, Any],
+    size: int = preprocess.CROP,
+    perturbation: str | None = None,
 ) -> pa.Table:
     """CPU stage: read, hash, decode and preprocess each file; failures become statuses.
 
     Returns an Arrow table typed like the scores schema plus the uint8 ``image``
-    tensor column, so nullable integers stay integers on the way to the sink.
+    tensor column (``size``×``size``×3), so nullable integers stay integers on
+    the way to the sink. Columns of the listing other than ``path`` and
+    ``source`` (labels, groups, manifest columns) pass through unchanged.
+    ``perturbation`` (robustness sweep) is applied to the full-resolution
+    decode before the policy.
     """
     from ray.data.extensions import ArrowTensorArray
 
-    paths = batch[schema.PATH]
+    paths = batch.column(schema.PATH).to_pylist()
     n = len(paths)
     rows: dict[str, list[Any]] = {
         c: [None] * n
@@ -79,8 +85,9 @@ def prepare_batch(
             schema.T_DECODE_MS,
         )
     }
-    images = np.zeros((n, preprocess.CROP, preprocess.CROP, 3), dtype=np.uint8)
-    need = preprocess.needed_short_side(policy)
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    change = perturb.parse(perturbation) if perturbation else None
+    need = None if change else preprocess.needed_short_side(policy, size)
     for i, path in enumerate(paths):
         start = time.perf_counter()
         try:
@@ -97,17 +104,21 @@ def prepare_batch(
         for column in (schema.FORMAT, schema.MODE, schema.WIDTH, schema.HEIGHT):
             rows[column][i] = getattr(result, column)
         if result.status is schema.Status.OK:
-            images[i] = preprocess.preprocess_image(result.image, policy)
+            image = change.apply(result.image) if change else result.image
+            images[i] = preprocess.preprocess_image(image, policy, size)
         rows[schema.STATUS][i] = result.status.value
         rows[schema.ERROR][i] = result.error
         rows[schema.T_DECODE_MS][i] = (time.perf_counter() - read_done) * 1000.0
-    columns = {
+    columns: dict[str, Any] = {
         schema.PATH: pa.array(paths, pa.string()),
-        schema.SOURCE: pa.array(batch[schema.SOURCE], pa.string()),
+        schema.SOURCE: batch.column(schema.SOURCE).cast(pa.string()),
         schema.PREPROCESS: pa.array([policy] * n, pa.string()),
     }
     for name, values in rows.items():
         columns[name] = pa.array(values, schema.SCORES_SCHEMA.field(name).type)
+    for name in batch.column_names:
+        if name not in columns:
+            columns[name] = batch.column(name)
     columns[schema.IMAGE] = ArrowTensorArray.from_numpy(images)
     return pa.table(columns)
 
@@ -212,8 +223,12 @@ class _Progress:
             )
 
 
-def run_scan(cfg: ScanConfig) -> ScanResult:
+def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     """Run a whole scan: validate, list, score on Ray, write scores, report and ``_run.json``.
+
+    ``listing`` replaces listing ``cfg.sources``: a table with ``path``,
+    ``source`` and any extra columns (labels, groups), which are written next
+    to the scores. ``evaluate`` scores its labelled set this way.
 
     Raises:
         ConfigError: bad arguments or a non-empty OUT (before Ray starts).
@@ -236,7 +251,12 @@ def run_scan(cfg: ScanConfig) -> ScanResult:
     threshold = cfg.threshold if cfg.threshold is not None else ckpt.threshold
     if ckpt.info.get("untrained"):
         _logger.warning("checkpoint %s is UNTRAINED (random weights): its scores mean nothing", cfg.checkpoint)
-    listing = sources.list_sources(cfg.sources, cfg.extensions, cfg.all_files, cfg.storage_options)
+    if listing is None:
+        listing = sources.list_sources(cfg.sources, cfg.extensions, cfg.all_files, cfg.storage_options)
+    extra_fields = [f for f in listing.schema if f.name not in (schema.PATH, schema.SOURCE)]
+    clash = [f.name for f in extra_fields if f.name in schema.SCORE_COLUMNS or f.name == schema.IMAGE]
+    if clash:
+        raise ConfigError(f"listing columns {clash} clash with output columns; rename them")
     total = listing.num_rows
     _logger.info("listed %d files from %d source(s)", total, len(cfg.sources))
 
@@ -247,7 +267,13 @@ def run_scan(cfg: ScanConfig) -> ScanResult:
     run: dict[str, Any] = {
         "status": "running",
         "config": cfg.to_json(),
-        "resolved": {"preprocess": policy, "threshold": threshold, "classifier": plan},
+        "resolved": {
+            "preprocess": policy,
+            "input_size": ckpt.input_size,
+            "threshold": threshold,
+            "perturbation": cfg.perturbation,
+            "classifier": plan,
+        },
         "model": ckpt.metadata(),
         "model_id": ckpt.model_id,
         "versions": _versions(),
@@ -266,9 +292,15 @@ def run_scan(cfg: ScanConfig) -> ScanResult:
     ds = ds.map_batches(
         prepare_batch,
         batch_size=cfg.decode_batch_size,
-        batch_format="numpy",
+        batch_format="pyarrow",
         num_cpus=1,
-        fn_kwargs={"policy": policy, "max_pixels": cfg.max_pixels, "storage_options": cfg.storage_options},
+        fn_kwargs={
+            "policy": policy,
+            "max_pixels": cfg.max_pixels,
+            "storage_options": cfg.storage_options,
+            "size": ckpt.input_size,
+            "perturbation": cfg.perturbation,
+        },
     )
     ds = ds.map_batches(
         Classifier,
@@ -288,7 +320,12 @@ def run_scan(cfg: ScanConfig) -> ScanResult:
         },
     )
 
-    writer = ScoreWriter(join(cfg.out, schema.SCORES_DIR), cfg.rows_per_file, cfg.storage_options)
+    writer = ScoreWriter(
+        join(cfg.out, schema.SCORES_DIR),
+        cfg.rows_per_file,
+        cfg.storage_options,
+        table_schema=pa.schema([*schema.SCORES_SCHEMA, *extra_fields]),
+    )
     progress = _Progress(total)
     t0 = time.monotonic()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -13,6 +13,9 @@ every row.
   equally on both sides (the odd pixel goes right/bottom), exactly like
   torchvision's ``CenterCrop`` on a small image.
 
+Models with another input side (the 32×32 CIFAKE CNN) keep the same ratio:
+``resize`` scales the short side to ``round(size * 256 / 224)`` and crops ``size``.
+
 The output stays uint8 HWC: four times smaller than float32 on the way to the
 Classifier, which normalises with the checkpoint's mean/std on its device.
 """
@@ -28,9 +31,14 @@ CROP = 224
 RESIZE_SHORT = 256
 
 
-def needed_short_side(policy: str) -> int | None:
+def resize_short_side(size: int = CROP) -> int:
+    """Short side the ``resize`` policy scales to before cropping ``size``: 256 for 224."""
+    return int(round(size * RESIZE_SHORT / CROP))
+
+
+def needed_short_side(policy: str, size: int = CROP) -> int | None:
     """Short-side pixels the policy needs from the decoder; ``None`` means full resolution."""
-    return RESIZE_SHORT if policy == "resize" else None
+    return resize_short_side(size) if policy == "resize" else None
 
 
 def _resize_short(img: Image.Image, short: int) -> Image.Image:
@@ -56,10 +64,10 @@ def center_crop(arr: np.ndarray, size: int = CROP) -> np.ndarray:
     return np.ascontiguousarray(arr[top : top + size, left : left + size])
 
 
-def preprocess_image(img: Image.Image, policy: str) -> np.ndarray:
-    """Apply ``policy`` to an RGB image; returns a ``(224, 224, 3)`` uint8 array."""
+def preprocess_image(img: Image.Image, policy: str, size: int = CROP) -> np.ndarray:
+    """Apply ``policy`` to an RGB image; returns a ``(size, size, 3)`` uint8 array."""
     if policy == "resize":
-        img = _resize_short(img, RESIZE_SHORT)
+        img = _resize_short(img, resize_short_side(size))
     elif policy != "center-crop":
         raise ValueError(f"unknown preprocess policy {policy!r}; choose one of {POLICIES}")
-    return center_crop(np.asarray(img, dtype=np.uint8))
+    return center_crop(np.asarray(img, dtype=np.uint8), size)

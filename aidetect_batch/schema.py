@@ -58,6 +58,22 @@ T_INFER_MS = "t_infer_ms"
 # Intermediate column between the CPU stage and the Classifier; never written.
 IMAGE = "image"
 
+# Columns of a labelled dataset listing (train/evaluate). They pass through the scan
+# pipeline and are written next to the scores of an evaluation.
+TRUE_LABEL = "true_label"
+GROUP = "group"
+SPLIT = "split"
+SPLITS = ("train", "val", "test")
+LABELLED_SCHEMA = pa.schema(
+    [
+        pa.field(PATH, pa.string(), nullable=False),
+        pa.field(SOURCE, pa.string()),
+        pa.field(TRUE_LABEL, pa.string(), nullable=False),
+        pa.field(GROUP, pa.string()),
+        pa.field(SPLIT, pa.string()),
+    ]
+)
+
 SCORES_SCHEMA = pa.schema(
     [
         pa.field(PATH, pa.string(), nullable=False),
@@ -87,3 +103,16 @@ SCORES_DIR = "scores"
 REPORT_DIR = "report"
 RUN_FILE = "_run.json"
 SUMMARY_FILE = "summary.json"
+
+# Directory layout of a training run's OUT
+MODEL_FILE = "model.pt"
+SPLITS_FILE = "splits.parquet"
+DATASET_FILE = "dataset.json"
+HISTORY_FILE = "history.parquet"
+TRAIN_STATE_DIR = "ray_train"
+
+# Directory layout of an evaluation's OUT
+METRICS_FILE = "metrics.json"
+EVAL_SCAN_DIR = "scan"
+PERTURBED_DIR = "perturbed"
+PLOTS_DIR = "plots"

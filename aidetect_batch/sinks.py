@@ -30,16 +30,16 @@ _logger = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 16_384
 
 
-def to_scores_table(batch: pa.Table | dict[str, Any]) -> pa.Table:
-    """Select and cast a result batch to :data:`schema.SCORES_SCHEMA`."""
+def to_scores_table(batch: pa.Table | dict[str, Any], table_schema: pa.Schema = schema.SCORES_SCHEMA) -> pa.Table:
+    """Select and cast a result batch to ``table_schema`` (the scores schema plus pass-through columns)."""
     table = batch if isinstance(batch, pa.Table) else pa.table(batch)
     columns = []
-    for field in schema.SCORES_SCHEMA:
+    for field in table_schema:
         column = table.column(field.name)
         if pa.types.is_null(column.type) or column.type != field.type:
             column = column.cast(field.type)
         columns.append(column)
-    return pa.Table.from_arrays(columns, schema=schema.SCORES_SCHEMA)
+    return pa.Table.from_arrays(columns, schema=table_schema)
 
 
 class ScoreWriter:
@@ -51,8 +51,10 @@ class ScoreWriter:
         rows_per_file: int = 250_000,
         storage_options: dict[str, Any] | None = None,
         run_id: str | None = None,
+        table_schema: pa.Schema = schema.SCORES_SCHEMA,
     ) -> None:
         self.directory = directory
+        self.schema = table_schema
         self.rows_per_file = rows_per_file
         self.fs, self.root = filesystem(directory, storage_options)
         self.fs.makedirs(self.root, exist_ok=True)
@@ -70,7 +72,7 @@ class ScoreWriter:
 
     def write(self, batch: pa.Table | dict[str, Any]) -> None:
         """Append a batch of result rows."""
-        table = to_scores_table(batch)
+        table = to_scores_table(batch, self.schema)
         self._pending.append(table)
         self._pending_rows += table.num_rows
         while self._pending_rows >= ROW_GROUP_ROWS:
@@ -81,7 +83,7 @@ class ScoreWriter:
         self._final = f"{self.root}/{name}"
         self._tmp = self._final if self.remote else f"{self.root}/.{name}.tmp"
         self._handle = self.fs.open(self._tmp, "wb")
-        self._writer = pq.ParquetWriter(self._handle, schema.SCORES_SCHEMA, compression="zstd")
+        self._writer = pq.ParquetWriter(self._handle, self.schema, compression="zstd")
         self._file_rows = 0
 
     def _commit(self) -> None:

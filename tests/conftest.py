@@ -202,3 +202,33 @@ def s3_server():
         else:
             os.environ[key] = value
     server.stop()
+
+
+def blocky(side: int = 64, seed: int = 0) -> Image.Image:
+    """A photo-like image rendered at half resolution and upsampled by pixel repetition.
+
+    Its 2×2 blocks are constant: a high-frequency statistic (like a generator's
+    upsampling artifact) that separates it from :func:`photo` at the same size.
+    """
+    return photo(side // 2, side // 2, seed=seed).resize((side, side), Image.NEAREST)
+
+
+def write_labelled_set(root: str, per_class: int, side: int = 64, layout: str = "flat") -> dict[str, str]:
+    """``real/`` photos and ``ai/`` blocky images, same size and format, names without labels.
+
+    ``layout="groups"`` adds a subject level above the class (``faces/real/...``, ``scenes/ai/...``).
+    Returns path → label.
+    """
+    import hashlib
+
+    labels = {}
+    for i in range(per_class):
+        for label, img in (("real", photo(side, side, seed=1000 + i)), ("ai", blocky(side, seed=2000 + i))):
+            name = hashlib.sha1(f"{label}{i}".encode()).hexdigest()[:12] + ".png"
+            group = ("faces", "scenes")[i % 2]
+            relative = f"{group}/{label}/{name}" if layout == "groups" else f"{label}/{name}"
+            path = os.path.join(root, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            img.save(path, "PNG")
+            labels[os.path.abspath(path)] = label
+    return labels

@@ -3,6 +3,7 @@ import math
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -173,7 +174,7 @@ def test_file_vanished_after_listing_becomes_an_unreadable_row(corpus, tmp_path)
 
     good = os.path.join(corpus["root"], "png", "rgb.png")
     gone = str(tmp_path / "deleted-after-listing.jpg")
-    batch = {schema.PATH: np.array([good, gone], dtype=object), schema.SOURCE: np.array(["/", "/"], dtype=object)}
+    batch = pa.table({schema.PATH: [good, gone], schema.SOURCE: ["/", "/"]})
     table = prepare_batch(batch, policy="resize", max_pixels=10**8, storage_options={})
     rows = table.drop_columns([schema.IMAGE]).to_pylist()
     assert [r[schema.STATUS] for r in rows] == ["ok", "unreadable"]
