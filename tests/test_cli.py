@@ -1,5 +1,6 @@
 """CLI behaviour: errors are caught before Ray starts, with exit code 2 and a clear message."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -7,6 +8,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_labelled_set
 
 from aidetect_batch import schema
 from aidetect_batch.cli import main
@@ -89,9 +91,74 @@ def test_argparse_rejects_unknown_choices(corpus, tiny_checkpoint, tmp_path):
     assert exc.value.code == 2
 
 
+@pytest.fixture
+def small_labelled(tmp_path):
+    root = str(tmp_path / "labelled")
+    write_labelled_set(root, per_class=3, side=32)
+    return root
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--augment", "sharpen"], "--augment: unknown ['sharpen']"),
+        (["--arch", "cifake_cnn", "--init", "imagenet"], "no ImageNet weights for cifake_cnn"),
+        (["--split", "0.5,0.5"], "--split takes three fractions"),
+        (["--split", "0.9,0,0.1"], "a train and a validation share above 0"),
+        (["--threshold-rule", "fpr:2"], "fpr:X needs 0 <= X < 1"),
+        (["--resume"], "holds no training run to continue"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+    ],
+)
+def test_bad_train_arguments(capsys, small_labelled, tmp_path, flags, needle):
+    code, err = run_main(capsys, "train", small_labelled, "--out", str(tmp_path / "run"), *flags)
+    assert code == 2 and needle in err
+
+
+def test_train_refuses_a_missing_or_unlabelled_dataset(capsys, tmp_path):
+    code, err = run_main(capsys, "train", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--init", "none")
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "real_1.png").write_bytes(b"x")
+    code, err = run_main(capsys, "train", str(tmp_path / "flat"), "--out", str(tmp_path / "o"), "--init", "none")
+    assert code == 2 and "no labelled images" in err
+
+
+def test_init_imagenet_offline_fails_with_a_clear_message(capsys, monkeypatch, small_labelled, tmp_path):
+    """No network: every socket connection is refused, as on an air-gapped machine."""
+    import socket
+
+    def offline(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    code, err = run_main(
+        capsys, "train", small_labelled, "--out", str(tmp_path / "o"), "--arch", "mobilenet_v2", "--init", "imagenet"
+    )
+    assert code == 2
+    assert "--init imagenet could not download" in err and "offline" in err
+    assert "https://download.pytorch.org/models/mobilenet_v2" in err and "--init none" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--perturb", "jpeg:500"], "JPEG quality is an integer"),
+        (["--target-fpr", "1.5"], "--target-fpr must be in [0, 1)"),
+    ],
+)
+def test_bad_evaluate_arguments(capsys, small_labelled, tiny_checkpoint, tmp_path, flags, needle):
+    argv = ["evaluate", small_labelled, "--checkpoint", tiny_checkpoint, "--out", str(tmp_path / "e"), *flags]
+    code, err = run_main(capsys, *argv)
+    assert code == 2 and needle in err
+
+
 @pytest.mark.slow
-def test_demo_and_job_entry_point_end_to_end(tmp_path):
-    """README command 1 (the demo), then jobs/scan.py on the demo corpus, as subprocesses with their own Ray."""
+def test_demo_and_job_entry_points_end_to_end(tmp_path):
+    """README command 1 (the demo: train, evaluate, scan), then jobs/*.py on its outputs, as subprocesses."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     console_script = shutil.which("aidetect-batch")
     command = [console_script] if console_script else [sys.executable, "-m", "aidetect_batch"]
@@ -99,33 +166,38 @@ def test_demo_and_job_entry_point_end_to_end(tmp_path):
         [*command, "demo", "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
         env=env,
     )
     assert demo.returncode == 0, demo.stderr[-3000:]
-    assert "UNTRAINED" in demo.stderr
+    assert "DEMO NUMBERS ARE NOT REAL-WORLD ACCURACY" in demo.stderr
+    assert "ROC-AUC" in demo.stdout and "target_fpr" in demo.stdout
     closing = [line for line in demo.stdout.splitlines() if line.startswith("scanned ")]
-    assert closing and "scanned 12 files: ok 8, failed 4" in closing[0] and "img/s" in closing[0]
-    scores = pq.read_table(tmp_path / "results" / schema.SCORES_DIR)
-    assert scores.num_rows == 12
+    assert closing and "scanned 615 files: ok 608, failed 7" in closing[0] and "img/s" in closing[0]
+    metrics = json.load(open(tmp_path / "evaluation" / schema.METRICS_FILE))
+    assert metrics["split"] == "test" and metrics["overall"]["roc_auc"] > 0.8
+    assert [r["perturbation"] for r in metrics["robustness"]][0] == "none"
+    assert pq.read_table(tmp_path / "scan" / schema.SCORES_DIR).num_rows == 615
+    checkpoint = str(tmp_path / "train" / schema.MODEL_FILE)
 
-    job = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "jobs", "scan.py"),
-            str(tmp_path / "corpus"),
-            "--checkpoint",
-            str(tmp_path / "untrained-resnet50.pt"),
-            "--out",
-            str(tmp_path / "job"),
-            "--preprocess",
-            "center-crop",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=str(tmp_path),
+    def job(name, *args):
+        return subprocess.run(
+            [sys.executable, os.path.join(REPO, "jobs", name), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=str(tmp_path),
+        )
+
+    scanned = job(
+        "scan.py", str(tmp_path / "corpus" / "dump"), "--checkpoint", checkpoint, "--out", str(tmp_path / "j")
     )
-    assert job.returncode == 0, job.stderr[-3000:]
-    assert "scanned 11 files: ok 7, failed 4" in job.stdout, "no_extension is skipped without --all-files"
+    assert scanned.returncode == 0, scanned.stderr[-3000:]
+    assert "scanned 11 files: ok 7, failed 4" in scanned.stdout, "no_extension is skipped without --all-files"
+    splits = str(tmp_path / "train" / schema.SPLITS_FILE)
+    evaluated = job("evaluate.py", splits, "--split", "val", "--checkpoint", checkpoint, "--out", str(tmp_path / "ev"))
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.load(open(tmp_path / "ev" / schema.METRICS_FILE))["split"] == "val"
+    helped = job("train.py", "--help")
+    assert helped.returncode == 0 and "--freeze-backbone" in helped.stdout

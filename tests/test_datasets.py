@@ -133,12 +133,14 @@ def test_random_split_is_stratified_seeded_and_never_splits_identical_bytes():
     values = split.to_pylist()
     assert values[-1] is None
     by_sha = {}
-    for sha, s in zip(table.column(schema.SHA256).to_pylist(), values):
+    for sha, s in zip(table.column(schema.SHA256).to_pylist(), values, strict=True):
         by_sha.setdefault(sha, set()).add(s)
     assert all(len(found) == 1 for found in by_sha.values())
     labelled = table.append_column("assigned", split)
     for label, n in (("real", 400), ("ai", 200)):
-        chosen = [s for lab, s in zip(labelled.column(schema.TRUE_LABEL).to_pylist(), values) if lab == label]
+        chosen = [
+            s for lab, s in zip(labelled.column(schema.TRUE_LABEL).to_pylist(), values, strict=True) if lab == label
+        ]
         test_share = chosen.count("test") / n
         val_share = chosen.count("val") / n
         assert abs(test_share - 0.15) < 0.03 and abs(val_share - 0.1275) < 0.03

@@ -29,7 +29,9 @@ def test_threshold_free_metrics_match_sklearn(y, score):
     np.testing.assert_allclose(curve["tpr"], tpr)
     precision, recall, _ = skm.precision_recall_curve(y, score)
     mine = metrics.pr_curve(y, score)
-    np.testing.assert_allclose(sorted(zip(mine["recall"], mine["precision"])), sorted(zip(recall, precision)))
+    np.testing.assert_allclose(
+        sorted(zip(mine["recall"], mine["precision"], strict=True)), sorted(zip(recall, precision, strict=True))
+    )
 
 
 @pytest.mark.parametrize("y,score", FIXED)

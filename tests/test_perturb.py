@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from conftest import photo
 
 from aidetect_batch import perturb
-from conftest import photo
 
 
 def test_parse_sweep_expands_value_lists():

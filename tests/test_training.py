@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_labelled_set
 
 from aidetect_batch import model, schema
 from aidetect_batch.config import EvalConfig, ScanConfig, TrainConfig
 from aidetect_batch.evaluation import run_evaluate
 from aidetect_batch.pipeline import run_scan
 from aidetect_batch.training import STATE_FILE, build_augment, run_train, select_split
-from conftest import write_labelled_set
 
 FAST = dict(
     arch="cifake_cnn",
