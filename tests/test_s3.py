@@ -89,3 +89,42 @@ def test_storage_options_reach_s3fs(s3_server, s3, monkeypatch):
 def test_missing_s3_prefix_is_a_source_error(s3):
     with pytest.raises(SourceError, match="does not exist"):
         list_sources(("s3://dump/nothing-here",), DEFAULT_EXTENSIONS)
+
+
+def test_train_on_s3_dataset_writes_a_checkpoint_to_s3_that_scan_and_evaluate_load(ray_cluster, s3, tmp_path):
+    from aidetect_batch.config import EvalConfig, TrainConfig
+    from aidetect_batch.evaluation import run_evaluate
+    from aidetect_batch.model import parse_checkpoint, read_checkpoint_bytes
+    from aidetect_batch.training import run_train
+    from conftest import write_labelled_set
+
+    local = str(tmp_path / "labelled")
+    labels = write_labelled_set(local, per_class=12, side=32, layout="groups")
+    s3.mkdir("datasets")
+    for path in labels:
+        s3.put_file(path, "datasets/faces-v1/" + os.path.relpath(path, local))
+    result = run_train(
+        TrainConfig(
+            dataset="s3://datasets/faces-v1",
+            out="s3://models/runs/r1",
+            arch="cifake_cnn",
+            init="none",
+            preprocess="center-crop",
+            augment=(),
+            epochs=1,
+            batch_size=8,
+        )
+    )
+    assert result.checkpoint == "s3://models/runs/r1/model.pt"
+    assert s3.exists("models/runs/r1/splits.parquet") and s3.exists("models/runs/r1/history.png")
+    assert s3.glob("models/runs/r1/ray_train/run/checkpoint_*/state.pt")
+    ckpt = parse_checkpoint(read_checkpoint_bytes(result.checkpoint))
+    assert ckpt.arch == "cifake_cnn" and ckpt.info["dataset"] == "s3://datasets/faces-v1"
+    splits = pq.read_table(s3.open("models/runs/r1/splits.parquet", "rb")).to_pylist()
+    assert {r[schema.PATH] for r in splits} == {"s3://datasets/faces-v1/" + os.path.relpath(p, local) for p in labels}
+    assert {r[schema.GROUP] for r in splits} == {"faces", "scenes"}
+    evaluated = run_evaluate(
+        EvalConfig(dataset="s3://models/runs/r1/splits.parquet", checkpoint=result.checkpoint, out="s3://results/eval")
+    )
+    assert evaluated.metrics["split"] == "test" and evaluated.metrics["scored"] == evaluated.metrics["files"] > 0
+    assert s3.exists("results/eval/metrics.json") and s3.exists("results/eval/plots/roc.png")
