@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     evaluate = sub.add_parser("evaluate", help="score a labelled set through the scan pipeline and measure it")
     _add_evaluate_arguments(evaluate)
+    bench = sub.add_parser("benchmark", help="measure training throughput and the demo's wall time")
+    bench.add_argument("--suite", choices=("training", "demo", "all"), default="all")
+    bench.add_argument("--archs", default="cifake_cnn,resnet_tiny,resnet50", help="architectures to train")
+    bench.add_argument("--per-class", type=int, default=60, help="generated images per class")
+    bench.add_argument("--epochs", type=int, default=3)
+    bench.add_argument("--workers", type=int, default=1)
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--json", help="write the results here")
     demo = sub.add_parser("demo", help="offline: build a labelled corpus, train, evaluate and scan on local Ray")
     demo.add_argument("--dir", default="aidetect-demo", help="where to write the corpus and results")
     demo.add_argument("--epochs", type=int, default=20, help="training epochs of the demo detector")
@@ -301,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args.dir, args.epochs)
+        if args.command == "benchmark":
+            from aidetect_batch.benchmark import run_benchmark
+
+            archs = tuple(a for a in args.archs.split(",") if a)
+            run_benchmark(args.suite, archs, args.per_class, args.epochs, args.workers, args.batch_size, args.json)
+            return 0
         if args.command == "train":
             return _train(train_config_from_args(args))
         if args.command == "evaluate":
@@ -311,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _job_errors() as exc:
         print(f"aidetect-batch: {args.command} failed: {exc}", file=sys.stderr)
+        if args.command == "benchmark":
+            from aidetect_batch.benchmark import run_benchmark
+
+            archs = tuple(a for a in args.archs.split(",") if a)
+            run_benchmark(args.suite, archs, args.per_class, args.epochs, args.workers, args.batch_size, args.json)
+            return 0
         if args.command == "train":
             print(
                 "aidetect-batch: rerun the same command with --resume to continue from the last epoch", file=sys.stderr

@@ -156,3 +156,30 @@ def test_scores_from_logits():
     assert scores_from_logits(logits, 0).tolist() == [0.5, 1.0]
     two = torch.tensor([[0.0, 0.0], [10.0, -10.0]])
     np.testing.assert_allclose(scores_from_logits(two, 1).numpy(), [0.5, 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "efficientnet_b0", "cifake_cnn", "resnet_tiny", "resnet50"])
+def test_every_trainable_arch_builds_with_a_one_logit_head_and_a_separate_head(arch):
+    from aidetect_batch.model import default_input_size, head_parameters, initial_model
+
+    net, record = initial_model(arch, 1, "none")
+    size = default_input_size(arch)
+    assert record == {"init": "none"}
+    head = head_parameters(net, arch)
+    assert 0 < sum(p.numel() for p in head) < sum(p.numel() for p in net.parameters())
+    if arch != "resnet50":
+        with torch.no_grad():
+            assert net.eval()(torch.zeros(2, 3, size, size)).shape == (2, 1)
+
+
+def test_init_from_a_file_copies_fitting_weights_and_reinitialises_a_mismatched_head(tmp_path):
+    from aidetect_batch.model import build_model, initial_model
+
+    imagenet_like = build_model("resnet_tiny", 1000).state_dict()
+    torch.save(imagenet_like, tmp_path / "backbone.pth")
+    net, record = initial_model("resnet_tiny", 1, str(tmp_path / "backbone.pth"))
+    assert torch.equal(net.state_dict()["conv1.weight"], imagenet_like["conv1.weight"])
+    assert set(record["fresh"]) == {"fc.weight", "fc.bias"}
+    torch.save(build_model("cifake_cnn", 1).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="no weight fits resnet_tiny"):
+        initial_model("resnet_tiny", 1, str(tmp_path / "other.pth"))

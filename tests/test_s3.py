@@ -92,11 +92,12 @@ def test_missing_s3_prefix_is_a_source_error(s3):
 
 
 def test_train_on_s3_dataset_writes_a_checkpoint_to_s3_that_scan_and_evaluate_load(ray_cluster, s3, tmp_path):
+    from conftest import write_labelled_set
+
     from aidetect_batch.config import EvalConfig, TrainConfig
     from aidetect_batch.evaluation import run_evaluate
     from aidetect_batch.model import parse_checkpoint, read_checkpoint_bytes
     from aidetect_batch.training import run_train
-    from conftest import write_labelled_set
 
     local = str(tmp_path / "labelled")
     labels = write_labelled_set(local, per_class=12, side=32, layout="groups")

@@ -125,6 +125,7 @@ def test_two_cpu_workers_train_one_epoch_with_a_frozen_backbone(ray_cluster, lab
         epochs=1,
         workers=2,
         freeze_backbone=True,
+        class_weights=True,
         **{**FAST, "init": first.checkpoint},
     )
     result = run_train(cfg)
@@ -134,6 +135,7 @@ def test_two_cpu_workers_train_one_epoch_with_a_frozen_backbone(ray_cluster, lab
     assert torch.equal(before["features.0.weight"], after["features.0.weight"])
     assert not torch.equal(before["head.4.weight"], after["head.4.weight"])
     assert result.run["resolved"]["init"]["loaded"] == len(before)
+    assert result.run["resolved"]["pos_weight"] == 1.0, "balanced classes weigh 1:1"
 
 
 def latest_state(out):
@@ -157,12 +159,23 @@ def test_a_crashed_run_resumes_from_its_last_epoch(ray_cluster, labelled, tmp_pa
     assert resumed.run["resumed_from"] is not None
 
 
-def test_worker_failure_restarts_from_the_last_epoch_within_one_run(ray_cluster, labelled, tmp_path):
+def test_restarted_worker_group_continues_and_early_stopping_ends_the_run(ray_cluster, labelled, tmp_path):
+    """A worker failure restarts from the last epoch within one run; a flat validation loss stops training."""
     cfg = TrainConfig(
-        dataset=labelled[0], out=str(tmp_path / "retry"), epochs=2, crash_after_epoch=1, max_failures=1, **FAST
+        dataset=labelled[0],
+        out=str(tmp_path / "retry"),
+        epochs=5,
+        patience=1,
+        crash_after_epoch=1,
+        max_failures=1,
+        optimizer="adamw",
+        schedule="step",
+        **{**FAST, "lr": 1e-12},
     )
     result = run_train(cfg)
     assert [h["epoch"] for h in result.history] == [1, 2]
+    ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(result.checkpoint))
+    assert ckpt.info["stopped_early"] and ckpt.info["best_epoch"] == 1
 
 
 @pytest.mark.parametrize("names", [(), ("flip", "rotate", "color", "translate", "jpeg", "blur")])
