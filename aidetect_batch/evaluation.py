@@ -24,7 +24,6 @@ does not get to re-tune for each platform's processing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from typing import Any
@@ -32,11 +31,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from aidetect_batch import datasets, metrics, model, perturb, plots, schema
 from aidetect_batch.config import ConfigError, EvalConfig, ScanConfig
-from aidetect_batch.storage import filesystem, join
+from aidetect_batch.storage import claim_output, filesystem, join, write_json, write_parquet
 
 _logger = logging.getLogger(__name__)
 
@@ -74,7 +72,7 @@ class EvalResult:
     table: pa.Table
 
 
-def select_split(listing: pa.Table, split: str | None) -> tuple[pa.Table, str]:
+def choose_split(listing: pa.Table, split: str | None) -> tuple[pa.Table, str]:
     """Rows of the requested split; ``None`` picks ``test`` when the listing has splits, else all."""
     has_splits = pc.any(pc.is_valid(listing.column(schema.SPLIT))).as_py() or False
     if split is None:
@@ -90,20 +88,7 @@ def select_split(listing: pa.Table, split: str | None) -> tuple[pa.Table, str]:
 
 def check_eval_output(cfg: EvalConfig) -> None:
     """Refuse a non-empty OUT unless ``--overwrite``; then clear only an evaluation's own entries."""
-    fs, root = filesystem(cfg.out, cfg.storage_options)
-    if not fs.exists(root):
-        return
-    entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=False)]
-    entries = [e for e in entries if e]
-    if not entries:
-        return
-    if not cfg.overwrite:
-        raise ConfigError(f"--out {cfg.out!r} is not empty; choose a new directory or pass --overwrite")
-    foreign = [e for e in entries if e not in _OWN_ENTRIES]
-    if foreign:
-        raise ConfigError(f"--overwrite refuses to clear {cfg.out!r}: it holds other files ({', '.join(foreign[:5])})")
-    for entry in entries:
-        fs.rm(f"{root}/{entry}", recursive=True)
+    claim_output(cfg.out, _OWN_ENTRIES, cfg.overwrite, cfg.storage_options)
 
 
 def _scan_config(cfg: EvalConfig, out: str, perturbation: str | None) -> ScanConfig:
@@ -171,13 +156,6 @@ def measure(
     return nested, rows
 
 
-def _write_parquet(uri: str, rows: list[dict[str, Any]] | pa.Table, storage_options: dict[str, Any]) -> None:
-    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows)
-    fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "wb") as handle:
-        pq.write_table(table, handle)
-
-
 def run_evaluate(cfg: EvalConfig) -> EvalResult:
     """Evaluate a checkpoint on a labelled set: scan it, measure it, plot it, sweep perturbations.
 
@@ -191,7 +169,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     check_eval_output(cfg)
     ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options))
     listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, cfg.storage_options)
-    listing, split = select_split(listing, cfg.split)
+    listing, split = choose_split(listing, cfg.split)
     sweep = perturb.parse_sweep(cfg.perturb)
     _logger.info("evaluating %s on %d files of %s (split %s)", cfg.checkpoint, listing.num_rows, cfg.dataset, split)
 
@@ -229,14 +207,14 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         plots.robustness(join(plots_dir, "robustness.png"), robustness, so)
 
     curve = metrics.roc_curve(y, score)
-    _write_parquet(join(cfg.out, "roc_curve.parquet"), pa.table({k: curve[k] for k in ("fpr", "tpr", "threshold")}), so)
+    write_parquet(join(cfg.out, "roc_curve.parquet"), pa.table({k: curve[k] for k in ("fpr", "tpr", "threshold")}), so)
     curve = metrics.pr_curve(y, score)
-    _write_parquet(
+    write_parquet(
         join(cfg.out, "pr_curve.parquet"), pa.table({k: curve[k] for k in ("precision", "recall", "threshold")}), so
     )
-    _write_parquet(join(cfg.out, "metrics.parquet"), rows, so)
-    _write_parquet(join(cfg.out, "reliability.parquet"), reliability, so)
-    _write_parquet(join(cfg.out, "robustness.parquet"), robustness, so)
+    write_parquet(join(cfg.out, "metrics.parquet"), rows, so)
+    write_parquet(join(cfg.out, "reliability.parquet"), reliability, so)
+    write_parquet(join(cfg.out, "robustness.parquet"), robustness, so)
 
     statuses = clean.summary["status_counts"]
     result = {
@@ -259,16 +237,8 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         "config": cfg.to_json(),
         "description": described,
     }
-    fs, path = filesystem(join(cfg.out, schema.METRICS_FILE), so)
-    with fs.open(path, "w") as handle:
-        json.dump(result, handle, indent=2, default=_json_default)
+    write_json(join(cfg.out, schema.METRICS_FILE), result, so)
     return EvalResult(cfg.out, result, pa.Table.from_pylist(rows))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 def _robust_row(name: str, y: np.ndarray, score: np.ndarray, thresholds: dict[str, float]) -> dict[str, Any]:

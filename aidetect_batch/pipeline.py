@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import platform
@@ -25,7 +24,7 @@ import pyarrow.compute as pc
 
 from aidetect_batch import decode, perturb, preprocess, schema, sources
 from aidetect_batch.config import ConfigError, ScanConfig
-from aidetect_batch.storage import filesystem, join
+from aidetect_batch.storage import claim_output, filesystem, join, write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -125,28 +124,7 @@ def prepare_batch(
 
 def check_output(cfg: ScanConfig) -> None:
     """Refuse a non-empty OUT unless ``overwrite``; then clear only this tool's own entries."""
-    fs, root = filesystem(cfg.out, cfg.storage_options)
-    if not fs.exists(root):
-        return
-    if not fs.isdir(root):
-        raise ConfigError(f"--out {cfg.out!r} exists and is a file")
-    entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=False)]
-    entries = [e for e in entries if e]
-    if not entries:
-        return
-    if not cfg.overwrite:
-        raise ConfigError(
-            f"--out {cfg.out!r} is not empty ({', '.join(sorted(entries)[:5])}); "
-            "choose a new directory or pass --overwrite to replace a previous scan"
-        )
-    foreign = [e for e in entries if e not in _OWN_ENTRIES]
-    if foreign:
-        raise ConfigError(
-            f"--overwrite refuses to clear {cfg.out!r}: it holds files that are not a scan's "
-            f"({', '.join(sorted(foreign)[:5])})"
-        )
-    for entry in entries:
-        fs.rm(f"{root}/{entry}", recursive=True)
+    claim_output(cfg.out, _OWN_ENTRIES, cfg.overwrite, cfg.storage_options)
 
 
 def _versions() -> dict[str, str]:
@@ -160,12 +138,6 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             found[name] = "missing"
     return found
-
-
-def _write_json(uri: str, data: dict[str, Any], storage_options: dict[str, Any]) -> None:
-    fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
 
 
 def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> dict[str, Any]:
@@ -284,7 +256,7 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     run_uri = join(cfg.out, schema.RUN_FILE)
     fs, root = filesystem(cfg.out, cfg.storage_options)
     fs.makedirs(root, exist_ok=True)
-    _write_json(run_uri, run, cfg.storage_options)
+    write_json(run_uri, run, cfg.storage_options)
 
     block_rows = block_size(total, int(resources.get("CPU", 1)))
     blocks = [listing.slice(i, block_rows) for i in range(0, total, block_rows)]
@@ -352,5 +324,5 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
         outputs={"scores": files, "rows": writer.rows_written},
         counts={"status": summary["status_counts"], "label": summary["label_counts"]},
     )
-    _write_json(run_uri, run, cfg.storage_options)
+    write_json(run_uri, run, cfg.storage_options)
     return ScanResult(cfg.out, files, summary, run)

@@ -8,7 +8,6 @@ histogram plot, and can be rebuilt at any time from the scores alone.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter, defaultdict
 from typing import Any
@@ -16,10 +15,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from aidetect_batch import schema
-from aidetect_batch.storage import filesystem, join
+from aidetect_batch.storage import filesystem, join, write_json, write_parquet
 
 HISTOGRAM_BINS = 20
 TOP_ERRORS = 20
@@ -136,12 +134,6 @@ def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, 
     }
 
 
-def _write_table(fs: Any, path: str, rows: list[dict[str, Any]] | dict[str, list[Any]]) -> None:
-    table = pa.Table.from_pylist(rows) if isinstance(rows, list) else pa.table(rows)
-    with fs.open(path, "wb") as handle:
-        pq.write_table(table, handle)
-
-
 def write_report(
     out: str,
     group_depth: int = 1,
@@ -161,26 +153,28 @@ def write_report(
     """
     summary = summarise(join(out, schema.SCORES_DIR), group_depth, storage_options)
     summary.update(extra or {})
-    fs, root = filesystem(join(out, schema.REPORT_DIR), storage_options)
+    report_dir = join(out, schema.REPORT_DIR)
+    fs, root = filesystem(report_dir, storage_options)
     fs.makedirs(root, exist_ok=True)
     for name, key, counts in (
         ("status", "status", summary["status_counts"]),
         ("labels", "label", summary["label_counts"]),
         ("formats", "format", summary["format_counts"]),
     ):
-        _write_table(fs, f"{root}/{name}.parquet", {key: list(counts), "count": list(counts.values())})
-    _write_table(fs, f"{root}/histogram.parquet", summary["histogram"])
+        write_parquet(
+            join(report_dir, f"{name}.parquet"), {key: list(counts), "count": list(counts.values())}, storage_options
+        )
+    write_parquet(join(report_dir, "histogram.parquet"), summary["histogram"], storage_options)
     if summary["prefixes"]:
-        _write_table(fs, f"{root}/prefixes.parquet", summary["prefixes"])
-    _write_table(
-        fs,
-        f"{root}/errors.parquet",
-        summary["errors"]
-        or {"status": pa.array([], pa.string()), "error": pa.array([], pa.string()), "count": pa.array([], pa.int64())},
-    )
+        write_parquet(join(report_dir, "prefixes.parquet"), summary["prefixes"], storage_options)
+    no_errors = {
+        "status": pa.array([], pa.string()),
+        "error": pa.array([], pa.string()),
+        "count": pa.array([], pa.int64()),
+    }
+    write_parquet(join(report_dir, "errors.parquet"), summary["errors"] or no_errors, storage_options)
     short = dict(summary, prefixes=summary["prefixes"][:100], errors=summary["errors"][:TOP_ERRORS])
-    with fs.open(f"{root}/{schema.SUMMARY_FILE}", "w") as handle:
-        json.dump(short, handle, indent=2, default=str)
+    write_json(join(report_dir, schema.SUMMARY_FILE), short, storage_options)
     _plot_histogram(fs, f"{root}/histogram.png", summary)
     return summary
 

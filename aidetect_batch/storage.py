@@ -8,10 +8,13 @@ Credentials and endpoints come from the standard AWS environment
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -42,3 +45,92 @@ def join(base: str, *parts: str) -> str:
     if is_remote(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(base, *parts)
+
+
+def write_json(uri: str, data: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` as indented JSON (numpy scalars and other objects as their value or text)."""
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "w") as handle:
+        json.dump(data, handle, indent=2, default=_json_default)
+
+
+def read_json(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a JSON file written by :func:`write_json`."""
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "r") as handle:
+        return json.load(handle)
+
+
+def write_parquet(
+    uri: str,
+    rows: pa.Table | list[dict[str, Any]] | dict[str, Any],
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write a table, a list of row dicts or a dict of columns as one zstd Parquet file."""
+    if isinstance(rows, pa.Table):
+        table = rows
+    else:
+        table = pa.Table.from_pylist(rows) if isinstance(rows, list) else pa.table(rows)
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "wb") as handle:
+        pq.write_table(table, handle, compression="zstd")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def output_entries(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Names directly inside the output directory ``uri``; empty when it does not exist.
+
+    Raises:
+        NotADirectoryError: ``uri`` exists and is a file.
+    """
+    fs, root = filesystem(uri, storage_options)
+    if not fs.exists(root):
+        return []
+    if not fs.isdir(root):
+        raise NotADirectoryError(f"--out {uri!r} exists and is a file")
+    names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=False)]
+    return [n for n in names if n]
+
+
+def claim_output(
+    uri: str,
+    own_entries: tuple[str, ...],
+    overwrite: bool,
+    storage_options: dict[str, Any] | None = None,
+    keep_hint: str = "",
+) -> None:
+    """Refuse a non-empty output directory unless ``overwrite``; then remove only ``own_entries``.
+
+    A job never deletes files it did not write: with foreign files present,
+    even ``--overwrite`` is refused.
+
+    Raises:
+        ConfigError: the directory is a file, is not empty, or holds foreign files.
+    """
+    from aidetect_batch.config import ConfigError
+
+    try:
+        entries = output_entries(uri, storage_options)
+    except NotADirectoryError as exc:
+        raise ConfigError(str(exc)) from None
+    if not entries:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"--out {uri!r} is not empty ({', '.join(sorted(entries)[:5])}); "
+            f"choose a new directory{keep_hint} or pass --overwrite to replace it"
+        )
+    foreign = [e for e in entries if e not in own_entries]
+    if foreign:
+        raise ConfigError(
+            f"--overwrite refuses to clear {uri!r}: it holds files this tool did not write "
+            f"({', '.join(sorted(foreign)[:5])})"
+        )
+    fs, root = filesystem(uri, storage_options)
+    for entry in entries:
+        fs.rm(f"{root}/{entry}", recursive=True)

@@ -31,11 +31,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from aidetect_batch import datasets, metrics, model, schema
 from aidetect_batch.config import ConfigError, TrainConfig, parse_threshold_rule
-from aidetect_batch.storage import filesystem, is_remote, join
+from aidetect_batch.storage import (
+    claim_output,
+    filesystem,
+    is_remote,
+    join,
+    output_entries,
+    read_json,
+    write_json,
+    write_parquet,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -92,7 +100,7 @@ def build_augment(names: tuple[str, ...], size: int) -> Any:
     return T.Compose(steps) if steps else None
 
 
-def select_split(batch: pa.Table, split: str, assignment: Any) -> pa.Table:
+def select_split_batch(batch: pa.Table, split: str, assignment: Any) -> pa.Table:
     """Keep the decoded rows assigned to ``split``, as ``image`` and float ``target`` (1 = AI)."""
     if not isinstance(assignment, dict):
         import ray
@@ -100,7 +108,7 @@ def select_split(batch: pa.Table, split: str, assignment: Any) -> pa.Table:
         assignment = ray.get(assignment)
     paths = batch.column(schema.PATH).to_pylist()
     keep = [i for i, p in enumerate(paths) if assignment.get(p) == split]
-    rows = batch.take(keep)
+    rows = batch.take(pa.array(keep, pa.int64()))
     target = pc.cast(pc.equal(rows.column(schema.TRUE_LABEL), schema.LABEL_AI), pa.float32())
     return pa.table({schema.IMAGE: rows.column(schema.IMAGE), "target": target})
 
@@ -296,7 +304,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 torch.save(state, os.path.join(directory, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report({k: v for k, v in row.items()}, checkpoint=checkpoint)
+            ray.train.report(dict(row), checkpoint=checkpoint)
         if config["crash_after_epoch"] == epoch + 1 and restored is None:
             raise RuntimeError(f"fault injection: crash after epoch {epoch + 1} (crash_after_epoch)")
         if stop:
@@ -305,28 +313,17 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def check_train_output(cfg: TrainConfig) -> None:
     """Refuse a non-empty OUT unless resuming or overwriting; clear only a run's own entries."""
-    fs, root = filesystem(cfg.out, cfg.storage_options)
-    exists = fs.exists(root)
-    if exists and not fs.isdir(root):
-        raise ConfigError(f"--out {cfg.out!r} exists and is a file")
-    entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=False)] if exists else []
-    entries = [e for e in entries if e]
     if cfg.resume:
+        try:
+            entries = output_entries(cfg.out, cfg.storage_options)
+        except NotADirectoryError as exc:
+            raise ConfigError(str(exc)) from None
         if schema.RUN_FILE not in entries:
             raise ConfigError(f"--resume: {cfg.out!r} holds no training run to continue")
         return
-    if not entries:
-        return
-    if not cfg.overwrite:
-        raise ConfigError(
-            f"--out {cfg.out!r} is not empty ({', '.join(sorted(entries)[:5])}); use a new directory, "
-            "--resume to continue that run, or --overwrite to replace it"
-        )
-    foreign = [e for e in entries if e not in _OWN_ENTRIES]
-    if foreign:
-        raise ConfigError(f"--overwrite refuses to clear {cfg.out!r}: it holds other files ({', '.join(foreign[:5])})")
-    for entry in entries:
-        fs.rm(f"{root}/{entry}", recursive=True)
+    claim_output(
+        cfg.out, _OWN_ENTRIES, cfg.overwrite, cfg.storage_options, keep_hint=", --resume to continue that run,"
+    )
 
 
 def _storage(cfg: TrainConfig) -> tuple[str, Any]:
@@ -338,28 +335,6 @@ def _storage(cfg: TrainConfig) -> tuple[str, Any]:
 
     fs, path = filesystem(uri, cfg.storage_options)
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
-
-
-def _write_json(uri: str, data: dict[str, Any], storage_options: dict[str, Any]) -> None:
-    import json
-
-    fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-
-
-def _read_json(uri: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    import json
-
-    fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "r") as handle:
-        return json.load(handle)
-
-
-def _write_parquet(uri: str, table: pa.Table, storage_options: dict[str, Any]) -> None:
-    fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd")
 
 
 def choose_threshold(rule: str, y: np.ndarray, scores: np.ndarray) -> float:
@@ -449,7 +424,7 @@ def prepare_splits(
     parts = {}
     for name in ("train", "val"):
         parts[name] = prepared.map_batches(
-            select_split, batch_format="pyarrow", fn_kwargs={"split": name, "assignment": assignment}
+            select_split_batch, batch_format="pyarrow", fn_kwargs={"split": name, "assignment": assignment}
         ).materialize()
     del prepared
     return parts["train"], parts["val"], meta, described
@@ -474,7 +449,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     started = datetime.now(timezone.utc)
     check_train_output(cfg)
     run_uri = join(cfg.out, schema.RUN_FILE)
-    previous = _read_json(run_uri, cfg.storage_options) if cfg.resume else None
+    previous = read_json(run_uri, cfg.storage_options) if cfg.resume else None
     size = cfg.input_size or model.default_input_size(cfg.arch)
     torch.manual_seed(cfg.seed)
     initial, init_record = model.initial_model(cfg.arch, 1, cfg.resolved_init, size, cfg.storage_options)
@@ -492,8 +467,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         )
     fs, root = filesystem(cfg.out, cfg.storage_options)
     fs.makedirs(root, exist_ok=True)
-    _write_parquet(join(cfg.out, schema.SPLITS_FILE), split_table, cfg.storage_options)
-    _write_json(join(cfg.out, schema.DATASET_FILE), described, cfg.storage_options)
+    write_parquet(join(cfg.out, schema.SPLITS_FILE), split_table, cfg.storage_options)
+    write_json(join(cfg.out, schema.DATASET_FILE), described, cfg.storage_options)
     n_train = described["balance"]["train"]["real"] + described["balance"]["train"]["ai"]
     train_counts = described["balance"]["train"]
     pos_weight = train_counts["real"] / max(train_counts["ai"], 1) if cfg.class_weights else None
@@ -507,7 +482,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         "started": started.isoformat(),
         "resumed_from": previous.get("started") if previous else None,
     }
-    _write_json(run_uri, run, cfg.storage_options)
+    write_json(run_uri, run, cfg.storage_options)
 
     storage_path, storage_fs = _storage(cfg)
     loop_config = {
@@ -590,7 +565,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         },
         storage_options=cfg.storage_options,
     )
-    _write_parquet(join(cfg.out, schema.HISTORY_FILE), pa.Table.from_pylist(history), cfg.storage_options)
+    write_parquet(join(cfg.out, schema.HISTORY_FILE), pa.Table.from_pylist(history), cfg.storage_options)
     from aidetect_batch import plots
 
     plots.history(join(cfg.out, "history.png"), history, best["epoch"], cfg.storage_options)
@@ -607,5 +582,5 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         images_per_s_per_worker=float(np.median(throughput)) if throughput else None,
         workers=cfg.workers,
     )
-    _write_json(run_uri, run, cfg.storage_options)
+    write_json(run_uri, run, cfg.storage_options)
     return TrainResult(cfg.out, checkpoint_uri, history, val_metrics, threshold, run)

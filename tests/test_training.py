@@ -15,7 +15,7 @@ from aidetect_batch import model, schema
 from aidetect_batch.config import EvalConfig, ScanConfig, TrainConfig
 from aidetect_batch.evaluation import run_evaluate
 from aidetect_batch.pipeline import run_scan
-from aidetect_batch.training import STATE_FILE, build_augment, run_train, select_split
+from aidetect_batch.training import STATE_FILE, build_augment, run_train, select_split_batch
 
 FAST = dict(
     arch="cifake_cnn",
@@ -89,8 +89,12 @@ def test_the_model_sees_only_pixels_and_the_label(ray_cluster):
             schema.IMAGE: pa.array([[1, 2], [3, 4]]),
         }
     )
-    out = select_split(batch, "train", {"/data/real/cat_real_001.png": "train", "/data/ai/cat_fake_002.png": "val"})
+    out = select_split_batch(
+        batch, "train", {"/data/real/cat_real_001.png": "train", "/data/ai/cat_fake_002.png": "val"}
+    )
     assert out.column_names == [schema.IMAGE, "target"] and out.column("target").to_pylist() == [0.0]
+    nothing = select_split_batch(batch, "test", {})
+    assert nothing.num_rows == 0 and nothing.column_names == [schema.IMAGE, "target"]
 
 
 def test_scan_of_the_checkpoint_gives_the_scores_evaluation_measured(trained, tmp_path):
