@@ -1,4 +1,4 @@
-"""Command line: ``aidetect-batch scan|train|evaluate|demo``.
+"""Command line: ``aidetect-batch scan|train|evaluate|prune|benchmark|demo``.
 
 Arguments are parsed into a validated config before Ray starts.
 Exit codes: 0 when the job completed (even with bad files), 2 for bad
@@ -22,6 +22,7 @@ from aidetect_batch.config import (
     TRAIN_ARCHS,
     ConfigError,
     EvalConfig,
+    PruneConfig,
     ScanConfig,
     TrainConfig,
     parse_actors,
@@ -146,6 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     evaluate = sub.add_parser("evaluate", help="score a labelled set through the scan pipeline and measure it")
     _add_evaluate_arguments(evaluate)
+    prune = sub.add_parser("prune", help="prune a detector at several amounts, fine-tune each, report size and speed")
+    prune.add_argument("--checkpoint", required=True, help="the detector to prune")
+    prune.add_argument("--dataset", required=True, help="labelled dataset for fine-tuning and validation")
+    prune.add_argument("--out", required=True)
+    prune.add_argument("--amount", default="0.1,0.2,0.3,0.4", help="fractions to prune (the unpruned 0 is added)")
+    method = prune.add_mutually_exclusive_group()
+    method.add_argument("--structured", dest="method", action="store_const", const="structured", default="structured")
+    method.add_argument("--unstructured", dest="method", action="store_const", const="unstructured")
+    prune.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per amount")
+    prune.add_argument("--lr", type=float, default=1e-4)
+    prune.add_argument("--batch-size", type=int, default=32)
+    prune.add_argument("--bench-batch-size", type=int, default=64, help="batch of the throughput measurement")
+    prune.add_argument("--bench-batches", type=int, default=5, help="timed batches per model")
+    prune.add_argument("--tune", action="store_true", help="Ray Tune search (ASHA) of lr, weight decay, batch, epochs")
+    prune.add_argument("--tune-trials", type=int, default=4)
+    prune.add_argument("--workers", type=int, default=1)
+    prune.add_argument("--overwrite", action="store_true")
+    _add_storage_option(prune)
     bench = sub.add_parser("benchmark", help="measure training throughput and the demo's wall time")
     bench.add_argument("--suite", choices=("training", "demo", "all"), default="all")
     bench.add_argument("--archs", default="cifake_cnn,resnet_tiny,resnet50", help="architectures to train")
@@ -251,6 +270,40 @@ def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
     )
 
 
+def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
+    """Turn parsed ``prune`` arguments into a validated config; raises :class:`ConfigError`."""
+    try:
+        amounts = tuple(float(a) for a in args.amount.split(",") if a)
+    except ValueError:
+        raise ConfigError(f"--amount takes fractions like 0.1,0.2,0.3,0.4, not {args.amount!r}") from None
+    return PruneConfig(
+        checkpoint=args.checkpoint,
+        dataset=args.dataset,
+        out=args.out,
+        amounts=amounts,
+        method=args.method,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        bench_batch_size=args.bench_batch_size,
+        bench_batches=args.bench_batches,
+        tune=args.tune,
+        tune_trials=args.tune_trials,
+        storage_options=parse_storage_options(args.storage_option),
+        overwrite=args.overwrite,
+        train_options={"workers": args.workers},
+    )
+
+
+def _prune(cfg: PruneConfig) -> int:
+    from aidetect_batch.pruning import run_prune
+
+    result = run_prune(cfg)
+    print(result.markdown, flush=True)
+    print(f"report: {cfg.out}/prune.md, prune.parquet, prune.png; checkpoints: {cfg.out}/amount_*/model.pt", flush=True)
+    return 0
+
+
 def _train(cfg: TrainConfig) -> int:
     from aidetect_batch.training import run_train
 
@@ -315,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             archs = tuple(a for a in args.archs.split(",") if a)
             run_benchmark(args.suite, archs, args.per_class, args.epochs, args.workers, args.batch_size, args.json)
             return 0
+        if args.command == "prune":
+            return _prune(prune_config_from_args(args))
         if args.command == "train":
             return _train(train_config_from_args(args))
         if args.command == "evaluate":
@@ -331,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             archs = tuple(a for a in args.archs.split(",") if a)
             run_benchmark(args.suite, archs, args.per_class, args.epochs, args.workers, args.batch_size, args.json)
             return 0
+        if args.command == "prune":
+            return _prune(prune_config_from_args(args))
         if args.command == "train":
             print(
                 "aidetect-batch: rerun the same command with --resume to continue from the last epoch", file=sys.stderr

@@ -231,6 +231,8 @@ class TrainConfig:
         resume: Continue a stopped run in ``out`` from its last epoch.
         overwrite: Replace a previous run in ``out``.
         crash_after_epoch: Fault injection for tests: fail the first attempt after this epoch.
+        validate_first: Measure the initial model on validation as epoch 0 (pruning's "before").
+        keep_zeros: Keep weights that start at zero at zero (fine-tuning an unstructured-pruned model).
     """
 
     dataset: str
@@ -262,6 +264,8 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     crash_after_epoch: int | None = None
+    validate_first: bool = False
+    keep_zeros: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -366,6 +370,71 @@ class EvalConfig:
             perturb.parse_sweep(self.perturb)
         except ValueError as exc:
             raise ConfigError(f"--perturb: {exc}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict with secret-looking storage options redacted."""
+        data = dataclasses.asdict(self)
+        data["storage_options"] = redact(self.storage_options)
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    """One pruning study: each amount is pruned, fine-tuned, measured and saved.
+
+    Attributes:
+        checkpoint: The detector to prune (any format ``scan`` loads).
+        dataset: Labelled dataset for fine-tuning and validation (folder tree or manifest).
+        out: Output directory: one fine-tuned run per amount plus the report.
+        amounts: Fractions to prune, each in [0, 1); 0 (the unpruned baseline) is always added.
+        method: ``structured`` (remove channels) or ``unstructured`` (zero weights).
+        epochs: Fine-tuning epochs per amount.
+        lr: Fine-tuning learning rate.
+        batch_size: Fine-tuning batch size per worker.
+        bench_batch_size: Batch size of the inference throughput measurement (the scan's default).
+        bench_batches: Timed batches per model in the throughput measurement.
+        tune: Search lr, weight decay, batch size and epochs per amount with Ray Tune (ASHA).
+        tune_trials: Trials per amount when ``tune``.
+        train_options: Other :class:`TrainConfig` fields (workers, augment, seed, ...).
+    """
+
+    checkpoint: str
+    dataset: str
+    out: str
+    amounts: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4)
+    method: str = "structured"
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_size: int = 32
+    bench_batch_size: int = 64
+    bench_batches: int = 5
+    tune: bool = False
+    tune_trials: int = 4
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    overwrite: bool = False
+    train_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check names and ranges; raises :class:`ConfigError`."""
+        if not self.checkpoint or not self.dataset or not self.out:
+            raise ConfigError("prune needs --checkpoint, --dataset and --out")
+        if self.method not in ("structured", "unstructured"):
+            raise ConfigError(f"--method must be structured or unstructured, not {self.method!r}")
+        if not self.amounts or any(not 0.0 <= a < 1.0 for a in self.amounts):
+            raise ConfigError(f"--amount takes fractions in [0, 1), e.g. 0.1,0.2,0.3,0.4; got {self.amounts}")
+        for name in ("epochs", "batch_size", "bench_batch_size", "bench_batches", "tune_trials"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError("--lr must be above 0")
+
+    @property
+    def all_amounts(self) -> tuple[float, ...]:
+        """The amounts with the unpruned baseline (0) first."""
+        return tuple(sorted({0.0, *self.amounts}))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict with secret-looking storage options redacted."""

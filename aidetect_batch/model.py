@@ -117,10 +117,18 @@ class Checkpoint:
     model_id: str
     kind: str
     input_size: int = DEFAULT_INPUT_SIZE
+    pruning: dict[str, Any] | None = None
+
+    @property
+    def structured(self) -> bool:
+        """True when channels were removed: layer widths come from the weights, not the architecture."""
+        return bool(self.pruning) and self.pruning.get("method") == "structured"
 
     def build(self) -> nn.Module:
         """Instantiate the architecture and load the weights; raises :class:`CheckpointError` on mismatch."""
         model = build_model(self.arch, self.num_logits, self.input_size)
+        if self.structured:
+            conform(model, self.state_dict)
         try:
             result = model.load_state_dict(self.state_dict, strict=False)
         except RuntimeError as exc:
@@ -148,6 +156,7 @@ class Checkpoint:
             "preprocess": self.preprocess,
             "input_size": self.input_size,
             "threshold": self.threshold,
+            "pruning": self.pruning,
             "info": self.info,
             "model_id": self.model_id,
         }
@@ -252,6 +261,7 @@ def parse_checkpoint(
                 model_id=model_id,
                 kind="aidetect-batch",
                 input_size=int(obj.get("input_size", default_input_size(obj["arch"]))),
+                pruning=obj.get("pruning"),
             )
         except KeyError as exc:
             raise CheckpointError(f"aidetect-batch checkpoint lacks the field {exc}") from None
@@ -304,8 +314,13 @@ def save_checkpoint(
     input_size: int | None = None,
     info: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    pruning: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``model`` in the project's own checkpoint format (local or remote)."""
+    """Write ``model`` in the project's own checkpoint format (local or remote).
+
+    ``pruning`` records how the model was pruned; ``{"method": "structured"}``
+    tells loaders to take layer widths from the saved weights.
+    """
     payload = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -318,6 +333,7 @@ def save_checkpoint(
         "input_size": input_size or default_input_size(arch),
         "preprocess": preprocess,
         "threshold": threshold,
+        "pruning": pruning,
         "info": info or {},
         "state_dict": model.state_dict(),
     }
@@ -329,6 +345,34 @@ def save_checkpoint(
         fs.makedirs(parent, exist_ok=True)
     with fs.open(inner, "wb") as handle:
         handle.write(buffer.getvalue())
+
+
+def conform(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Resize convolutions, batch norms and linear layers in place to the shapes in ``state_dict``.
+
+    A structurally pruned model keeps its architecture's code but has fewer
+    channels; its checkpoint's weights say how many. Layers whose shapes
+    already match are untouched, so this is a no-op for an unpruned model.
+    """
+    for name, module in model.named_modules():
+        weight = state_dict.get(f"{name}.weight")
+        if weight is None or not isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+            continue
+        if tuple(weight.shape) == tuple(module.weight.shape):
+            continue
+        module.weight = nn.Parameter(torch.empty_like(weight))
+        bias = state_dict.get(f"{name}.bias")
+        if bias is not None and module.bias is not None:
+            module.bias = nn.Parameter(torch.empty_like(bias))
+        if isinstance(module, nn.Conv2d):
+            module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = weight.shape
+        else:
+            module.num_features = weight.shape[0]
+            module.register_buffer("running_mean", torch.zeros(weight.shape[0]))
+            module.register_buffer("running_var", torch.ones(weight.shape[0]))
+    return model
 
 
 def _offline_hint(arch: str, url: str) -> str:
@@ -401,7 +445,15 @@ def initial_model(
     if init == "imagenet":
         source = imagenet_state_dict(arch)
     else:
-        source = _load_state_dict_lenient(read_checkpoint_bytes(init, storage_options))
+        data = read_checkpoint_bytes(init, storage_options)
+        pruned = _pruned_checkpoint(data)
+        if pruned is not None:
+            if pruned.arch != arch or pruned.num_logits != num_logits:
+                raise CheckpointError(
+                    f"--init {init}: a pruned {pruned.arch} with {pruned.num_logits} logit(s) cannot start a {arch}"
+                )
+            return pruned.build(), {"init": init, "loaded": len(pruned.state_dict), "pruning": pruned.pruning}
+        source = _load_state_dict_lenient(data)
     own = model.state_dict()
     fitting = {k: v for k, v in source.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not fitting:
@@ -409,6 +461,15 @@ def initial_model(
     model.load_state_dict(fitting, strict=False)
     fresh = sorted(set(own) - set(fitting))
     return model, {"init": init, "loaded": len(fitting), "fresh": fresh[:20], "fresh_count": len(fresh)}
+
+
+def _pruned_checkpoint(data: bytes) -> Checkpoint | None:
+    """The checkpoint when it records a pruning (its weights are taken whole, masks and widths included)."""
+    try:
+        ckpt = parse_checkpoint(data)
+    except CheckpointError:
+        return None
+    return ckpt if ckpt.pruning else None
 
 
 def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:

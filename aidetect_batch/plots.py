@@ -180,3 +180,26 @@ def robustness(uri: str, rows: list[dict[str, Any]], storage_options: dict[str, 
     ax.legend(fontsize=8)
     ax.set_title("robustness to platform processing")
     _save(fig, uri, storage_options)
+
+
+def pruning(uri: str, rows: list[dict[str, Any]], storage_options: dict[str, Any] | None = None) -> None:
+    """Validation AP and accuracy after fine-tuning against parameter count and measured throughput."""
+    fig = _figure(11, 4)
+    size_ax, speed_ax = fig.subplots(1, 2)
+    for ax, key, label in (
+        (size_ax, "params", "parameters (millions)"),
+        (speed_ax, "images_per_s", "measured images/s (bare model)"),
+    ):
+        scale = 1e6 if key == "params" else 1.0
+        xs = [r[key] / scale for r in rows]
+        ax.plot(xs, [r["val_ap_after"] for r in rows], "o-", color=AI_COLOUR, label="val AP after fine-tuning")
+        ax.plot(xs, [r["val_accuracy_after"] for r in rows], "s--", color=REAL_COLOUR, label="val accuracy")
+        ax.plot(xs, [r["val_ap_before"] for r in rows], "x:", color="grey", label="val AP before fine-tuning")
+        for x, r in zip(xs, rows, strict=True):
+            ax.annotate(f"{r['amount']:.0%}", (x, r["val_ap_after"]), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(label)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8, loc="lower right")
+    size_ax.set_title(f"{rows[-1]['method']} pruning: quality against size")
+    speed_ax.set_title("quality against speed")
+    _save(fig, uri, storage_options)

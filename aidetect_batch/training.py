@@ -134,6 +134,26 @@ def _sum(values: list[float], world: int) -> list[float]:
     return tensor.tolist()
 
 
+def _val_row(loss: float, scores: list[float], targets: list[int]) -> dict[str, float]:
+    y, s = np.asarray(targets), np.asarray(scores)
+    return {
+        "val_loss": loss,
+        "val_accuracy": float(np.mean((s >= 0.5) == (y == 1))) if len(y) else math.nan,
+        "val_auc": metrics.roc_auc(y, s),
+        "val_ap": metrics.average_precision(y, s),
+    }
+
+
+def _best(epoch: int, loss: float, net: Any, scores: list[float], targets: list[int]) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "val_loss": loss,
+        "state_dict": copy.deepcopy(net.state_dict()),
+        "val_scores": scores,
+        "val_targets": targets,
+    }
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop: data-parallel fine-tuning with per-epoch checkpoints."""
     import ray
@@ -149,8 +169,9 @@ def train_loop(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(config["cpus_per_worker"])
 
-    net = model.build_model(config["arch"], 1, config["input_size"])
-    net.load_state_dict(ray.get(config["initial_weights"]))
+    initial_weights = ray.get(config["initial_weights"])
+    net = model.conform(model.build_model(config["arch"], 1, config["input_size"]), initial_weights)
+    net.load_state_dict(initial_weights)
     if config["freeze_backbone"]:
         head = {id(p) for p in model.head_parameters(net, config["arch"])}
         for p in net.parameters():
@@ -158,6 +179,7 @@ def train_loop(config: dict[str, Any]) -> None:
     net = ray.train.torch.prepare_model(net)
     plain = net.module if hasattr(net, "module") else net
     trainable = [p for p in net.parameters() if p.requires_grad]
+    masks = [(p, p.detach() != 0) for p in trainable if p.dim() > 1] if config.get("keep_zeros") else []
     optimiser_class = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
     optimiser = optimiser_class(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
     epochs = config["epochs"]
@@ -201,6 +223,43 @@ def train_loop(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     per_worker = max(1, math.ceil(config["n_train"] / world))
+
+    def validate() -> tuple[list[float], list[int], float]:
+        net.eval()
+        scores, targets, loss_sum = [], [], 0.0
+        with torch.inference_mode():
+            for batch in val_shard.iter_torch_batches(batch_size=max(config["batch_size"], 64), device="cpu"):
+                logits = plain(to_input(batch[schema.IMAGE], train=False))[:, 0]
+                y = batch["target"].to(device)
+                loss_sum += float(loss_fn(logits, y)) * len(y)
+                scores += torch.sigmoid(logits.float()).cpu().tolist()
+                targets += batch["target"].int().tolist()
+        scores, targets = _gather(scores, world), _gather(targets, world)
+        (loss_sum,) = _sum([loss_sum], world)
+        return scores, targets, loss_sum / max(len(targets), 1)
+
+    if config.get("validate_first") and restored is None:
+        scores, targets, val_loss = validate()
+        nan = math.nan
+        history.append(
+            {
+                "epoch": 0,
+                "train_loss": nan,
+                "train_accuracy": nan,
+                **_val_row(val_loss, scores, targets),
+                "lr": nan,
+                "images_per_s_per_worker": nan,
+                "seconds": 0.0,
+            }
+        )
+        best = _best(0, val_loss, plain, scores, targets)
+        if rank == 0:
+            _logger.info(
+                "before training: val loss %.4f acc %.3f AUC %.3f",
+                val_loss,
+                history[0]["val_accuracy"],
+                history[0]["val_auc"],
+            )
     for epoch in range(start_epoch, epochs):
         torch.manual_seed(config["seed"] * 100_003 + epoch * 101 + rank)
         net.train()
@@ -218,6 +277,10 @@ def train_loop(config: dict[str, Any]) -> None:
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            if masks:
+                with torch.no_grad():
+                    for parameter, mask in masks:
+                        parameter.mul_(mask)
             loss_sum += float(loss.detach()) * len(y)
             correct += int(((logits.detach() >= 0) == (y >= 0.5)).sum())
             seen += len(y)
@@ -237,27 +300,13 @@ def train_loop(config: dict[str, Any]) -> None:
         if scheduler is not None:
             scheduler.step()
 
-        net.eval()
-        scores, targets, val_loss_sum = [], [], 0.0
-        with torch.inference_mode():
-            for batch in val_shard.iter_torch_batches(batch_size=max(config["batch_size"], 64), device="cpu"):
-                logits = plain(to_input(batch[schema.IMAGE], train=False))[:, 0]
-                y = batch["target"].to(device)
-                val_loss_sum += float(loss_fn(logits, y)) * len(y)
-                scores += torch.sigmoid(logits.float()).cpu().tolist()
-                targets += batch["target"].int().tolist()
-        loss_sum, correct, seen, val_loss_sum, train_seconds_sum = _sum(
-            [loss_sum, correct, seen, val_loss_sum, train_seconds], world
-        )
-        scores, targets = _gather(scores, world), _gather(targets, world)
-        y_val, s_val = np.asarray(targets), np.asarray(scores)
+        scores, targets, val_loss = validate()
+        loss_sum, correct, seen, train_seconds_sum = _sum([loss_sum, correct, seen, train_seconds], world)
         row = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1),
-            "val_loss": val_loss_sum / max(len(y_val), 1),
-            "val_accuracy": float(np.mean((s_val >= 0.5) == (y_val == 1))) if len(y_val) else math.nan,
-            "val_auc": metrics.roc_auc(y_val, s_val),
+            **_val_row(val_loss, scores, targets),
             "lr": optimiser.param_groups[0]["lr"],
             "images_per_s_per_worker": seen / max(train_seconds_sum, 1e-9),
             "seconds": train_seconds_sum / world,
@@ -265,13 +314,7 @@ def train_loop(config: dict[str, Any]) -> None:
         history.append(row)
         improved = best is None or row["val_loss"] < best["val_loss"] - 1e-6
         if improved:
-            best = {
-                "epoch": epoch + 1,
-                "val_loss": row["val_loss"],
-                "state_dict": copy.deepcopy(plain.state_dict()),
-                "val_scores": scores,
-                "val_targets": targets,
-            }
+            best = _best(epoch + 1, row["val_loss"], plain, scores, targets)
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -430,8 +473,33 @@ def prepare_splits(
     return parts["train"], parts["val"], meta, described
 
 
-def run_train(cfg: TrainConfig) -> TrainResult:
+@dataclasses.dataclass
+class Prepared:
+    """A decoded, split dataset: materialised train and val, the split table and its description."""
+
+    train: Any
+    val: Any
+    splits: pa.Table
+    described: dict[str, Any]
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """List and decode ``cfg.dataset`` and split it once; reusable by several runs (hyperparameter trials)."""
+    import ray
+
+    size = cfg.input_size or model.default_input_size(cfg.arch)
+    listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, cfg.storage_options)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    return Prepared(*prepare_splits(cfg, size, listing, described))
+
+
+def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Prepared | None = None) -> TrainResult:
     """Run a whole training: validate, split, train on Ray Train, write the scan-ready checkpoint.
+
+    ``callbacks`` go to Ray Train's ``RunConfig`` (Ray Tune's report callback
+    in a trial); ``prepared`` skips decoding and splitting when several runs
+    share one dataset.
 
     Raises:
         ConfigError: bad arguments, a non-empty OUT, or a changed dataset on ``--resume``.
@@ -453,13 +521,16 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     size = cfg.input_size or model.default_input_size(cfg.arch)
     torch.manual_seed(cfg.seed)
     initial, init_record = model.initial_model(cfg.arch, 1, cfg.resolved_init, size, cfg.storage_options)
-    listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, cfg.storage_options)
+    if prepared is None:
+        listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, cfg.storage_options)
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     resources = ray.cluster_resources()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) >= 1
-    train_ds, val_ds, split_table, described = prepare_splits(cfg, size, listing, described)
+    if prepared is None:
+        prepared = Prepared(*prepare_splits(cfg, size, listing, described))
+    train_ds, val_ds, split_table, described = prepared.train, prepared.val, prepared.splits, prepared.described
     if previous is not None and previous.get("dataset", {}).get("fingerprint") != described["fingerprint"]:
         raise ConfigError(
             "--resume: the dataset changed since this run started (its content fingerprint differs); "
@@ -503,6 +574,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         "n_train": n_train,
         "cpus_per_worker": cfg.cpus_per_worker,
         "crash_after_epoch": cfg.crash_after_epoch,
+        "validate_first": cfg.validate_first,
+        "keep_zeros": cfg.keep_zeros,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -516,6 +589,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets={"train": train_ds, "val": val_ds},
         dataset_config=DataConfig(datasets_to_split="all"),
@@ -537,7 +611,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         "epoch": best["epoch"],
         "val_loss": best["val_loss"],
     }
-    final = model.build_model(cfg.arch, 1, size)
+    final = model.conform(model.build_model(cfg.arch, 1, size), best["state_dict"])
     final.load_state_dict(best["state_dict"])
     history = state["history"]
     checkpoint_uri = join(cfg.out, schema.MODEL_FILE)
@@ -549,6 +623,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         preprocess=cfg.preprocess,
         threshold=threshold,
         input_size=size,
+        pruning=init_record.get("pruning"),
         info={
             "trained_with": "aidetect-batch train",
             "dataset": cfg.dataset,

@@ -1,0 +1,143 @@
+"""Hyperparameter search with Ray Tune: learning rate, weight decay, batch size and epochs.
+
+Each trial is a whole training run (:func:`aidetect_batch.training.run_train`)
+on one dataset decoded and split once before the search. Ray Train's
+per-epoch reports reach Tune through ``TuneReportCallback``, so the ASHA
+scheduler stops trials whose validation loss lags at an epoch milestone.
+The best trial (lowest final validation loss) keeps its checkpoint. Ray Tune
+is part of Ray, so the search adds no dependency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+from aidetect_batch import schema
+from aidetect_batch.config import TrainConfig
+from aidetect_batch.storage import filesystem, is_remote, join, read_json
+
+_logger = logging.getLogger(__name__)
+
+TUNE_DIR = "tune"
+# The trial function only drives a TorchTrainer; its workers hold the real CPUs.
+TRIAL_CPU = 0.01
+
+
+def search_space(budget_epochs: int, seed: int) -> dict[str, Any]:
+    """The searched hyperparameters; epochs range from 1 to the budget."""
+    from ray import tune
+
+    return {
+        "lr": tune.loguniform(1e-5, 1e-2),
+        "weight_decay": tune.loguniform(1e-6, 1e-3),
+        "batch_size": tune.choice([16, 32, 64]),
+        "epochs": tune.randint(1, budget_epochs + 1),
+        "seed": seed,
+    }
+
+
+def _trial(config: dict[str, Any], base: TrainConfig, prepared: Any) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from aidetect_batch.training import run_train
+
+    trial = tune.get_context().get_trial_id()
+    cfg = dataclasses.replace(
+        base,
+        out=join(base.out, TUNE_DIR, trial),
+        lr=config["lr"],
+        weight_decay=config["weight_decay"],
+        batch_size=config["batch_size"],
+        epochs=config["epochs"],
+        patience=config["epochs"],
+        overwrite=True,
+    )
+    run_train(cfg, callbacks=[TuneReportCallback()], prepared=prepared)
+
+
+def tune_and_train(base: TrainConfig, trials: int) -> tuple[Any, dict[str, Any]]:
+    """Search with ASHA, then return the best trial's :class:`TrainResult` and a summary of all trials.
+
+    ``base.epochs`` is the epoch budget per trial. Trials run one at a time
+    when the cluster has no room for two (each needs the training workers'
+    CPUs and a little for itself).
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    from aidetect_batch.training import TrainResult, prepare
+
+    prepared = prepare(base)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_trial = base.workers * base.cpus_per_worker
+    concurrent = max(1, int((cpus - TRIAL_CPU * trials) // max(per_trial, 1)))
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, prepared=prepared), {"CPU": TRIAL_CPU})
+    state_uri = join(base.out, TUNE_DIR, "_state")
+    fs, root = filesystem(state_uri, base.storage_options)
+    storage_fs = None
+    if is_remote(state_uri):
+        import pyarrow.fs as pafs
+
+        storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(base.epochs, base.seed),
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            num_samples=trials,
+            max_concurrent_trials=concurrent,
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=1, reduction_factor=2),
+            search_alg=BasicVariantGenerator(random_state=base.seed),
+        ),
+        run_config=tune.RunConfig(name="search", storage_path=root, storage_filesystem=storage_fs),
+    )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        config = {k: v for k, v in (result.config or {}).items() if k != "seed"}
+        rows.append(
+            {
+                "trial": metrics.get("trial_id"),
+                "config": config,
+                "epochs_run": metrics.get("epoch"),
+                "stopped_by_asha": metrics.get("epoch", 0) < config.get("epochs", 0),
+                "val_loss": metrics.get("val_loss", math.nan),
+                "val_auc": metrics.get("val_auc", math.nan),
+                "error": str(result.error)[:300] if result.error else None,
+            }
+        )
+    best = grid.get_best_result(metric="val_loss", mode="min", scope="last")
+    trial_id = _trial_id_of(best)
+    out = join(base.out, TUNE_DIR, trial_id)
+    run = read_json(join(out, schema.RUN_FILE), base.storage_options)
+    if run.get("status") != "complete":
+        raise RuntimeError(f"the best trial {trial_id} did not finish writing its checkpoint")
+    history = _history(out, base.storage_options)
+    result = TrainResult(out, run["checkpoint"], history, run["val_metrics"], run["threshold"], run)
+    summary = {
+        "trials": rows,
+        "best_trial": trial_id,
+        "best_config": {k: v for k, v in best.config.items() if k != "seed"},
+    }
+    _logger.info("tune: best trial %s %s, val loss %.4f", trial_id, summary["best_config"], best.metrics["val_loss"])
+    return result, summary
+
+
+def _trial_id_of(result: Any) -> str:
+    return str(result.metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _history(out: str, storage_options: dict[str, Any]) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(join(out, schema.HISTORY_FILE), storage_options)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle).to_pylist()
