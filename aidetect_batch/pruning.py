@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aidetect_batch import model, plots
+from aidetect_batch import model, plots, schema
 from aidetect_batch.config import ConfigError, PruneConfig, TrainConfig
 from aidetect_batch.storage import claim_output, filesystem, join, write_json, write_parquet
 
@@ -265,6 +265,10 @@ def run_prune(cfg: PruneConfig) -> PruneResult:
             from aidetect_batch.tuning import tune_and_train
 
             result, tuned = tune_and_train(train_cfg, cfg.tune_trials)
+            kept = join(train_cfg.out, schema.MODEL_FILE)
+            fs, target = filesystem(kept, cfg.storage_options)
+            fs.copy(filesystem(result.checkpoint, cfg.storage_options)[1], target)
+            result = dataclasses.replace(result, checkpoint=kept)
         else:
             result, tuned = run_train(train_cfg), None
         before = result.history[0]

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model, write_labelled_set
 
 from aidetect_batch import model, schema
-from aidetect_batch.config import PruneConfig, ScanConfig, TrainConfig
+from aidetect_batch.config import PruneConfig, ScanConfig
 from aidetect_batch.pipeline import run_scan
 from aidetect_batch.pruning import count_parameters, prune_structured, prune_unstructured, run_prune
 
@@ -127,28 +127,7 @@ def test_prune_structured_fine_tunes_a_smaller_model(ray_cluster, labelled, cifa
     )
     base, half = run_prune(cfg).rows
     assert half["params"] < 0.5 * base["params"] and half["file_bytes"] < 0.6 * base["file_bytes"]
+    assert half["checkpoint"] == os.path.join(cfg.out, "amount_50", schema.MODEL_FILE)
     ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(half["checkpoint"]))
     assert ckpt.structured and ckpt.preprocess == "center-crop" and ckpt.input_size == 32
     assert count_parameters(ckpt.build())[0] == half["params"], "the fine-tuned checkpoint keeps the pruned widths"
-
-
-def test_two_trial_tune_run_picks_the_better_trial(ray_cluster, labelled, tmp_path):
-    from aidetect_batch.tuning import tune_and_train
-
-    base = TrainConfig(
-        dataset=labelled,
-        out=str(tmp_path / "t"),
-        arch="cifake_cnn",
-        init="none",
-        preprocess="center-crop",
-        augment=(),
-        epochs=2,
-        batch_size=16,
-    )
-    result, summary = tune_and_train(base, trials=2)
-    trials = summary["trials"]
-    assert len(trials) == 2 and all(t["error"] is None for t in trials)
-    best = min(trials, key=lambda t: t["val_loss"])
-    assert summary["best_trial"] == best["trial"]
-    assert result.checkpoint == os.path.join(base.out, "tune", best["trial"], schema.MODEL_FILE)
-    assert model.parse_checkpoint(model.read_checkpoint_bytes(result.checkpoint)).arch == "cifake_cnn"
