@@ -22,17 +22,15 @@ import tempfile
 import time
 from typing import Any
 
-TRAIN_ARCHS = ("cifake_cnn", "resnet_tiny", "resnet50")
-
 
 def machine() -> dict[str, Any]:
     """CPU count, GPU name and library versions of this machine."""
     import torch
 
-    from aidetect_batch.pipeline import _versions
+    from aidetect_batch.pipeline import versions
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpus": os.cpu_count(), "gpu": gpu, "processor": platform.processor(), "versions": _versions()}
+    return {"cpus": os.cpu_count(), "gpu": gpu, "processor": platform.processor(), "versions": versions()}
 
 
 def training(

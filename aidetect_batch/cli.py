@@ -19,7 +19,6 @@ from aidetect_batch.config import (
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
-    TRAIN_ARCHS,
     ConfigError,
     EvalConfig,
     PruneConfig,
@@ -80,7 +79,7 @@ def _add_storage_option(parser: argparse.ArgumentParser) -> None:
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="labelled folder tree (real/ + ai/ or fake/, ...) or manifest, local or s3://")
     parser.add_argument("--out", required=True, help="output directory for model.pt, splits, history")
-    parser.add_argument("--arch", choices=TRAIN_ARCHS, default="resnet50")
+    parser.add_argument("--arch", choices=ARCHS, default="resnet50")
     parser.add_argument(
         "--init", help="imagenet (torchvision weights), none, or a weights file (default: imagenet where available)"
     )

@@ -174,7 +174,6 @@ def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
 AUGMENTATIONS = ("flip", "rotate", "color", "translate", "jpeg", "blur")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
-TRAIN_ARCHS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "cifake_cnn", "resnet_tiny")
 
 
 def parse_threshold_rule(rule: str) -> tuple[str, float]:
@@ -284,8 +283,8 @@ class TrainConfig:
             raise ConfigError("name a labelled dataset: a folder with real/ and ai/ (or fake/) or a manifest")
         if not self.out:
             raise ConfigError("--out is required")
-        if self.arch not in TRAIN_ARCHS:
-            raise ConfigError(f"--arch must be one of {', '.join(TRAIN_ARCHS)}, not {self.arch!r}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
         if self.preprocess not in POLICIES:
             raise ConfigError(f"--preprocess must be one of {', '.join(POLICIES)}, not {self.preprocess!r}")
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]

@@ -127,7 +127,8 @@ def check_output(cfg: ScanConfig) -> None:
     claim_output(cfg.out, _OWN_ENTRIES, cfg.overwrite, cfg.storage_options)
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """Versions of Python, the platform and the libraries a result depends on, for ``_run.json``."""
     import importlib.metadata as md
 
     names = ("aidetect-batch", "ray", "torch", "torchvision", "pyarrow", "pillow", "numpy", "fsspec", "s3fs")
@@ -248,7 +249,7 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
         },
         "model": ckpt.metadata(),
         "model_id": ckpt.model_id,
-        "versions": _versions(),
+        "versions": versions(),
         "cluster_resources": dict(resources),
         "inputs": total,
         "started": started.isoformat(),

@@ -217,10 +217,6 @@ def run_prune(cfg: PruneConfig) -> PruneResult:
     if ckpt.num_logits != 1:
         raise ConfigError("pruning fine-tunes one-logit detectors (the training job's format)")
     base = ckpt.build()
-    if cfg.method == "structured" and ckpt.arch not in STRUCTURED_ARCHS:
-        raise ConfigError(
-            f"structured pruning supports {', '.join(STRUCTURED_ARCHS)}, not {ckpt.arch}; use --method unstructured"
-        )
     rows: list[dict[str, Any]] = []
     finals: list[nn.Module] = []
     for amount in cfg.all_amounts:

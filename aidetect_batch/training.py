@@ -512,7 +512,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from aidetect_batch.pipeline import _versions
+    from aidetect_batch.pipeline import versions
 
     started = datetime.now(timezone.utc)
     check_train_output(cfg)
@@ -548,7 +548,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         "config": cfg.to_json(),
         "resolved": {"input_size": size, "use_gpu": use_gpu, "init": init_record, "pos_weight": pos_weight},
         "dataset": {k: described[k] for k in ("fingerprint", "balance", "split", "statuses", "not_used")},
-        "versions": _versions(),
+        "versions": versions(),
         "cluster_resources": dict(resources),
         "started": started.isoformat(),
         "resumed_from": previous.get("started") if previous else None,
@@ -636,7 +636,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
             "stopped_early": bool(state.get("stopped_early")),
             "train_config": cfg.to_json(),
             "init": init_record,
-            "versions": _versions(),
+            "versions": versions(),
         },
         storage_options=cfg.storage_options,
     )
