@@ -7,10 +7,11 @@ scheduler stops trials whose validation loss lags at an epoch milestone.
 The best trial (lowest final validation loss) keeps its checkpoint. Ray Tune
 is part of Ray, so the search adds no dependency.
 
-Experimental: on a small cluster (2 CPUs, tests) a trial's TorchTrainer can
-wait forever for CPUs that a finished or stopped trial's worker group still
-holds (Ray 2.60; "worker group startup timed out" repeating). It is not yet
-tested in CI and the prune issue stays open until it is fixed.
+When ASHA stops a trial, its TorchTrainer's placement group is not owned by
+the Tune driver; Ray Train's PlacementGroupCleaner frees it once it sees the
+trial's controller die, and it asks the State API (the dashboard, part of
+``ray[default]``). Without it the stopped trial's CPUs stay reserved and the
+next trial waits forever, so the search refuses to start without it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import math
 from typing import Any
 
 from aidetect_batch import schema
-from aidetect_batch.config import TrainConfig
+from aidetect_batch.config import ConfigError, TrainConfig
 from aidetect_batch.storage import filesystem, is_remote, join, read_json
 
 _logger = logging.getLogger(__name__)
@@ -64,12 +65,29 @@ def _trial(config: dict[str, Any], base: TrainConfig, prepared: Any) -> None:
     run_train(cfg, callbacks=[TuneReportCallback()], prepared=prepared)
 
 
-def tune_and_train(base: TrainConfig, trials: int) -> tuple[Any, dict[str, Any]]:
+def require_state_api() -> None:
+    """Fail fast when Ray's State API is missing, instead of stalling the search (see the module docstring)."""
+    from ray.util.state import list_actors
+
+    try:
+        list_actors(limit=1, timeout=10)
+    except Exception as exc:
+        raise ConfigError(
+            "--tune needs Ray's State API so that stopped trials give their CPUs back: install ray[default] "
+            f"and start Ray with the dashboard (include_dashboard=True, or `ray start`). ({exc.__class__.__name__})"
+        ) from exc
+
+
+def tune_and_train(base: TrainConfig, trials: int, space: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """Search with ASHA, then return the best trial's :class:`TrainResult` and a summary of all trials.
 
     ``base.epochs`` is the epoch budget per trial. Trials run one at a time
     when the cluster has no room for two (each needs the training workers'
-    CPUs and a little for itself).
+    CPUs and a little for itself). ``space`` replaces :func:`search_space`
+    (a ``tune.grid_search`` makes a search reproducible).
+
+    Raises:
+        ConfigError: Ray runs without its State API.
     """
     import ray
     from ray import tune
@@ -78,7 +96,7 @@ def tune_and_train(base: TrainConfig, trials: int) -> tuple[Any, dict[str, Any]]
 
     from aidetect_batch.training import TrainResult, prepare
 
-    _logger.warning("--tune is experimental: trials can stall on small clusters (see aidetect_batch/tuning.py)")
+    require_state_api()
     prepared = prepare(base)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_trial = base.workers * base.cpus_per_worker
@@ -93,7 +111,7 @@ def tune_and_train(base: TrainConfig, trials: int) -> tuple[Any, dict[str, Any]]
         storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     tuner = tune.Tuner(
         trainable,
-        param_space=search_space(base.epochs, base.seed),
+        param_space=space if space is not None else search_space(base.epochs, base.seed),
         tune_config=tune.TuneConfig(
             metric="val_loss",
             mode="min",
