@@ -7,6 +7,14 @@ Suites:
   over the epochs after the first, which pays for start-up), plus the time
   to first epoch.
 - ``demo``: wall time of the whole offline demo (corpus, train, evaluate, scan).
+- ``scan``: in one run, (a) the bare model's forward images/s on the
+  Classifier's device, precision, batch size and thread count: the ceiling;
+  (b) decode + preprocess images/s on one core for realistic JPEGs
+  (1080-2048 px), against PIL full decode + torchvision
+  ``Resize(256)``/``CenterCrop(224)``; (c) end-to-end scan images/s on the
+  same files; (d) the ratios (c)/(a) and (b)/baseline; (e) peak RSS of the
+  driver and of the largest Ray worker while scanning 2,000 and then 20,000
+  small images. Linux only for (e): it reads ``/proc``.
 
 Figures are printed as a table and written as JSON; ``BENCHMARKS.md``
 records them with the command that produced them.
@@ -14,11 +22,14 @@ records them with the command that produced them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -81,6 +92,217 @@ def training(
     return rows
 
 
+PHOTO_SIZES = ((1080, 1350), (1920, 1080), (2048, 1536), (1440, 1080))
+
+
+def write_jpegs(root: str, count: int, sizes: tuple[tuple[int, int], ...], seed: int = 0) -> list[str]:
+    """Photo-like JPEGs (smooth fields plus sensor-like noise, quality 90) of the given sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    paths = []
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        phase = rng.uniform(0, 6.28, 3)
+        base = np.stack([128 + 90 * np.sin(x / (40 + 9 * c) + y / (70 + 5 * c) + phase[c]) for c in range(3)], -1)
+        pixels = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        path = os.path.join(root, f"photo_{i:05d}.jpg")
+        Image.fromarray(pixels).save(path, "JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def model_ceiling(arch: str, batch_size: int, threads: int, precision: str, batches: int = 6) -> dict[str, Any]:
+    """Forward images/s of the bare model on this process's device, as the Classifier runs it."""
+    import torch
+
+    from aidetect_batch.model import build_model
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(threads)
+    net = build_model(arch, 1).eval().to(device)
+    x = torch.randn(batch_size, 3, 224, 224, device=device)
+    if cuda:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cuda else None
+
+    def step() -> None:
+        with torch.inference_mode():
+            if dtype is not None:
+                with torch.autocast("cuda", dtype=dtype):
+                    net(x)
+            else:
+                net(x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(batches):
+        step()
+    seconds = time.perf_counter() - start
+    return {
+        "arch": arch,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "threads": None if cuda else threads,
+        "precision": precision if cuda else "fp32",
+        "batch_size": batch_size,
+        "images_per_s": batches * batch_size / seconds,
+    }
+
+
+def decode_speed(paths: list[str], policy: str = "resize") -> dict[str, Any]:
+    """Decode + preprocess images/s on one core: this project's path against PIL + torchvision."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from aidetect_batch.config import DEFAULT_MAX_PIXELS
+    from aidetect_batch.preprocess import decode_and_preprocess
+
+    torch.set_num_threads(1)
+    baseline = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    data = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            data.append(handle.read())
+
+    def ours() -> None:
+        for blob in data:
+            decode_and_preprocess(blob, policy, DEFAULT_MAX_PIXELS)
+
+    def plain() -> None:
+        import io
+
+        for blob in data:
+            img = Image.open(io.BytesIO(blob)).convert("RGB")
+            baseline(img).tobytes()
+
+    timings = {}
+    for name, fn in (("ours", ours), ("baseline", plain)):
+        start = time.perf_counter()
+        fn()
+        timings[name] = len(data) / (time.perf_counter() - start)
+    return {
+        "policy": policy,
+        "files": len(data),
+        "images_per_s_per_core": timings["ours"],
+        "baseline_images_per_s_per_core": timings["baseline"],
+        "speedup": timings["ours"] / timings["baseline"],
+    }
+
+
+class RssSampler:
+    """Peak resident memory of Ray worker processes, sampled from ``/proc`` twice a second."""
+
+    def __init__(self) -> None:
+        self.peak_worker_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                        if not handle.read(200).startswith(b"ray::"):
+                            continue
+                    with open(f"/proc/{pid}/status") as handle:
+                        rss = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+                except (OSError, StopIteration, ValueError):
+                    continue
+                self.peak_worker_bytes = max(self.peak_worker_bytes, rss)
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _driver_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def scan(
+    arch: str, batch_size: int, precision: str, photos: int, repeats: int, small: tuple[int, int]
+) -> dict[str, Any]:
+    """The scan suite (module docstring): ceiling, decode, end to end, ratios and memory at two corpus sizes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    import torch
+
+    from aidetect_batch.config import ScanConfig
+    from aidetect_batch.model import build_model, save_checkpoint
+    from aidetect_batch.pipeline import plan_classifier, run_scan
+
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        ckpt = os.path.join(tmp, f"{arch}.pt")
+        save_checkpoint(ckpt, build_model(arch, 1), arch, info={"untrained": True, "purpose": "benchmark"})
+        paths = write_jpegs(os.path.join(tmp, "photos"), photos, PHOTO_SIZES)
+        result["decode"] = decode_speed(paths)
+        manifest = os.path.join(tmp, "photos.parquet")
+        pq.write_table(pa.table({"path": paths * repeats}), manifest)
+        if not ray.is_initialized():
+            ray.init(logging_level="WARNING")
+        base = ScanConfig(
+            sources=(), manifest=manifest, out="", checkpoint=ckpt, batch_size=batch_size, precision=precision
+        )
+        plan = plan_classifier(base, ray.cluster_resources())
+        result["ceiling"] = model_ceiling(arch, batch_size, plan["cpu_threads"] or 1, precision)
+        result["ceiling"]["actors"] = plan["actors"][1]
+        run = run_scan(dataclasses.replace(base, out=os.path.join(tmp, "e2e")))
+        e2e = run.summary["images_per_s"]
+        ceiling = result["ceiling"]["images_per_s"] * plan["actors"][1]
+        result["end_to_end"] = {
+            "images": len(paths) * repeats,
+            "images_per_s": e2e,
+            "fraction_of_ceiling": e2e / ceiling,
+            "decode_speedup_over_baseline": result["decode"]["speedup"],
+        }
+        small_root = os.path.join(tmp, "small")
+        small_paths = write_jpegs(small_root, max(small), ((96, 96), (128, 96)), seed=1)
+        small_manifest = os.path.join(tmp, "small.parquet")
+        pq.write_table(pa.table({"path": small_paths}), small_manifest)
+        memory = []
+        for count in sorted(small):
+            with RssSampler() as sampler:
+                start = time.monotonic()
+                run_scan(
+                    dataclasses.replace(
+                        base, manifest=small_manifest, limit=count, out=os.path.join(tmp, f"mem{count}")
+                    )
+                )
+            memory.append(
+                {
+                    "images": count,
+                    "driver_peak_rss_mb": _driver_peak_bytes() / 2**20,
+                    "worker_peak_rss_mb": sampler.peak_worker_bytes / 2**20,
+                    "wall_seconds": time.monotonic() - start,
+                }
+            )
+        result["memory"] = memory
+        first, last = memory[0], memory[-1]
+        result["memory_growth"] = {
+            "driver": last["driver_peak_rss_mb"] / first["driver_peak_rss_mb"] - 1,
+            "worker": last["worker_peak_rss_mb"] / max(first["worker_peak_rss_mb"], 1e-9) - 1,
+        }
+    return result
+
+
 def demo() -> dict[str, Any]:
     """Run the whole demo once and time it."""
     from aidetect_batch.demo import run_demo
@@ -92,7 +314,14 @@ def demo() -> dict[str, Any]:
 
 
 def run_benchmark(
-    suite: str, archs: tuple[str, ...], per_class: int, epochs: int, workers: int, batch_size: int, out: str | None
+    suite: str,
+    archs: tuple[str, ...],
+    per_class: int,
+    epochs: int,
+    workers: int,
+    batch_size: int,
+    out: str | None,
+    scan_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a suite, print its table, and write the JSON to ``out`` when given."""
     result: dict[str, Any] = {
@@ -104,6 +333,8 @@ def run_benchmark(
         result["training"] = training(archs, per_class, epochs, workers, batch_size)
     if suite in ("demo", "all"):
         result["demo"] = demo()
+    if suite in ("scan", "all"):
+        result["scan"] = scan(**(scan_options or {}))
     lines = [f"machine: {result['machine']['cpus']} CPUs, GPU {result['machine']['gpu'] or 'none'}"]
     for row in result.get("training", []):
         lines.append(
@@ -114,8 +345,32 @@ def run_benchmark(
         )
     if "demo" in result:
         lines.append(f"demo wall time {result['demo']['demo_wall_seconds']:.0f} s")
+    if "scan" in result:
+        lines += scan_lines(result["scan"])
     print("\n".join(lines), flush=True)
     if out:
         with open(out, "w") as handle:
             json.dump(result, handle, indent=2, default=str)
     return result
+
+
+def scan_lines(scan: dict[str, Any]) -> list[str]:
+    """The scan suite as printed lines."""
+    c, d, e = scan["ceiling"], scan["decode"], scan["end_to_end"]
+    threads = "" if c["threads"] is None else f", {c['threads']} thread(s)"
+    lines = [
+        f"(a) model ceiling  {c['arch']} {c['device']} {c['precision']} batch {c['batch_size']}{threads}: "
+        f"{c['images_per_s']:.1f} img/s per actor x {c['actors']} actor(s)",
+        f"(b) decode+resize  {d['images_per_s_per_core']:.1f} img/s/core vs PIL+torchvision "
+        f"{d['baseline_images_per_s_per_core']:.1f} ({d['speedup']:.2f}x), {d['files']} JPEGs 1080-2048 px",
+        f"(c) end to end     {e['images_per_s']:.1f} img/s over {e['images']} images",
+        f"(d) ratios         end to end / ceiling {e['fraction_of_ceiling']:.0%}; decode speed-up {d['speedup']:.2f}x",
+    ]
+    for row in scan["memory"]:
+        lines.append(
+            f"(e) {row['images']:>6} images: driver peak RSS {row['driver_peak_rss_mb']:.0f} MB, "
+            f"largest worker {row['worker_peak_rss_mb']:.0f} MB, {row['wall_seconds']:.0f} s"
+        )
+    growth = scan["memory_growth"]
+    lines.append(f"    growth: driver {growth['driver']:+.0%}, worker {growth['worker']:+.0%}")
+    return lines

@@ -6,10 +6,19 @@ logical resources in Ray, so an actor granted ``num_gpus=1`` may still land
 on a machine without one. On CUDA the batch goes in channels_last, through
 pinned memory with a non-blocking copy, under bf16/fp16 autocast when asked.
 Rows that failed earlier pass through with a NaN score and a null label.
+
+With ``--gpu-decode`` the decode stage only reads bytes, and the actor
+decodes: baseline JPEGs in one batched ``torchvision.io.decode_jpeg`` call
+on the GPU (nvJPEG), resized and cropped there with torchvision's
+antialiased bilinear resize; everything else (other formats, CMYK, files
+without an end marker, images over ``max_pixels``, perturbation sweeps, a
+batch nvJPEG rejects, and every file when no GPU is visible) per file on
+the CPU with the decode stage's own code, so statuses are the same.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from typing import Any
@@ -19,12 +28,28 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from aidetect_batch import schema
+from aidetect_batch import perturb, preprocess, schema
 from aidetect_batch.model import parse_checkpoint, scores_from_logits
 
 _logger = logging.getLogger(__name__)
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+_DECODED = (
+    schema.STATUS,
+    schema.ERROR,
+    schema.FORMAT,
+    schema.MODE,
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.T_DECODE_MS,
+)
+
+
+def _plain_jpeg(data: bytes) -> bool:
+    """A JPEG that ends with its end-of-image marker; truncated ones go to the CPU path, which flags them."""
+    return data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 class Classifier:
@@ -38,6 +63,10 @@ class Classifier:
         precision: ``fp32``, ``bf16`` or ``fp16``; reduced precision applies on CUDA only.
         cpu_threads: Torch intra-op threads when running on CPU.
         device: Force a device (tests); ``None`` picks CUDA when visible.
+        decode_options: ``--gpu-decode``: ``policy``, ``max_pixels``, ``size`` and ``perturbation``
+            for decoding the ``_data`` column here.
+        torch_decode: Decode JPEGs with torchvision on this actor's device; default: only on CUDA.
+        compile: ``torch.compile`` the model (CUDA graphs and fused kernels; the first batches are slow).
     """
 
     def __init__(
@@ -49,6 +78,9 @@ class Classifier:
         precision: str = "fp32",
         cpu_threads: int | None = None,
         device: str | None = None,
+        decode_options: dict[str, Any] | None = None,
+        torch_decode: bool | None = None,
+        compile: bool = False,
     ) -> None:
         if not isinstance(checkpoint, bytes):
             import ray
@@ -65,6 +97,10 @@ class Classifier:
         self.model = ckpt.build().to(self.device)
         if self.cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if compile:
+            self.model = torch.compile(self.model)
+        self.decode_options = decode_options
+        self.torch_decode = self.cuda if torch_decode is None else torch_decode
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(ckpt.mean, device=self.device).view(shape) * 255.0
         self.std = torch.tensor(ckpt.std, device=self.device).view(shape) * 255.0
@@ -89,7 +125,87 @@ class Classifier:
                 logits = self.model(x)
             return scores_from_logits(logits, self.ai_class_index).cpu().numpy().astype(np.float32)
 
+    def _decode(self, batch: pa.Table) -> pa.Table:
+        """Fill the decode columns and the ``image`` column from the ``_data`` bytes (``--gpu-decode``)."""
+        from ray.data.extensions import ArrowTensorArray
+
+        opts = self.decode_options or {}
+        size = opts["size"]
+        data = batch.column(schema.DATA).to_pylist()
+        n = len(data)
+        cols = {c: batch.column(c).to_pylist() for c in _DECODED}
+        images = np.zeros((n, size, size, 3), dtype=np.uint8)
+        pending = [i for i in range(n) if data[i] is not None]
+        done: set[int] = set()
+        if self.torch_decode and not opts.get("perturbation"):
+            done = self._torch_decode([i for i in pending if _plain_jpeg(data[i])], data, images, cols)
+        change = perturb.parse(opts["perturbation"]) if opts.get("perturbation") else None
+        for i in pending:
+            if i in done:
+                continue
+            start = time.perf_counter()
+            result, image = preprocess.decode_and_preprocess(data[i], opts["policy"], opts["max_pixels"], size, change)
+            for column in (schema.FORMAT, schema.MODE, schema.WIDTH, schema.HEIGHT):
+                cols[column][i] = getattr(result, column)
+            if image is not None:
+                images[i] = image
+            cols[schema.STATUS][i] = result.status.value
+            cols[schema.ERROR][i] = result.error
+            cols[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0
+        out = batch.drop_columns([schema.DATA])
+        for name, values in cols.items():
+            out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, out.schema.field(name).type))
+        return out.append_column(schema.IMAGE, ArrowTensorArray.from_numpy(images))
+
+    def _torch_decode(
+        self, idx: list[int], data: list[Any], images: np.ndarray, cols: dict[str, list[Any]]
+    ) -> set[int]:
+        """Batch-decode baseline JPEGs with torchvision on this actor's device; returns the rows it handled."""
+        from PIL import Image
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2 import functional as F
+
+        opts = self.decode_options or {}
+        size, policy = opts["size"], opts["policy"]
+        chosen, tensors, headers = [], [], []
+        for i in idx:
+            try:
+                header = Image.open(io.BytesIO(data[i]))
+            except (OSError, ValueError):
+                continue
+            width, height = header.size
+            if width * height > opts["max_pixels"] or header.mode not in ("RGB", "L"):
+                continue
+            chosen.append(i)
+            headers.append((header.mode, width, height))
+            tensors.append(torch.frombuffer(bytearray(data[i]), dtype=torch.uint8))
+        if not tensors:
+            return set()
+        start = time.perf_counter()
+        try:
+            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+        except RuntimeError as exc:
+            _logger.warning("batched JPEG decode failed (%s); decoding these %d files on the CPU", exc, len(tensors))
+            return set()
+        short = preprocess.resize_short_side(size)
+        crops = []
+        for img in decoded:
+            if policy == "resize":
+                img = F.resize(img, [short], antialias=True)
+            crops.append(F.center_crop(img, [size, size]))
+        batch = torch.stack(crops).permute(0, 2, 3, 1).cpu().numpy()
+        each_ms = (time.perf_counter() - start) * 1000.0 / len(chosen)
+        for k, (i, (mode, width, height)) in enumerate(zip(chosen, headers, strict=True)):
+            images[i] = batch[k]
+            cols[schema.FORMAT][i], cols[schema.MODE][i] = "JPEG", mode
+            cols[schema.WIDTH][i], cols[schema.HEIGHT][i] = width, height
+            cols[schema.STATUS][i], cols[schema.ERROR][i] = schema.Status.OK.value, None
+            cols[schema.T_DECODE_MS][i] = each_ms
+        return set(chosen)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if schema.DATA in batch.column_names:
+            batch = self._decode(batch)
         ok = np.asarray(pc.equal(batch.column(schema.STATUS), schema.Status.OK.value).to_numpy(zero_copy_only=False))
         n = len(ok)
         scores = np.full(n, np.nan, dtype=np.float32)

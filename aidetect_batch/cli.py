@@ -40,7 +40,22 @@ NO_CHECKPOINT = (
 
 
 def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sources", nargs="+", help="folders, files, globs or s3://bucket/prefix")
+    parser.add_argument("sources", nargs="*", help="folders, files, globs or s3://bucket/prefix")
+    parser.add_argument(
+        "--manifest", help="Parquet, CSV/TSV (a path column) or text file of paths; other columns are kept"
+    )
+    parser.add_argument("--limit", type=int, help="scan only the first N inputs (after --sample)")
+    parser.add_argument("--sample", type=float, help="scan a seeded random fraction of the inputs, e.g. 0.01")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    parser.add_argument("--resume", action="store_true", help="continue a stopped scan in --out, skipping its work")
+    parser.add_argument("--dedup", action="store_true", help="score identical bytes once; copies get duplicate_of")
+    parser.add_argument(
+        "--commit-every", type=float, default=60.0, help="seconds between commits of finished shards (resume grain)"
+    )
+    parser.add_argument(
+        "--gpu-decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG) in the Classifier; CPU fallback"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in each Classifier")
     parser.add_argument("--checkpoint", help="detector checkpoint, local or s3://")
     parser.add_argument("--out", required=True, help="output directory, local or s3://")
     parser.add_argument(
@@ -164,13 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--workers", type=int, default=1)
     prune.add_argument("--overwrite", action="store_true")
     _add_storage_option(prune)
-    bench = sub.add_parser("benchmark", help="measure training throughput and the demo's wall time")
-    bench.add_argument("--suite", choices=("training", "demo", "all"), default="all")
+    bench = sub.add_parser("benchmark", help="measure scan and training throughput and the demo's wall time")
+    bench.add_argument("--suite", choices=("scan", "training", "demo", "all"), default="scan")
+    bench.add_argument("--scan-arch", default="resnet50", help="scan suite: the model (random weights)")
+    bench.add_argument("--precision", choices=PRECISIONS, default="bf16", help="scan suite: precision on CUDA")
+    bench.add_argument("--photos", type=int, default=48, help="scan suite: distinct 1080-2048 px JPEGs")
+    bench.add_argument("--repeats", type=int, default=5, help="scan suite: times each photo is scanned end to end")
+    bench.add_argument("--memory-sizes", default="2000,20000", help="scan suite: small-image corpus sizes for RSS")
     bench.add_argument("--archs", default="cifake_cnn,resnet_tiny,resnet50", help="architectures to train")
     bench.add_argument("--per-class", type=int, default=60, help="generated images per class")
     bench.add_argument("--epochs", type=int, default=3)
     bench.add_argument("--workers", type=int, default=1)
-    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--batch-size", type=int, default=32, help="training batch; the scan suite uses 64")
     bench.add_argument("--json", help="write the results here")
     demo = sub.add_parser("demo", help="offline: build a labelled corpus, train, evaluate and scan on local Ray")
     demo.add_argument("--dir", default="aidetect-demo", help="where to write the corpus and results")
@@ -202,6 +222,15 @@ def config_from_args(args: argparse.Namespace) -> ScanConfig:
         group_depth=args.group_depth,
         rows_per_file=args.rows_per_file,
         overwrite=args.overwrite,
+        manifest=args.manifest,
+        limit=args.limit,
+        sample=args.sample,
+        seed=args.seed,
+        resume=args.resume,
+        dedup=args.dedup,
+        commit_every_s=args.commit_every,
+        gpu_decode=args.gpu_decode,
+        compile=args.compile,
     )
 
 
@@ -365,7 +394,17 @@ def main(argv: list[str] | None = None) -> int:
             from aidetect_batch.benchmark import run_benchmark
 
             archs = tuple(a for a in args.archs.split(",") if a)
-            run_benchmark(args.suite, archs, args.per_class, args.epochs, args.workers, args.batch_size, args.json)
+            scan_options = {
+                "arch": args.scan_arch,
+                "batch_size": 64,
+                "precision": args.precision,
+                "photos": args.photos,
+                "repeats": args.repeats,
+                "small": tuple(int(n) for n in args.memory_sizes.split(",")),
+            }
+            run_benchmark(
+                args.suite, archs, args.per_class, args.epochs, args.workers, args.batch_size, args.json, scan_options
+            )
             return 0
         if args.command == "prune":
             return _prune(prune_config_from_args(args))
@@ -379,18 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except _job_errors() as exc:
         print(f"aidetect-batch: {args.command} failed: {exc}", file=sys.stderr)
-        if args.command == "benchmark":
-            from aidetect_batch.benchmark import run_benchmark
-
-            archs = tuple(a for a in args.archs.split(",") if a)
-            run_benchmark(args.suite, archs, args.per_class, args.epochs, args.workers, args.batch_size, args.json)
-            return 0
-        if args.command == "prune":
-            return _prune(prune_config_from_args(args))
-        if args.command == "train":
-            print(
-                "aidetect-batch: rerun the same command with --resume to continue from the last epoch", file=sys.stderr
-            )
+        if args.command in ("train", "scan"):
+            print("aidetect-batch: rerun the same command with --resume to continue", file=sys.stderr)
         return 1
 
 

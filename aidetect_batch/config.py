@@ -53,6 +53,15 @@ class ScanConfig:
         overwrite: Replace the contents of a non-empty ``out``.
         perturbation: A robustness perturbation (``jpeg:75``) applied before preprocessing;
             set by ``evaluate --perturb``.
+        manifest: A manifest of paths (Parquet, CSV/TSV or text) instead of ``sources``.
+        limit: Scan only the first N inputs (after ``sample``).
+        sample: Keep each input with this probability (seeded by position), for trial runs.
+        seed: Seed of ``sample``.
+        resume: Continue the stopped scan in ``out``: skip the shards its committed files hold.
+        dedup: Decode and score identical bytes (SHA-256) once; copies get ``duplicate`` rows.
+        commit_every_s: Commit finished shards at least this often (bounds the work a crash loses).
+        gpu_decode: Decode JPEGs in the Classifier actor (nvJPEG on CUDA, CPU fallback per file).
+        compile: ``torch.compile`` the model in each Classifier actor.
     """
 
     sources: tuple[str, ...]
@@ -75,14 +84,35 @@ class ScanConfig:
     rows_per_file: int = 250_000
     overwrite: bool = False
     perturbation: str | None = None
+    manifest: str | None = None
+    limit: int | None = None
+    sample: float | None = None
+    seed: int = 0
+    resume: bool = False
+    dedup: bool = False
+    commit_every_s: float = 60.0
+    gpu_decode: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Check value ranges and names; raises :class:`ConfigError` with the flag to fix."""
-        if not self.sources:
-            raise ConfigError("no sources given: name at least one folder, file, glob or s3:// prefix")
+        if not self.sources and not self.manifest:
+            raise ConfigError(
+                "no sources given: name at least one folder, file, glob or s3:// prefix, or --manifest FILE"
+            )
+        if self.sources and self.manifest:
+            raise ConfigError("give either sources or --manifest, not both")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be at least 1")
+        if self.sample is not None and not 0.0 < self.sample <= 1.0:
+            raise ConfigError(f"--sample takes a fraction in (0, 1], not {self.sample}")
+        if self.commit_every_s < 0:
+            raise ConfigError("--commit-every must be 0 or more seconds")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the scan in --out and --overwrite replaces it; pick one")
         if not self.out:
             raise ConfigError("--out is required")
         if self.preprocess is not None and self.preprocess not in POLICIES:

@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aidetect_batch import decode, perturb, preprocess, schema, sources
+from aidetect_batch import inputs, perturb, preprocess, schema, sources
 from aidetect_batch.config import ConfigError, ScanConfig
-from aidetect_batch.storage import claim_output, filesystem, join, write_json
+from aidetect_batch.storage import claim_output, filesystem, join, read_json, write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ MIN_BLOCK_ROWS = 16
 # would run decoding inside the Classifier actors and leave the remaining CPUs idle.
 CLASSIFIER_MEMORY = 1 << 30
 PROGRESS_EVERY_S = 10.0
+# Fault tolerance comes from Ray Data's own defaults, which tests/test_faults.py pins: Classifier
+# actors get max_restarts=-1 and max_task_retries=-1 (a killed actor is restarted and its
+# in-flight batches re-run), and decode tasks are retried when their worker dies. Passing
+# them again as map_batches(**ray_remote_args) is deprecated from Ray 2.60. Per-file errors
+# never raise, so retries only ever see system failures.
 _OWN_ENTRIES = (schema.SCORES_DIR, schema.REPORT_DIR, schema.RUN_FILE)
 
 
@@ -48,6 +53,21 @@ class ScanResult:
     run: dict[str, Any]
 
 
+DECODE_COLUMNS = (
+    schema.STATUS,
+    schema.ERROR,
+    schema.FORMAT,
+    schema.MODE,
+    schema.WIDTH,
+    schema.HEIGHT,
+    schema.FILE_SIZE,
+    schema.SHA256,
+    schema.T_READ_MS,
+    schema.T_DECODE_MS,
+    schema.DUPLICATE_OF,
+)
+
+
 def prepare_batch(
     batch: pa.Table,
     policy: str,
@@ -55,59 +75,60 @@ def prepare_batch(
     storage_options: dict[str, Any],
     size: int = preprocess.CROP,
     perturbation: str | None = None,
+    registry: Any = None,
+    decode_later: bool = False,
 ) -> pa.Table:
-    """CPU stage: read, hash, decode and preprocess each file; failures become statuses.
+    """CPU stage: read, hash, (deduplicate,) decode and preprocess each file; failures become statuses.
 
     Returns an Arrow table typed like the scores schema plus the uint8 ``image``
     tensor column (``size``×``size``×3), so nullable integers stay integers on
     the way to the sink. Columns of the listing other than ``path`` and
-    ``source`` (labels, groups, manifest columns) pass through unchanged.
-    ``perturbation`` (robustness sweep) is applied to the full-resolution
-    decode before the policy.
+    ``source`` (labels, groups, manifest columns, the shard id) pass through
+    unchanged. ``perturbation`` (robustness sweep) is applied to the
+    full-resolution decode before the policy. ``registry`` (``--dedup``) is
+    the :class:`aidetect_batch.dedup.HashRegistry` actor. ``decode_later``
+    (``--gpu-decode``) stops after reading: the bytes go to the Classifier in
+    the ``data`` column and the status is left for it to set.
     """
     from ray.data.extensions import ArrowTensorArray
 
     paths = batch.column(schema.PATH).to_pylist()
     n = len(paths)
-    rows: dict[str, list[Any]] = {
-        c: [None] * n
-        for c in (
-            schema.STATUS,
-            schema.ERROR,
-            schema.FORMAT,
-            schema.MODE,
-            schema.WIDTH,
-            schema.HEIGHT,
-            schema.FILE_SIZE,
-            schema.SHA256,
-            schema.T_READ_MS,
-            schema.T_DECODE_MS,
-        )
-    }
-    images = np.zeros((n, size, size, 3), dtype=np.uint8)
-    change = perturb.parse(perturbation) if perturbation else None
-    need = None if change else preprocess.needed_short_side(policy, size)
+    rows: dict[str, list[Any]] = {c: [None] * n for c in DECODE_COLUMNS}
+    payload: list[bytes | None] = [None] * n
     for i, path in enumerate(paths):
         start = time.perf_counter()
         try:
-            data = sources.read_file(path, storage_options)
-        except OSError as exc:
+            payload[i] = sources.read_file(path, storage_options)
+        except Exception as exc:  # noqa: BLE001 - any storage failure is this file's status, never the job's
             rows[schema.STATUS][i] = schema.Status.UNREADABLE.value
             rows[schema.ERROR][i] = f"{type(exc).__name__}: {exc}"[:300]
             continue
-        read_done = time.perf_counter()
-        rows[schema.T_READ_MS][i] = (read_done - start) * 1000.0
-        rows[schema.FILE_SIZE][i] = len(data)
-        rows[schema.SHA256][i] = hashlib.sha256(data).hexdigest()
-        result = decode.decode_image(data, max_pixels, need)
+        rows[schema.T_READ_MS][i] = (time.perf_counter() - start) * 1000.0
+        rows[schema.FILE_SIZE][i] = len(payload[i])
+        rows[schema.SHA256][i] = hashlib.sha256(payload[i]).hexdigest()
+    if registry is not None:
+        read = [i for i in range(n) if payload[i] is not None]
+        firsts = ray_get(registry.claim.remote([rows[schema.SHA256][i] for i in read], [paths[i] for i in read]))
+        for i, first in zip(read, firsts, strict=True):
+            if first is not None:
+                rows[schema.STATUS][i] = schema.Status.DUPLICATE.value
+                rows[schema.DUPLICATE_OF][i] = first
+                payload[i] = None
+    images = np.zeros((0 if decode_later else n, size, size, 3), dtype=np.uint8)
+    change = perturb.parse(perturbation) if perturbation else None
+    for i in range(n) if not decode_later else ():
+        if payload[i] is None:
+            continue
+        start = time.perf_counter()
+        result, image = preprocess.decode_and_preprocess(payload[i], policy, max_pixels, size, change)
         for column in (schema.FORMAT, schema.MODE, schema.WIDTH, schema.HEIGHT):
             rows[column][i] = getattr(result, column)
-        if result.status is schema.Status.OK:
-            image = change.apply(result.image) if change else result.image
-            images[i] = preprocess.preprocess_image(image, policy, size)
+        if image is not None:
+            images[i] = image
         rows[schema.STATUS][i] = result.status.value
         rows[schema.ERROR][i] = result.error
-        rows[schema.T_DECODE_MS][i] = (time.perf_counter() - read_done) * 1000.0
+        rows[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0
     columns: dict[str, Any] = {
         schema.PATH: pa.array(paths, pa.string()),
         schema.SOURCE: batch.column(schema.SOURCE).cast(pa.string()),
@@ -118,8 +139,18 @@ def prepare_batch(
     for name in batch.column_names:
         if name not in columns:
             columns[name] = batch.column(name)
-    columns[schema.IMAGE] = ArrowTensorArray.from_numpy(images)
+    if decode_later:
+        columns[schema.DATA] = pa.array(payload, pa.large_binary())
+    else:
+        columns[schema.IMAGE] = ArrowTensorArray.from_numpy(images)
     return pa.table(columns)
+
+
+def ray_get(ref: Any) -> Any:
+    """``ray.get`` (imported late: this module is also used where Ray is not started)."""
+    import ray
+
+    return ray.get(ref)
 
 
 def check_output(cfg: ScanConfig) -> None:
@@ -169,31 +200,68 @@ def block_size(total: int, cpus: int) -> int:
 
 
 class _Progress:
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, skipped: int = 0) -> None:
         self.total = total
-        self.done = 0
+        self.done = skipped
         self.ok = 0
+        self.duplicates = 0
+        self.skipped = skipped
         self.start = time.monotonic()
         self.last = self.start
 
     def update(self, table: pa.Table) -> None:
         self.done += table.num_rows
-        self.ok += pc.sum(pc.equal(table.column(schema.STATUS), schema.Status.OK.value)).as_py() or 0
+        status = table.column(schema.STATUS)
+        self.ok += pc.sum(pc.equal(status, schema.Status.OK.value)).as_py() or 0
+        self.duplicates += pc.sum(pc.equal(status, schema.Status.DUPLICATE.value)).as_py() or 0
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY_S or self.done == self.total:
             self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
+            rate = (self.done - self.skipped) / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else math.inf
             _logger.info(
-                "progress: %d/%d files (%.1f%%), ok %d, failed %d, %.1f img/s, ETA %s",
+                "progress: %d/%d files (%.1f%%), ok %d, failed %d, duplicates %d, %.1f img/s, ETA %s",
                 self.done,
                 self.total,
                 100.0 * self.done / max(self.total, 1),
                 self.ok,
-                self.done - self.ok,
+                self.done - self.skipped - self.ok - self.duplicates,
+                self.duplicates,
                 rate,
                 f"{eta:.0f}s" if math.isfinite(eta) else "unknown",
             )
+
+
+def list_inputs(cfg: ScanConfig) -> pa.Table:
+    """The scan's input rows (listing or manifest), after ``--sample`` and ``--limit``."""
+    if cfg.manifest:
+        table = inputs.read_manifest(cfg.manifest, cfg.storage_options)
+    else:
+        table = sources.list_sources(cfg.sources, cfg.extensions, cfg.all_files, cfg.storage_options)
+    table = inputs.select(table, cfg.sample, cfg.limit, cfg.seed)
+    if table.num_rows == 0:
+        raise sources.SourceError("no inputs left after --sample/--limit")
+    return table
+
+
+def previous_run(cfg: ScanConfig) -> dict[str, Any]:
+    """The ``_run.json`` of the scan to resume; raises :class:`ConfigError` when there is none."""
+    try:
+        return read_json(join(cfg.out, schema.RUN_FILE), cfg.storage_options)
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: {cfg.out} holds no scan to resume (no {schema.RUN_FILE})") from None
+
+
+def check_resumable(previous: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Refuse to resume when the inputs, the model or the preprocessing differ from the stopped scan."""
+    before = previous.get("identity") or {}
+    changed = [k for k in identity if before.get(k) != identity[k]]
+    if changed:
+        details = "; ".join(f"{k}: was {before.get(k)!r}, now {identity[k]!r}" for k in changed)
+        raise ConfigError(
+            f"--resume refused: the scan in this OUT used other settings ({details}). Resume with the same "
+            "inputs, --checkpoint, --preprocess, --sample/--limit and --dedup, or start over with --overwrite."
+        )
 
 
 def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
@@ -203,20 +271,24 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     ``source`` and any extra columns (labels, groups), which are written next
     to the scores. ``evaluate`` scores its labelled set this way.
 
+    The input is cut into shards of consecutive rows; scores files hold whole
+    shards and name them in their metadata, so ``cfg.resume`` skips exactly
+    the shards that were committed before a crash.
+
     Raises:
-        ConfigError: bad arguments or a non-empty OUT (before Ray starts).
-        sources.SourceError: a missing source (before Ray starts).
+        ConfigError: bad arguments, a non-empty OUT, or a resume with other settings (before Ray starts).
+        sources.SourceError: a missing source or manifest (before Ray starts).
         model.CheckpointError: an unreadable or mismatched checkpoint (before Ray starts).
     """
     import ray
-    from ray.data import ActorPoolStrategy
 
-    from aidetect_batch import model, report
-    from aidetect_batch.classifier import Classifier
-    from aidetect_batch.sinks import ScoreWriter
+    from aidetect_batch import dedup, model, report
+    from aidetect_batch.sinks import ScoreWriter, committed_shards
 
     started = datetime.now(timezone.utc)
-    check_output(cfg)
+    previous = previous_run(cfg) if cfg.resume else None
+    if previous is None:
+        check_output(cfg)
     ckpt_bytes = model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options)
     ckpt = model.parse_checkpoint(ckpt_bytes, arch=cfg.arch, ai_class_index=cfg.ai_class_index)
     ckpt.build()
@@ -225,42 +297,137 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     if ckpt.info.get("untrained"):
         _logger.warning("checkpoint %s is UNTRAINED (random weights): its scores mean nothing", cfg.checkpoint)
     if listing is None:
-        listing = sources.list_sources(cfg.sources, cfg.extensions, cfg.all_files, cfg.storage_options)
+        listing = list_inputs(cfg)
     extra_fields = [f for f in listing.schema if f.name not in (schema.PATH, schema.SOURCE)]
-    clash = [f.name for f in extra_fields if f.name in schema.SCORE_COLUMNS or f.name == schema.IMAGE]
-    if clash:
-        raise ConfigError(f"listing columns {clash} clash with output columns; rename them")
+    clash = [f.name for f in extra_fields if f.name in schema.SCORE_COLUMNS or f.name.startswith("_")]
+    if clash or schema.IMAGE in listing.column_names:
+        raise ConfigError(f"input columns {clash or [schema.IMAGE]} clash with output columns; rename them")
     total = listing.num_rows
-    _logger.info("listed %d files from %d source(s)", total, len(cfg.sources))
+    identity = {
+        "inputs": inputs.fingerprint(listing),
+        "input_rows": total,
+        "model_id": ckpt.model_id,
+        "preprocess": policy,
+        "input_size": ckpt.input_size,
+        "perturbation": cfg.perturbation,
+        "dedup": cfg.dedup,
+    }
+    if previous is not None:
+        check_resumable(previous, identity)
+    _logger.info("%d inputs from %s", total, cfg.manifest or f"{len(cfg.sources)} source(s)")
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     resources = ray.cluster_resources()
     plan = plan_classifier(cfg, resources)
-    run: dict[str, Any] = {
-        "status": "running",
-        "config": cfg.to_json(),
-        "resolved": {
-            "preprocess": policy,
-            "input_size": ckpt.input_size,
-            "threshold": threshold,
-            "perturbation": cfg.perturbation,
-            "classifier": plan,
-        },
-        "model": ckpt.metadata(),
-        "model_id": ckpt.model_id,
-        "versions": versions(),
-        "cluster_resources": dict(resources),
-        "inputs": total,
-        "started": started.isoformat(),
-    }
+    scores_dir = join(cfg.out, schema.SCORES_DIR)
+    if previous is not None:
+        shard_rows = int(previous["shard_rows"])
+        done, done_rows, old_files = committed_shards(scores_dir, cfg.storage_options)
+        _logger.info("resuming: %d rows in %d committed file(s) are kept and not rescored", done_rows, len(old_files))
+    else:
+        shard_rows = block_size(total, int(resources.get("CPU", 1)))
+        done, done_rows, old_files = set(), 0, []
+    attempt = {"started": started.isoformat(), "rows_kept": done_rows, "files_kept": len(old_files)}
+    run: dict[str, Any] = dict(previous or {})
+    run.update(
+        {
+            "status": "running",
+            "config": cfg.to_json(),
+            "identity": identity,
+            "shard_rows": shard_rows,
+            "resolved": {
+                "preprocess": policy,
+                "input_size": ckpt.input_size,
+                "threshold": threshold,
+                "perturbation": cfg.perturbation,
+                "classifier": plan,
+            },
+            "model": ckpt.metadata(),
+            "model_id": ckpt.model_id,
+            "versions": versions(),
+            "cluster_resources": dict(resources),
+            "inputs": total,
+            "started": run.get("started", started.isoformat()),
+            "attempts": [*run.get("attempts", []), attempt],
+        }
+    )
     run_uri = join(cfg.out, schema.RUN_FILE)
     fs, root = filesystem(cfg.out, cfg.storage_options)
     fs.makedirs(root, exist_ok=True)
     write_json(run_uri, run, cfg.storage_options)
 
-    block_rows = block_size(total, int(resources.get("CPU", 1)))
-    blocks = [listing.slice(i, block_rows) for i in range(0, total, block_rows)]
+    todo = [k for k in range(math.ceil(total / shard_rows)) if k not in done]
+    expected = {}
+    blocks = []
+    for k in todo:
+        block = listing.slice(k * shard_rows, shard_rows)
+        expected[k] = block.num_rows
+        blocks.append(block.append_column(schema.SHARD, pa.array(np.full(block.num_rows, k, np.int64))))
+    registry = None
+    if cfg.dedup:
+        registry = dedup.start(dedup.seen_in(scores_dir, old_files, cfg.storage_options))
+    writer = ScoreWriter(
+        scores_dir,
+        cfg.rows_per_file,
+        cfg.storage_options,
+        table_schema=pa.schema([*schema.SCORES_SCHEMA, *extra_fields]),
+        shard_rows=expected,
+        commit_every_s=cfg.commit_every_s,
+    )
+    progress = _Progress(total, skipped=done_rows)
+    t0 = time.monotonic()
+    if blocks:
+        for batch in _score(cfg, ckpt, ckpt_bytes, policy, threshold, plan, blocks, registry).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        ):
+            writer.write(batch)
+            progress.update(batch)
+    files = writer.close()
+    wall = time.monotonic() - t0
+    if done_rows + writer.rows_written != total:
+        raise RuntimeError(
+            f"invariant broken: {total} inputs but {done_rows} kept + {writer.rows_written} new rows written"
+        )
+
+    extra = {
+        "wall_seconds": wall,
+        "images_per_s": writer.rows_written / wall if wall > 0 else None,
+        "threshold": threshold,
+        "preprocess": policy,
+        "model_id": ckpt.model_id,
+        "untrained_model": bool(ckpt.info.get("untrained")),
+    }
+    summary = report.write_report(cfg.out, cfg.group_depth, cfg.storage_options, extra)
+    all_files = sorted([*old_files, *files])
+    attempt.update(rows_scored=writer.rows_written, wall_seconds=wall)
+    run.update(
+        status="complete",
+        finished=datetime.now(timezone.utc).isoformat(),
+        wall_seconds=wall,
+        outputs={"scores": all_files, "rows": total},
+        counts={"status": summary["status_counts"], "label": summary["label_counts"]},
+    )
+    write_json(run_uri, run, cfg.storage_options)
+    return ScanResult(cfg.out, all_files, summary, run)
+
+
+def _score(
+    cfg: ScanConfig,
+    ckpt: Any,
+    ckpt_bytes: bytes,
+    policy: str,
+    threshold: float,
+    plan: dict[str, Any],
+    blocks: list[pa.Table],
+    registry: Any,
+) -> Any:
+    """The Ray Data plan: input blocks ─► read/decode tasks ─► Classifier actor pool."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from aidetect_batch.classifier import Classifier
+
     ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         prepare_batch,
@@ -273,9 +440,19 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
             "storage_options": cfg.storage_options,
             "size": ckpt.input_size,
             "perturbation": cfg.perturbation,
+            "registry": registry,
+            "decode_later": cfg.gpu_decode,
         },
     )
-    ds = ds.map_batches(
+    decode_options = None
+    if cfg.gpu_decode:
+        decode_options = {
+            "policy": policy,
+            "max_pixels": cfg.max_pixels,
+            "size": ckpt.input_size,
+            "perturbation": cfg.perturbation,
+        }
+    return ds.map_batches(
         Classifier,
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -290,40 +467,7 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
             "threshold": threshold,
             "precision": cfg.precision,
             "cpu_threads": plan["cpu_threads"],
+            "decode_options": decode_options,
+            "compile": cfg.compile,
         },
     )
-
-    writer = ScoreWriter(
-        join(cfg.out, schema.SCORES_DIR),
-        cfg.rows_per_file,
-        cfg.storage_options,
-        table_schema=pa.schema([*schema.SCORES_SCHEMA, *extra_fields]),
-    )
-    progress = _Progress(total)
-    t0 = time.monotonic()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        writer.write(batch)
-        progress.update(batch)
-    files = writer.close()
-    wall = time.monotonic() - t0
-    if writer.rows_written != total:
-        raise RuntimeError(f"invariant broken: {total} inputs but {writer.rows_written} rows written")
-
-    extra = {
-        "wall_seconds": wall,
-        "images_per_s": total / wall if wall > 0 else None,
-        "threshold": threshold,
-        "preprocess": policy,
-        "model_id": ckpt.model_id,
-        "untrained_model": bool(ckpt.info.get("untrained")),
-    }
-    summary = report.write_report(cfg.out, cfg.group_depth, cfg.storage_options, extra)
-    run.update(
-        status="complete",
-        finished=datetime.now(timezone.utc).isoformat(),
-        wall_seconds=wall,
-        outputs={"scores": files, "rows": writer.rows_written},
-        counts={"status": summary["status_counts"], "label": summary["label_counts"]},
-    )
-    write_json(run_uri, run, cfg.storage_options)
-    return ScanResult(cfg.out, files, summary, run)

@@ -22,6 +22,8 @@ Classifier, which normalises with the checkpoint's mean/std on its device.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from PIL import Image
 
@@ -71,3 +73,22 @@ def preprocess_image(img: Image.Image, policy: str, size: int = CROP) -> np.ndar
     elif policy != "center-crop":
         raise ValueError(f"unknown preprocess policy {policy!r}; choose one of {POLICIES}")
     return center_crop(np.asarray(img, dtype=np.uint8), size)
+
+
+def decode_and_preprocess(
+    data: bytes, policy: str, max_pixels: int, size: int = CROP, change: Any = None
+) -> tuple[Any, np.ndarray | None]:
+    """Decode one file's bytes and apply ``policy``: the CPU path of both the decode stage and ``--gpu-decode``.
+
+    Returns the :class:`aidetect_batch.decode.Decoded` result and the
+    ``(size, size, 3)`` uint8 array (``None`` unless the status is ok).
+    ``change`` is a robustness perturbation applied at full resolution.
+    """
+    from aidetect_batch import decode
+    from aidetect_batch.schema import Status
+
+    result = decode.decode_image(data, max_pixels, None if change else needed_short_side(policy, size))
+    if result.status is not Status.OK:
+        return result, None
+    image = change.apply(result.image) if change else result.image
+    return result, preprocess_image(image, policy, size)

@@ -35,7 +35,7 @@ def prefix_of(path: str, source: str | None, depth: int) -> str:
 
 
 def _new_prefix_row() -> dict[str, float]:
-    return {"files": 0, "ok": 0, "failed": 0, "ai": 0, "real": 0, "score_sum": 0.0}
+    return {"files": 0, "ok": 0, "failed": 0, "duplicates": 0, "ai": 0, "real": 0, "score_sum": 0.0}
 
 
 def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -88,6 +88,8 @@ def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, 
                 row["ok"] += 1
                 row["score_sum"] += float(scores[i])
                 row[labels[i]] += 1
+            elif status == schema.Status.DUPLICATE.value:
+                row["duplicates"] += 1
             else:
                 row["failed"] += 1
                 kind = _DIGITS.sub("#", data[schema.ERROR][i] or "")
@@ -97,12 +99,14 @@ def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, 
                 entry["count"] += 1
     total = sum(status_counts.values())
     ok = status_counts.get(schema.Status.OK.value, 0)
+    duplicates = status_counts.get(schema.Status.DUPLICATE.value, 0)
     prefix_rows = [
         {
             "prefix": prefix,
             "files": int(r["files"]),
             "ok": int(r["ok"]),
             "failed": int(r["failed"]),
+            "duplicates": int(r["duplicates"]),
             "ai": int(r["ai"]),
             "real": int(r["real"]),
             "ai_rate": r["ai"] / r["ok"] if r["ok"] else None,
@@ -117,7 +121,8 @@ def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, 
     return {
         "total": total,
         "ok": ok,
-        "failed": total - ok,
+        "failed": total - ok - duplicates,
+        "duplicates": duplicates,
         "status_counts": {s.value: status_counts.get(s.value, 0) for s in schema.Status},
         "label_counts": {k: label_counts.get(k, 0) for k in (schema.LABEL_AI, schema.LABEL_REAL, "none")},
         "format_counts": dict(format_counts.most_common()),

@@ -28,6 +28,8 @@ class Status(str, enum.Enum):
     """The header announces more pixels than ``max_pixels`` (decompression-bomb guard)."""
     UNSUPPORTED = "unsupported"
     """A recognised media type that this build cannot decode (HEIC, video, PDF, SVG, odd modes)."""
+    DUPLICATE = "duplicate"
+    """``--dedup``: the same bytes (SHA-256) as the file named in ``duplicate_of``, which was scored instead."""
 
     def __str__(self) -> str:
         return self.value
@@ -54,9 +56,13 @@ MODEL_ID = "model_id"
 T_READ_MS = "t_read_ms"
 T_DECODE_MS = "t_decode_ms"
 T_INFER_MS = "t_infer_ms"
+DUPLICATE_OF = "duplicate_of"
 
-# Intermediate column between the CPU stage and the Classifier; never written.
+# Intermediate columns between the stages; never written: the preprocessed image, the
+# file's bytes (``--gpu-decode``), and the input shard a row belongs to (resume).
 IMAGE = "image"
+DATA = "_data"
+SHARD = "_shard"
 
 # Columns of a labelled dataset listing (train/evaluate). They pass through the scan
 # pipeline and are written next to the scores of an evaluation.
@@ -93,6 +99,7 @@ SCORES_SCHEMA = pa.schema(
         pa.field(T_READ_MS, pa.float32()),
         pa.field(T_DECODE_MS, pa.float32()),
         pa.field(T_INFER_MS, pa.float32()),
+        pa.field(DUPLICATE_OF, pa.string()),
     ]
 )
 
@@ -100,6 +107,8 @@ SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
 
 # Directory layout of OUT
 SCORES_DIR = "scores"
+# Key of a scores file's Parquet metadata listing the input shards it holds in full (resume).
+SHARDS_METADATA_KEY = b"aidetect.shards"
 REPORT_DIR = "report"
 RUN_FILE = "_run.json"
 SUMMARY_FILE = "summary.json"

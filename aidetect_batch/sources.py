@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import glob as globlib
 import logging
+import random
 import re
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -109,8 +111,33 @@ def list_sources(
     return pa.table({schema.PATH: list(seen), schema.SOURCE: list(seen.values())})
 
 
+READ_ATTEMPTS = 5
+READ_BACKOFF_S = 0.2
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def read_file(path: str, storage_options: dict[str, Any] | None = None) -> bytes:
-    """Read a whole file's bytes. Raises ``OSError`` (incl. ``FileNotFoundError``) on failure."""
-    fs, inner = filesystem(path, storage_options)
-    with fs.open(inner, "rb") as handle:
-        return handle.read()
+    """Read a whole file's bytes, retrying transient failures (throttling, 5xx, dropped connections).
+
+    s3fs and botocore retry first; this adds up to ``READ_ATTEMPTS`` tries
+    with exponential backoff and jitter around them. Missing files and
+    permission errors are not retried.
+
+    Raises:
+        OSError: a permanent failure (incl. ``FileNotFoundError``) or the last transient one.
+        Exception: whatever the storage client raised last, after every attempt failed.
+    """
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            fs, inner = filesystem(path, storage_options)
+            with fs.open(inner, "rb") as handle:
+                return handle.read()
+        except PERMANENT_ERRORS:
+            raise
+        except Exception as exc:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            delay = READ_BACKOFF_S * 2**attempt * (0.5 + random.random())
+            _logger.info("read %s failed (%s: %s); retrying in %.2fs", path, type(exc).__name__, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

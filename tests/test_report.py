@@ -63,6 +63,7 @@ def test_report_aggregates(tmp_path):
         "files": 2,
         "ok": 2,
         "failed": 0,
+        "duplicates": 0,
         "ai": 1,
         "real": 1,
         "ai_rate": 0.5,
