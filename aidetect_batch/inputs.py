@@ -88,8 +88,8 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
 
 def _uniform(n: int, seed: int) -> np.ndarray:
     """A seeded uniform [0, 1) value per row position (splitmix64), the same on every run and machine."""
-    x = np.arange(n, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
     with np.errstate(over="ignore"):
+        x = np.arange(n, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
