@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import threading
@@ -199,15 +198,23 @@ def decode_speed(paths: list[str], policy: str = "resize") -> dict[str, Any]:
 
 
 class RssSampler:
-    """Peak resident memory of Ray worker processes, sampled from ``/proc`` twice a second."""
+    """Peak resident memory of this (driver) process and of Ray worker processes while it runs.
+
+    Sampled from ``/proc`` twice a second, so each scan gets its own peak
+    (``ru_maxrss`` is the process's peak since it started, which earlier
+    work in the same benchmark would dominate).
+    """
 
     def __init__(self) -> None:
         self.peak_worker_bytes = 0
+        self.peak_driver_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        me = str(os.getpid())
         while not self._stop.is_set():
+            self.peak_driver_bytes = max(self.peak_driver_bytes, _rss(me))
             for pid in os.listdir("/proc"):
                 if not pid.isdigit():
                     continue
@@ -215,11 +222,9 @@ class RssSampler:
                     with open(f"/proc/{pid}/cmdline", "rb") as handle:
                         if not handle.read(200).startswith(b"ray::"):
                             continue
-                    with open(f"/proc/{pid}/status") as handle:
-                        rss = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
-                except (OSError, StopIteration, ValueError):
+                except OSError:
                     continue
-                self.peak_worker_bytes = max(self.peak_worker_bytes, rss)
+                self.peak_worker_bytes = max(self.peak_worker_bytes, _rss(pid))
             self._stop.wait(0.5)
 
     def __enter__(self) -> RssSampler:
@@ -231,8 +236,12 @@ class RssSampler:
         self._thread.join()
 
 
-def _driver_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _rss(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 def scan(
@@ -260,12 +269,17 @@ def scan(
         if not ray.is_initialized():
             ray.init(logging_level="WARNING")
         base = ScanConfig(
-            sources=(), manifest=manifest, out="", checkpoint=ckpt, batch_size=batch_size, precision=precision
+            sources=(),
+            manifest=manifest,
+            out=os.path.join(tmp, "e2e"),
+            checkpoint=ckpt,
+            batch_size=batch_size,
+            precision=precision,
         )
         plan = plan_classifier(base, ray.cluster_resources())
         result["ceiling"] = model_ceiling(arch, batch_size, plan["cpu_threads"] or 1, precision)
         result["ceiling"]["actors"] = plan["actors"][1]
-        run = run_scan(dataclasses.replace(base, out=os.path.join(tmp, "e2e")))
+        run = run_scan(base)
         e2e = run.summary["images_per_s"]
         ceiling = result["ceiling"]["images_per_s"] * plan["actors"][1]
         result["end_to_end"] = {
@@ -298,7 +312,7 @@ def scan(
             memory.append(
                 {
                     "images": count,
-                    "driver_peak_rss_mb": _driver_peak_bytes() / 2**20,
+                    "driver_peak_rss_mb": sampler.peak_driver_bytes / 2**20,
                     "worker_peak_rss_mb": sampler.peak_worker_bytes / 2**20,
                     "wall_seconds": time.monotonic() - start,
                 }
