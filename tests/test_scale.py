@@ -185,7 +185,7 @@ def test_batched_torchvision_jpeg_decode_matches_the_pil_path(tiny_checkpoint, t
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_gives_every_input_exactly_one_row(tmp_path, tiny_checkpoint):
+def test_resume_after_kill_9_gives_every_input_exactly_one_row(ray_cluster, tmp_path, tiny_checkpoint):
     """kill -9 the whole scan (driver and its local Ray) part-way, resume, and check the exact-once invariant."""
     imgs = write_photos(str(tmp_path / "imgs"), 240, side=160)
     out = str(tmp_path / "out")
@@ -213,15 +213,7 @@ def test_resume_after_kill_9_gives_every_input_exactly_one_row(tmp_path, tiny_ch
     with open(os.path.join(out, schema.RUN_FILE)) as handle:
         assert json.load(handle)["status"] == "running"
 
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    try:
-        result = run_scan(
-            ScanConfig(sources=(str(tmp_path / "imgs"),), out=out, checkpoint=tiny_checkpoint, resume=True)
-        )
-    finally:
-        ray.shutdown()
+    result = run_scan(ScanConfig(sources=(str(tmp_path / "imgs"),), out=out, checkpoint=tiny_checkpoint, resume=True))
     table = scores(out)
     paths = table.column(schema.PATH).to_pylist()
     assert sorted(paths) == sorted(imgs), "every input has exactly one row"
