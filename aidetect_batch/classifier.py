@@ -129,6 +129,8 @@ class Classifier:
         """Fill the decode columns and the ``image`` column from the ``_data`` bytes (``--gpu-decode``)."""
         from ray.data.extensions import ArrowTensorArray
 
+        from aidetect_batch.pipeline import decode_into
+
         opts = self.decode_options or {}
         size = opts["size"]
         data = batch.column(schema.DATA).to_pylist()
@@ -143,15 +145,7 @@ class Classifier:
         for i in pending:
             if i in done:
                 continue
-            start = time.perf_counter()
-            result, image = preprocess.decode_and_preprocess(data[i], opts["policy"], opts["max_pixels"], size, change)
-            for column in (schema.FORMAT, schema.MODE, schema.WIDTH, schema.HEIGHT):
-                cols[column][i] = getattr(result, column)
-            if image is not None:
-                images[i] = image
-            cols[schema.STATUS][i] = result.status.value
-            cols[schema.ERROR][i] = result.error
-            cols[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0
+            decode_into(cols, images, i, data[i], opts["policy"], opts["max_pixels"], size, change)
         out = batch.drop_columns([schema.DATA])
         for name, values in cols.items():
             out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, out.schema.field(name).type))

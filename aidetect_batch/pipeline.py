@@ -120,15 +120,7 @@ def prepare_batch(
     for i in range(n) if not decode_later else ():
         if payload[i] is None:
             continue
-        start = time.perf_counter()
-        result, image = preprocess.decode_and_preprocess(payload[i], policy, max_pixels, size, change)
-        for column in (schema.FORMAT, schema.MODE, schema.WIDTH, schema.HEIGHT):
-            rows[column][i] = getattr(result, column)
-        if image is not None:
-            images[i] = image
-        rows[schema.STATUS][i] = result.status.value
-        rows[schema.ERROR][i] = result.error
-        rows[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0
+        decode_into(rows, images, i, payload[i], policy, max_pixels, size, change)
     columns: dict[str, Any] = {
         schema.PATH: pa.array(paths, pa.string()),
         schema.SOURCE: batch.column(schema.SOURCE).cast(pa.string()),
@@ -144,6 +136,31 @@ def prepare_batch(
     else:
         columns[schema.IMAGE] = ArrowTensorArray.from_numpy(images)
     return pa.table(columns)
+
+
+def decode_into(
+    rows: dict[str, list[Any]],
+    images: np.ndarray,
+    i: int,
+    data: bytes,
+    policy: str,
+    max_pixels: int,
+    size: int,
+    change: Any,
+) -> None:
+    """Decode and preprocess file ``i`` on the CPU, filling its decode columns and ``images[i]``.
+
+    The one per-file path of both the decode stage and ``--gpu-decode``'s fallback, so statuses agree.
+    """
+    start = time.perf_counter()
+    result, image = preprocess.decode_and_preprocess(data, policy, max_pixels, size, change)
+    for column in (schema.FORMAT, schema.MODE, schema.WIDTH, schema.HEIGHT):
+        rows[column][i] = getattr(result, column)
+    if image is not None:
+        images[i] = image
+    rows[schema.STATUS][i] = result.status.value
+    rows[schema.ERROR][i] = result.error
+    rows[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0
 
 
 def ray_get(ref: Any) -> Any:
