@@ -10,7 +10,8 @@ Rows that failed earlier pass through with a NaN score and a null label.
 With ``--gpu-decode`` the decode stage only reads bytes, and the actor
 decodes: baseline JPEGs in one batched ``torchvision.io.decode_jpeg`` call
 on the GPU (nvJPEG), resized and cropped there with torchvision's
-antialiased bilinear resize; everything else (other formats, CMYK, files
+antialiased bilinear resize, and fed to the model without leaving the GPU;
+everything else (other formats, CMYK, files
 without an end marker, images over ``max_pixels``, perturbation sweeps, a
 batch nvJPEG rejects, and every file when no GPU is visible) per file on
 the CPU with the decode stage's own code, so statuses are the same.
@@ -114,8 +115,11 @@ class Classifier:
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self.cuda:
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
+        return self._forward(x.permute(0, 3, 1, 2))
+
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
+        """P(AI) for an ``(N, 3, H, W)`` uint8 tensor already on this actor's device."""
+        x = (x.float() - self.mean) / self.std
         x = x.contiguous(memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
         with torch.inference_mode():
             if self.autocast_dtype is not None:
@@ -125,10 +129,28 @@ class Classifier:
                 logits = self.model(x)
             return scores_from_logits(logits, self.ai_class_index).cpu().numpy().astype(np.float32)
 
-    def _decode(self, batch: pa.Table) -> pa.Table:
-        """Fill the decode columns and the ``image`` column from the ``_data`` bytes (``--gpu-decode``)."""
-        from ray.data.extensions import ArrowTensorArray
+    def _predict_mixed(
+        self, images: np.ndarray, ok: np.ndarray, on_device: tuple[list[int], torch.Tensor]
+    ) -> np.ndarray:
+        """P(AI) of the ``ok`` rows when some were decoded on the device (``--gpu-decode``): those stay
+        there, and only the rows decoded on the CPU are copied over."""
+        rows, crops = on_device
+        size = images.shape[1]
+        x = torch.empty((len(ok), 3, size, size), dtype=torch.uint8, device=self.device)
+        if rows:
+            x[rows] = crops
+        decoded_here = set(rows)
+        host = [i for i in np.flatnonzero(ok).tolist() if i not in decoded_here]
+        if host:
+            chunk = torch.from_numpy(np.ascontiguousarray(images[host]))
+            if self.cuda:
+                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+            x[host] = chunk.permute(0, 3, 1, 2)
+        return self._forward(x[torch.from_numpy(ok).to(self.device)])
 
+    def _decode(self, batch: pa.Table) -> tuple[pa.Table, np.ndarray, tuple[list[int], torch.Tensor]]:
+        """Decode the ``_data`` bytes (``--gpu-decode``): the batch with its decode columns filled, the
+        CPU-decoded images, and the rows decoded on the device with their ``(K, 3, S, S)`` crops there."""
         from aidetect_batch.pipeline import decode_into
 
         opts = self.decode_options or {}
@@ -138,10 +160,11 @@ class Classifier:
         cols = {c: batch.column(c).to_pylist() for c in _DECODED}
         images = np.zeros((n, size, size, 3), dtype=np.uint8)
         pending = [i for i in range(n) if data[i] is not None]
-        done: set[int] = set()
+        on_device: tuple[list[int], torch.Tensor] = ([], torch.empty(0))
         if self.torch_decode and not opts.get("perturbation"):
-            done = self._torch_decode([i for i in pending if _plain_jpeg(data[i])], data, images, cols)
+            on_device = self._torch_decode([i for i in pending if _plain_jpeg(data[i])], data, cols)
         change = perturb.parse(opts["perturbation"]) if opts.get("perturbation") else None
+        done = set(on_device[0])
         for i in pending:
             if i in done:
                 continue
@@ -149,12 +172,13 @@ class Classifier:
         out = batch.drop_columns([schema.DATA])
         for name, values in cols.items():
             out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, out.schema.field(name).type))
-        return out.append_column(schema.IMAGE, ArrowTensorArray.from_numpy(images))
+        return out, images, on_device
 
     def _torch_decode(
-        self, idx: list[int], data: list[Any], images: np.ndarray, cols: dict[str, list[Any]]
-    ) -> set[int]:
-        """Batch-decode baseline JPEGs with torchvision on this actor's device; returns the rows it handled."""
+        self, idx: list[int], data: list[Any], cols: dict[str, list[Any]]
+    ) -> tuple[list[int], torch.Tensor]:
+        """Batch-decode baseline JPEGs with torchvision on this actor's device: the rows it handled and
+        their preprocessed ``(K, 3, S, S)`` uint8 crops, left on the device."""
         from PIL import Image
         from torchvision.io import ImageReadMode, decode_jpeg
         from torchvision.transforms.v2 import functional as F
@@ -174,47 +198,52 @@ class Classifier:
             headers.append((header.mode, width, height))
             tensors.append(torch.frombuffer(bytearray(data[i]), dtype=torch.uint8))
         if not tensors:
-            return set()
+            return [], torch.empty(0)
         start = time.perf_counter()
         try:
             decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
         except RuntimeError as exc:
             _logger.warning("batched JPEG decode failed (%s); decoding these %d files on the CPU", exc, len(tensors))
-            return set()
+            return [], torch.empty(0)
         short = preprocess.resize_short_side(size)
         crops = []
         for img in decoded:
             if policy == "resize":
                 img = F.resize(img, [short], antialias=True)
             crops.append(F.center_crop(img, [size, size]))
-        batch = torch.stack(crops).permute(0, 2, 3, 1).cpu().numpy()
+        stacked = torch.stack(crops)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         each_ms = (time.perf_counter() - start) * 1000.0 / len(chosen)
-        for k, (i, (mode, width, height)) in enumerate(zip(chosen, headers, strict=True)):
-            images[i] = batch[k]
+        for i, (mode, width, height) in zip(chosen, headers, strict=True):
             cols[schema.FORMAT][i], cols[schema.MODE][i] = "JPEG", mode
             cols[schema.WIDTH][i], cols[schema.HEIGHT][i] = width, height
             cols[schema.STATUS][i], cols[schema.ERROR][i] = schema.Status.OK.value, None
             cols[schema.T_DECODE_MS][i] = each_ms
-        return set(chosen)
+        return chosen, stacked
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        on_device = None
         if schema.DATA in batch.column_names:
-            batch = self._decode(batch)
+            batch, images, on_device = self._decode(batch)
         ok = np.asarray(pc.equal(batch.column(schema.STATUS), schema.Status.OK.value).to_numpy(zero_copy_only=False))
         n = len(ok)
         scores = np.full(n, np.nan, dtype=np.float32)
         infer_ms = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
-            images = batch.column(schema.IMAGE).combine_chunks().to_numpy()
             start = time.perf_counter()
-            scores[ok] = self.predict(images[ok])
+            if on_device is not None:
+                scores[ok] = self._predict_mixed(images, ok, on_device)
+            else:
+                scores[ok] = self.predict(batch.column(schema.IMAGE).combine_chunks().to_numpy()[ok])
             infer_ms[ok] = (time.perf_counter() - start) * 1000.0 / int(ok.sum())
+        if on_device is None:
+            batch = batch.drop_columns([schema.IMAGE])
         labels = [
             (schema.LABEL_AI if s >= self.threshold else schema.LABEL_REAL) if good else None
             for s, good in zip(scores.tolist(), ok.tolist(), strict=True)
         ]
-        out = batch.drop_columns([schema.IMAGE])
-        out = out.append_column(schema.SCORE, pa.array(scores, pa.float32()))
+        out = batch.append_column(schema.SCORE, pa.array(scores, pa.float32()))
         out = out.append_column(schema.LABEL, pa.array(labels, pa.string()))
         out = out.append_column(schema.MODEL_ID, pa.array([self.model_id] * n, pa.string()))
         return out.append_column(schema.T_INFER_MS, pa.array(infer_ms, pa.float32()))

@@ -162,8 +162,10 @@ def test_gpu_decode_falls_back_to_the_cpu_path_without_cuda(ray_cluster, corpus,
 
 
 def test_batched_torchvision_jpeg_decode_matches_the_pil_path(tiny_checkpoint, tmp_path):
-    """The nvJPEG code path, run with torchvision's CPU decoder: same statuses, scores within tolerance."""
+    """The nvJPEG code path, run with torchvision's CPU decoder: same statuses, scores within tolerance,
+    with JPEGs decoded by torchvision and a PNG decoded per file in the same batch."""
     paths = write_photos(str(tmp_path / "j"), 6, side=300)
+    paths.insert(2, write_photos(str(tmp_path / "p"), 1, side=260, fmt="PNG")[0])
     (tmp_path / "j" / "cut.jpg").write_bytes(open(paths[0], "rb").read()[:2000])
     paths.append(str(tmp_path / "j" / "cut.jpg"))
     listing = pa.table({schema.PATH: paths, schema.SOURCE: [str(tmp_path)] * len(paths)})
@@ -171,7 +173,10 @@ def test_batched_torchvision_jpeg_decode_matches_the_pil_path(tiny_checkpoint, t
         ckpt = handle.read()
     opts = {"policy": "resize", "max_pixels": 10**8, "size": 224, "perturbation": None}
     raw = prepare_batch(listing, "resize", 10**8, {}, decode_later=True)
-    torch_path = Classifier(ckpt, device="cpu", decode_options=opts, torch_decode=True)(raw).to_pylist()
+    torch_table = Classifier(ckpt, device="cpu", decode_options=opts, torch_decode=True)(raw)
+    assert schema.DATA not in torch_table.column_names and schema.IMAGE not in torch_table.column_names
+    torch_path = torch_table.to_pylist()
+    assert torch_path[2][schema.FORMAT] == "PNG" and torch_path[2][schema.STATUS] == "ok"
     pil_path = Classifier(ckpt, device="cpu")(prepare_batch(listing, "resize", 10**8, {})).to_pylist()
     for got, want in zip(torch_path, pil_path, strict=True):
         assert (got[schema.STATUS], got[schema.WIDTH], got[schema.HEIGHT]) == (
