@@ -71,6 +71,11 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="autocast precision on GPU")
     parser.add_argument("--actors", help="Classifier actors: N or MIN,MAX (default: from cluster resources)")
     parser.add_argument("--cpus-per-actor", type=int, help="CPUs per Classifier actor when running on CPU")
+    parser.add_argument(
+        "--decode-tasks",
+        type=int,
+        help="concurrent CPU decode tasks (default: the CPUs the Classifier actors leave; set on autoscaling clusters)",
+    )
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
     parser.add_argument("--all-files", action="store_true", help="decode every file, not only image extensions")
     _add_storage_option(parser)
@@ -215,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> ScanConfig:
         precision=args.precision,
         actors=parse_actors(args.actors) if args.actors else None,
         cpus_per_actor=args.cpus_per_actor,
+        decode_tasks=args.decode_tasks,
         max_pixels=args.max_pixels,
         all_files=args.all_files,
         extensions=DEFAULT_EXTENSIONS,

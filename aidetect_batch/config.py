@@ -44,6 +44,7 @@ class ScanConfig:
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast on CUDA).
         actors: (min, max) Classifier actors; ``None`` chooses from cluster resources.
         cpus_per_actor: CPUs reserved per Classifier actor when it runs on CPU.
+        decode_tasks: Concurrent CPU read/decode tasks; ``None``: every CPU the Classifier pool leaves.
         max_pixels: Decompression-bomb guard: images whose header announces more are rejected.
         all_files: Send every listed file to the decoder, not only image extensions.
         extensions: Lower-case extensions accepted without ``all_files``.
@@ -76,6 +77,7 @@ class ScanConfig:
     precision: str = "fp32"
     actors: tuple[int, int] | None = None
     cpus_per_actor: int | None = None
+    decode_tasks: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     all_files: bool = False
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -132,6 +134,8 @@ class ScanConfig:
             raise ConfigError("--group-depth must be 0 or more")
         if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
             raise ConfigError("--cpus-per-actor must be at least 1")
+        if self.decode_tasks is not None and self.decode_tasks < 1:
+            raise ConfigError("--decode-tasks must be at least 1")
         if self.actors is not None:
             lo, hi = self.actors
             if lo < 1 or hi < lo:

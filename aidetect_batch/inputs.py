@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from aidetect_batch import schema
+from aidetect_batch import schema, sources
 from aidetect_batch.sources import SourceError
 from aidetect_batch.storage import filesystem, to_uri
 
@@ -86,10 +87,10 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
     return pa.table(columns)
 
 
-def _uniform(n: int, seed: int) -> np.ndarray:
+def _uniform(n: int, seed: int, start: int = 0) -> np.ndarray:
     """A seeded uniform [0, 1) value per row position (splitmix64), the same on every run and machine."""
     with np.errstate(over="ignore"):
-        x = np.arange(n, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = np.arange(start, start + n, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x = x ^ (x >> np.uint64(31))
@@ -105,13 +106,135 @@ def select(table: pa.Table, sample: float | None = None, limit: int | None = Non
     return table
 
 
+class Fingerprint:
+    """SHA-256 of an ordered sequence of paths, fed in chunks of any size: the same for any chunking."""
+
+    def __init__(self) -> None:
+        self._lengths, self._values = hashlib.sha256(), hashlib.sha256()
+
+    def update(self, paths: pa.Array | pa.ChunkedArray) -> None:
+        """Add the next paths, in order."""
+        for chunk in paths.chunks if isinstance(paths, pa.ChunkedArray) else [paths]:
+            chunk = chunk.cast(pa.large_string())
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+            self._lengths.update(np.diff(offsets).astype("<i8").tobytes())
+            if len(chunk) and chunk.buffers()[2] is not None:
+                self._values.update(memoryview(chunk.buffers()[2])[int(offsets[0]) : int(offsets[-1])])
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(self._lengths.digest() + self._values.digest()).hexdigest()
+
+
 def fingerprint(table: pa.Table) -> str:
     """SHA-256 of the ordered paths: two runs over the same input set agree, any change shows."""
-    lengths, values = hashlib.sha256(), hashlib.sha256()
-    for chunk in table.column(schema.PATH).chunks:
-        chunk = chunk.cast(pa.large_string())
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
-        lengths.update(np.diff(offsets).astype("<i8").tobytes())
-        if len(chunk) and chunk.buffers()[2] is not None:
-            values.update(memoryview(chunk.buffers()[2])[int(offsets[0]) : int(offsets[-1])])
-    return hashlib.sha256(lengths.digest() + values.digest()).hexdigest()
+    digest = Fingerprint()
+    digest.update(table.column(schema.PATH))
+    return digest.hexdigest()
+
+
+def shard_digest(paths: list[str]) -> str:
+    """An order-independent digest of one shard's paths (sum of 64-bit BLAKE2b hashes), so the sink can
+    record it from rows that arrive in any order and a resumed listing can check the shard is the same."""
+    total = sum(int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little") for p in paths)
+    return f"{total % (1 << 64):016x}-{len(paths)}"
+
+
+class ListingState:
+    """Run as a zero-CPU Ray actor: the streamed listing reports how far it got and how it ended,
+    which the driver reads for progress lines, the final row count and the input fingerprint."""
+
+    def __init__(self) -> None:
+        self.listed = 0
+        self.pages = 0
+        self.finished: dict[str, Any] | None = None
+
+    def page(self, listed: int) -> None:
+        self.listed = listed
+        self.pages += 1
+
+    def finish(self, rows: int, fingerprint: str, changed: str | None = None) -> None:
+        self.listed = rows
+        self.finished = {"rows": rows, "fingerprint": fingerprint, "changed": changed}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"listed": self.listed, "pages": self.pages, "finished": self.finished}
+
+
+def stream_shards(
+    batch: Any,
+    units: list[tuple[str, bool]],
+    extensions: tuple[str, ...],
+    all_files: bool,
+    storage_options: dict[str, Any],
+    shard_rows: int,
+    sample: float | None,
+    limit: int | None,
+    seed: int,
+    committed: dict[int, str],
+    state: Any,
+    page_keys: int = sources.LIST_PAGE_KEYS,
+) -> Iterator[pa.Table]:
+    """The first stage of a streamed scan (a Ray Data generator UDF on one dummy row).
+
+    Lists the units page by page and yields the input table shard by shard (``path``, ``source``,
+    ``_shard``, ``_shard_rows``) while the listing goes on, so decoding starts after the first page.
+    Rows, order, ``--sample``/``--limit`` and shard numbering equal :func:`select` over the whole
+    listing. ``committed`` maps a resumed run's finished shards to their :func:`shard_digest`:
+    those are not yielded, and if one differs the listing changed since, so it stops and says so.
+    """
+    digest = Fingerprint()
+    kept = 0
+    position = 0
+    shard = 0
+    pending: list[tuple[list[str], list[str]]] = []
+    pending_rows = 0
+    changed = None
+
+    def flush(rows: int) -> pa.Table | None:
+        nonlocal shard, pending, pending_rows, changed
+        paths = [p for chunk, _ in pending for p in chunk]
+        roots = [r for _, chunk in pending for r in chunk]
+        pending = [(paths[rows:], roots[rows:])]
+        pending_rows -= rows
+        k, shard = shard, shard + 1
+        if k in committed:
+            if committed[k] != shard_digest(paths[:rows]):
+                changed = f"shard {k} (rows {k * shard_rows}-{k * shard_rows + rows - 1})"
+            return None
+        return pa.table(
+            {
+                schema.PATH: pa.array(paths[:rows], pa.string()),
+                schema.SOURCE: pa.array(roots[:rows], pa.string()),
+                schema.SHARD: pa.array(np.full(rows, k, np.int64)),
+                schema.SHARD_ROWS: pa.array(np.full(rows, rows, np.int64)),
+            }
+        )
+
+    for paths, roots in sources.iter_listing(units, extensions, all_files, storage_options, page_keys):
+        if sample is not None and sample < 1.0:
+            keep = _uniform(len(paths), seed, start=position) < sample
+            position += len(paths)
+            paths = [p for p, k in zip(paths, keep, strict=True) if k]
+            roots = [r for r, k in zip(roots, keep, strict=True) if k]
+        if limit is not None:
+            paths, roots = paths[: limit - kept], roots[: limit - kept]
+        kept += len(paths)
+        digest.update(pa.array(paths, pa.string()))
+        pending.append((paths, roots))
+        pending_rows += len(paths)
+        while pending_rows >= shard_rows:
+            table = flush(shard_rows)
+            if changed:
+                break
+            if table is not None:
+                yield table
+        state.page.remote(kept)
+        if changed or (limit is not None and kept >= limit):
+            break
+    if pending_rows and not changed:
+        table = flush(pending_rows)
+        if table is not None:
+            yield table
+    if not changed and any(k >= shard for k in committed):
+        changed = f"shard {max(committed)} (the listing now ends before it)"
+    state.finish.remote(kept, digest.hexdigest(), changed)

@@ -35,6 +35,12 @@ MIN_BLOCK_ROWS = 16
 # would run decoding inside the Classifier actors and leave the remaining CPUs idle.
 CLASSIFIER_MEMORY = 1 << 30
 PROGRESS_EVERY_S = 10.0
+# A streamed listing's shards. Ray Data gathers a task's output into blocks of the dataset's
+# target_max_block_size (128 MiB, about a million paths) before passing any on, so a streamed scan
+# builds its dataset with 4 MiB blocks: the listing hands on about 30,000 paths at a time and a
+# decode batch (32 × 224² images, 4.8 MB) still travels as one block.
+STREAM_SHARD_ROWS = MAX_BLOCK_ROWS
+STREAM_BLOCK_BYTES = 4 << 20
 # Fault tolerance comes from Ray Data's own defaults, which tests/test_faults.py pins: Classifier
 # actors get max_restarts=-1 and max_task_retries=-1 (a killed actor is restarted and its
 # in-flight batches re-run), and decode tasks are retried when their worker dies. Passing
@@ -190,24 +196,30 @@ def versions() -> dict[str, str]:
 
 
 def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> dict[str, Any]:
-    """Choose the Classifier pool's size and per-actor resources from the cluster.
+    """Size the Classifier pool and the CPU decode pool together from the cluster's resources.
 
-    GPUs present: one GPU per actor, up to one actor per GPU. None: the pool runs
-    on CPU and leaves at least one CPU for decode tasks.
+    GPUs present: one GPU and one CPU per actor, up to one actor per GPU. None: the pool runs on
+    CPU. Either way the decode pool gets every CPU the Classifier actors leave (at least one), so
+    decoding is as wide as the cluster allows without starving the actors of their CPUs.
+    ``decode_cpus_per_actor`` says how many decode CPUs feed each Classifier actor.
     """
     cpus = int(resources.get("CPU", 1))
     gpus = int(resources.get("GPU", 0))
     if gpus > 0:
         actors = cfg.actors or (1, gpus)
-        return {"device": "cuda", "actors": actors, "num_gpus": 1, "num_cpus": 1, "cpu_threads": None}
-    per_actor = cfg.cpus_per_actor or max(1, cpus // 2)
-    actors = cfg.actors or (1, max(1, (cpus - 1) // per_actor))
-    if actors[0] * per_actor > cpus - 1:
-        raise ConfigError(
-            f"--actors {actors[0]},{actors[1]} x {per_actor} CPU(s) each leaves no CPU for decoding on a "
-            f"cluster with {cpus} CPU(s); lower --actors or --cpus-per-actor"
-        )
-    return {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": per_actor, "cpu_threads": per_actor}
+        plan = {"device": "cuda", "actors": actors, "num_gpus": 1, "num_cpus": 1, "cpu_threads": None}
+    else:
+        per_actor = cfg.cpus_per_actor or max(1, cpus // 2)
+        actors = cfg.actors or (1, max(1, (cpus - 1) // per_actor))
+        if actors[0] * per_actor > cpus - 1:
+            raise ConfigError(
+                f"--actors {actors[0]},{actors[1]} x {per_actor} CPU(s) each leaves no CPU for decoding on a "
+                f"cluster with {cpus} CPU(s); lower --actors or --cpus-per-actor"
+            )
+        plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": per_actor, "cpu_threads": per_actor}
+    decode = cfg.decode_tasks or max(1, cpus - actors[1] * plan["num_cpus"])
+    plan.update(decode_tasks=decode, decode_cpus_per_actor=round(decode / actors[1], 2))
+    return plan
 
 
 def block_size(total: int, cpus: int) -> int:
@@ -217,8 +229,13 @@ def block_size(total: int, cpus: int) -> int:
 
 
 class _Progress:
-    def __init__(self, total: int, skipped: int = 0) -> None:
+    """Progress lines every ``PROGRESS_EVERY_S``: files done of all, statuses, rate and ETA. While a
+    streamed listing runs the total is not known yet; the line then shows how many files are listed."""
+
+    def __init__(self, total: int | None, skipped: int = 0, listing: Any = None) -> None:
         self.total = total
+        self.listing = listing
+        self.listed_all = total is not None
         self.done = skipped
         self.ok = 0
         self.duplicates = 0
@@ -232,21 +249,39 @@ class _Progress:
         self.ok += pc.sum(pc.equal(status, schema.Status.OK.value)).as_py() or 0
         self.duplicates += pc.sum(pc.equal(status, schema.Status.DUPLICATE.value)).as_py() or 0
         now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY_S or self.done == self.total:
-            self.last = now
-            rate = (self.done - self.skipped) / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else math.inf
-            _logger.info(
-                "progress: %d/%d files (%.1f%%), ok %d, failed %d, duplicates %d, %.1f img/s, ETA %s",
-                self.done,
-                self.total,
-                100.0 * self.done / max(self.total, 1),
-                self.ok,
-                self.done - self.skipped - self.ok - self.duplicates,
-                self.duplicates,
-                rate,
-                f"{eta:.0f}s" if math.isfinite(eta) else "unknown",
-            )
+        if now - self.last < PROGRESS_EVERY_S and self.done != self.total:
+            return
+        self.last = now
+        if not self.listed_all:
+            snapshot = ray_get(self.listing.snapshot.remote())
+            self.total = snapshot["listed"]
+            self.listed_all = snapshot["finished"] is not None
+        rate = (self.done - self.skipped) / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 and self.listed_all else math.inf
+        _logger.info(
+            "progress: %d/%d%s files (%.1f%%), ok %d, failed %d, duplicates %d, %.1f img/s, ETA %s",
+            self.done,
+            self.total,
+            "" if self.listed_all else " listed so far",
+            100.0 * self.done / max(self.total or 0, 1),
+            self.ok,
+            self.done - self.skipped - self.ok - self.duplicates,
+            self.duplicates,
+            rate,
+            f"{eta:.0f}s" if math.isfinite(eta) else "unknown",
+        )
+
+
+def _streamed_identity(cfg: ScanConfig, units: list[tuple[str, bool]]) -> dict[str, Any]:
+    """What fixes a streamed listing's rows before it has run: the sources and the selection."""
+    return {
+        "sources": [uri for uri, _ in units],
+        "extensions": list(cfg.extensions),
+        "all_files": cfg.all_files,
+        "sample": cfg.sample,
+        "limit": cfg.limit,
+        "seed": cfg.seed,
+    }
 
 
 def list_inputs(cfg: ScanConfig) -> pa.Table:
@@ -313,38 +348,54 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     threshold = cfg.threshold if cfg.threshold is not None else ckpt.threshold
     if ckpt.info.get("untrained"):
         _logger.warning("checkpoint %s is UNTRAINED (random weights): its scores mean nothing", cfg.checkpoint)
-    if listing is None:
-        listing = list_inputs(cfg)
-    extra_fields = [f for f in listing.schema if f.name not in (schema.PATH, schema.SOURCE)]
-    clash = [f.name for f in extra_fields if f.name in schema.SCORE_COLUMNS or f.name.startswith("_")]
-    if clash or schema.IMAGE in listing.column_names:
-        raise ConfigError(f"input columns {clash or [schema.IMAGE]} clash with output columns; rename them")
-    total = listing.num_rows
-    identity = {
-        "inputs": inputs.fingerprint(listing),
-        "input_rows": total,
-        "model_id": ckpt.model_id,
-        "preprocess": policy,
-        "input_size": ckpt.input_size,
-        "perturbation": cfg.perturbation,
-        "dedup": cfg.dedup,
-    }
+    identity: dict[str, Any] = {}
+    units = None
+    if listing is None and not cfg.manifest and sources.streamable(cfg.sources):
+        units = sources.listing_units(cfg.sources, cfg.storage_options)
+        identity["listing"] = _streamed_identity(cfg, units)
+        extra_fields: list[pa.Field] = []
+        total = None
+        _logger.info("listing %d remote source(s) page by page while the scan runs", len(units))
+    else:
+        if listing is None:
+            listing = list_inputs(cfg)
+        extra_fields = [f for f in listing.schema if f.name not in (schema.PATH, schema.SOURCE)]
+        clash = [f.name for f in extra_fields if f.name in schema.SCORE_COLUMNS or f.name.startswith("_")]
+        if clash or schema.IMAGE in listing.column_names:
+            raise ConfigError(f"input columns {clash or [schema.IMAGE]} clash with output columns; rename them")
+        total = listing.num_rows
+        identity.update(inputs=inputs.fingerprint(listing), input_rows=total)
+        _logger.info("%d inputs from %s", total, cfg.manifest or f"{len(cfg.sources)} source(s)")
+    identity.update(
+        model_id=ckpt.model_id,
+        preprocess=policy,
+        input_size=ckpt.input_size,
+        perturbation=cfg.perturbation,
+        dedup=cfg.dedup,
+    )
     if previous is not None:
         check_resumable(previous, identity)
-    _logger.info("%d inputs from %s", total, cfg.manifest or f"{len(cfg.sources)} source(s)")
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     resources = ray.cluster_resources()
     plan = plan_classifier(cfg, resources)
+    _logger.info(
+        "Classifier: %s-%s actor(s) on %s; decode: %d CPU task(s), %.1f per actor%s",
+        *plan["actors"],
+        plan["device"],
+        plan["decode_tasks"],
+        plan["decode_cpus_per_actor"],
+        " (read only: --gpu-decode decodes on the GPU)" if cfg.gpu_decode else "",
+    )
     scores_dir = join(cfg.out, schema.SCORES_DIR)
     if previous is not None:
         shard_rows = int(previous["shard_rows"])
         done, done_rows, old_files = committed_shards(scores_dir, cfg.storage_options)
         _logger.info("resuming: %d rows in %d committed file(s) are kept and not rescored", done_rows, len(old_files))
     else:
-        shard_rows = block_size(total, int(resources.get("CPU", 1)))
-        done, done_rows, old_files = set(), 0, []
+        shard_rows = STREAM_SHARD_ROWS if total is None else block_size(total, int(resources.get("CPU", 1)))
+        done, done_rows, old_files = {}, 0, []
     attempt = {"started": started.isoformat(), "rows_kept": done_rows, "files_kept": len(old_files)}
     run: dict[str, Any] = dict(previous or {})
     run.update(
@@ -374,13 +425,21 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     fs.makedirs(root, exist_ok=True)
     write_json(run_uri, run, cfg.storage_options)
 
-    todo = [k for k in range(math.ceil(total / shard_rows)) if k not in done]
-    expected = {}
-    blocks = []
-    for k in todo:
-        block = listing.slice(k * shard_rows, shard_rows)
-        expected[k] = block.num_rows
-        blocks.append(block.append_column(schema.SHARD, pa.array(np.full(block.num_rows, k, np.int64))))
+    state = None
+    if units is not None:
+        state = ray.remote(num_cpus=0)(inputs.ListingState).remote()
+        expected: dict[int, int] = {}
+        inputs_ds = _streamed_inputs(cfg, units, shard_rows, done, state)
+    else:
+        assert listing is not None and total is not None
+        todo = [k for k in range(math.ceil(total / shard_rows)) if k not in done]
+        expected = {}
+        blocks = []
+        for k in todo:
+            block = listing.slice(k * shard_rows, shard_rows)
+            expected[k] = block.num_rows
+            blocks.append(block.append_column(schema.SHARD, pa.array(np.full(block.num_rows, k, np.int64))))
+        inputs_ds = ray.data.from_arrow(blocks) if blocks else None
     registry = None
     if cfg.dedup:
         registry = dedup.start(dedup.seen_in(scores_dir, old_files, cfg.storage_options))
@@ -392,16 +451,18 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
         shard_rows=expected,
         commit_every_s=cfg.commit_every_s,
     )
-    progress = _Progress(total, skipped=done_rows)
+    progress = _Progress(total, skipped=done_rows, listing=state)
     t0 = time.monotonic()
-    if blocks:
-        for batch in _score(cfg, ckpt, ckpt_bytes, policy, threshold, plan, blocks, registry).iter_batches(
+    if inputs_ds is not None:
+        for batch in _score(cfg, ckpt, ckpt_bytes, policy, threshold, plan, inputs_ds, registry).iter_batches(
             batch_size=None, batch_format="pyarrow"
         ):
             writer.write(batch)
             progress.update(batch)
     files = writer.close()
     wall = time.monotonic() - t0
+    if state is not None:
+        total = _finish_listing(cfg, ray_get(state.snapshot.remote())["finished"], identity, previous, run, run_uri)
     if done_rows + writer.rows_written != total:
         raise RuntimeError(
             f"invariant broken: {total} inputs but {done_rows} kept + {writer.rows_written} new rows written"
@@ -429,6 +490,81 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     return ScanResult(cfg.out, all_files, summary, run)
 
 
+def _streamed_inputs(
+    cfg: ScanConfig, units: list[tuple[str, bool]], shard_rows: int, done: dict[int, str], state: Any
+) -> Any:
+    """The input stage of a streamed listing: one zero-CPU task lists the sources page by page and
+    yields the input shards, so reading starts after the first page instead of after the listing."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    saved = context.target_max_block_size
+    context.target_max_block_size = STREAM_BLOCK_BYTES
+    try:
+        return _streamed_plan(cfg, units, shard_rows, done, state)
+    finally:
+        context.target_max_block_size = saved
+
+
+def _streamed_plan(
+    cfg: ScanConfig, units: list[tuple[str, bool]], shard_rows: int, done: dict[int, str], state: Any
+) -> Any:
+    import ray
+
+    return ray.data.from_items([{"listing": 0}]).map_batches(
+        inputs.stream_shards,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0,
+        fn_kwargs={
+            "units": units,
+            "extensions": cfg.extensions,
+            "all_files": cfg.all_files,
+            "storage_options": cfg.storage_options,
+            "shard_rows": shard_rows,
+            "sample": cfg.sample,
+            "limit": cfg.limit,
+            "seed": cfg.seed,
+            "committed": done,
+            "state": state,
+        },
+    )
+
+
+def _finish_listing(
+    cfg: ScanConfig,
+    finished: dict[str, Any] | None,
+    identity: dict[str, Any],
+    previous: dict[str, Any] | None,
+    run: dict[str, Any],
+    run_uri: str,
+) -> int:
+    """Check how a streamed listing ended and record its row count and fingerprint as the scan's inputs.
+
+    Raises:
+        RuntimeError: the listing task never reported its end.
+        ConfigError: a resumed listing differs from the stopped scan's in a shard that was committed.
+        sources.SourceError: the sources held no files at all.
+    """
+    if finished is None:
+        raise RuntimeError("the listing stage ended without reporting its result")
+    if finished["changed"]:
+        raise ConfigError(
+            f"--resume refused: the listing of {', '.join(cfg.sources)} changed since the stopped scan "
+            f"({finished['changed']} differs from the committed one). Rows written so far are correct for "
+            "the new listing up to that shard; start over with --overwrite, or scan a fixed --manifest."
+        )
+    if finished["rows"] == 0:
+        raise sources.SourceError(f"no files found in {', '.join(cfg.sources)}")
+    before = (previous or {}).get("identity", {}).get("inputs")
+    if before and before != finished["fingerprint"]:
+        _logger.warning("the listing changed since the stopped scan after its committed shards; new files were scanned")
+    identity.update(inputs=finished["fingerprint"], input_rows=finished["rows"])
+    run.update(identity=identity, inputs=finished["rows"])
+    write_json(run_uri, run, cfg.storage_options)
+    return int(finished["rows"])
+
+
 def _score(
     cfg: ScanConfig,
     ckpt: Any,
@@ -436,20 +572,20 @@ def _score(
     policy: str,
     threshold: float,
     plan: dict[str, Any],
-    blocks: list[pa.Table],
+    ds: Any,
     registry: Any,
 ) -> Any:
-    """The Ray Data plan: input blocks ─► read/decode tasks ─► Classifier actor pool."""
+    """The Ray Data plan: input shards ─► read/decode tasks ─► Classifier actor pool."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     from aidetect_batch.classifier import Classifier
 
-    ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         prepare_batch,
         batch_size=cfg.decode_batch_size,
         batch_format="pyarrow",
+        compute=TaskPoolStrategy(size=plan["decode_tasks"]),
         num_cpus=1,
         fn_kwargs={
             "policy": policy,

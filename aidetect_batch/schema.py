@@ -59,10 +59,12 @@ T_INFER_MS = "t_infer_ms"
 DUPLICATE_OF = "duplicate_of"
 
 # Intermediate columns between the stages; never written: the preprocessed image, the
-# file's bytes (``--gpu-decode``), and the input shard a row belongs to (resume).
+# file's bytes (``--gpu-decode``), the input shard a row belongs to (resume) and, in a
+# streamed listing, how many rows that shard has.
 IMAGE = "image"
 DATA = "_data"
 SHARD = "_shard"
+SHARD_ROWS = "_shard_rows"
 
 # Columns of a labelled dataset listing (train/evaluate). They pass through the scan
 # pipeline and are written next to the scores of an evaluation.
@@ -109,6 +111,8 @@ SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
 SCORES_DIR = "scores"
 # Key of a scores file's Parquet metadata listing the input shards it holds in full (resume).
 SHARDS_METADATA_KEY = b"aidetect.shards"
+# ... and each of those shards' order-independent path digest (a resumed streamed listing checks them).
+SHARD_DIGESTS_METADATA_KEY = b"aidetect.shard_digests"
 REPORT_DIR = "report"
 RUN_FILE = "_run.json"
 SUMMARY_FILE = "summary.json"

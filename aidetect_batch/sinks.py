@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aidetect_batch import schema
+from aidetect_batch.inputs import shard_digest
 from aidetect_batch.storage import filesystem, is_remote, join
 
 _logger = logging.getLogger(__name__)
@@ -68,15 +69,17 @@ def decode_shards(value: bytes) -> set[int]:
     return {s for first, last in json.loads(value) for s in range(first, last + 1)}
 
 
-def committed_shards(directory: str, storage_options: dict[str, Any] | None = None) -> tuple[set[int], int, list[str]]:
-    """Shards held by the committed files under ``directory``: (shards, their rows, the files).
+def committed_shards(
+    directory: str, storage_options: dict[str, Any] | None = None
+) -> tuple[dict[int, str], int, list[str]]:
+    """Shards held by the committed files under ``directory``: (shard → path digest, their rows, the files).
 
     Only footers are read. Hidden temporary files of a killed run are deleted.
     """
     fs, root = filesystem(directory, storage_options)
     if not fs.exists(root):
         return set(), 0, []
-    shards: set[int] = set()
+    shards: dict[int, str] = {}
     rows = 0
     files = []
     for info in fs.ls(root, detail=True):
@@ -89,10 +92,12 @@ def committed_shards(directory: str, storage_options: dict[str, Any] | None = No
             continue
         with fs.open(info["name"], "rb") as handle:
             meta = pq.read_metadata(handle)
-        held = decode_shards((meta.metadata or {}).get(schema.SHARDS_METADATA_KEY, b"[]"))
-        if held & shards:
+        footer = meta.metadata or {}
+        held = decode_shards(footer.get(schema.SHARDS_METADATA_KEY, b"[]"))
+        if held & shards.keys():
             raise RuntimeError(f"{name} repeats shards already in another file; the output is not from one scan")
-        shards |= held
+        digests = json.loads(footer.get(schema.SHARD_DIGESTS_METADATA_KEY, b"{}"))
+        shards.update({k: digests.get(str(k), "") for k in held})
         rows += meta.num_rows
         files.append(join(directory, name))
     return shards, rows, sorted(files)
@@ -107,8 +112,9 @@ class ScoreWriter:
         storage_options: fsspec options for a remote ``directory``.
         run_id: Part of each file name; a resumed run gets a new one.
         table_schema: Columns written (the scores schema plus pass-through columns).
-        shard_rows: Rows expected per shard id (the ``_shard`` column). ``None``: rows carry no shard
-            and are committed purely by size.
+        shard_rows: Rows expected per shard id (the ``_shard`` column); a shard missing here takes its
+            count from the rows' ``_shard_rows`` column (a streamed listing). ``None``: rows carry no
+            shard and are committed purely by size.
         commit_every_s: Commit finished shards at least this often (bounds the work a crash loses).
     """
 
@@ -137,6 +143,7 @@ class ScoreWriter:
         self._seen: dict[int, int] = {}
         self._ready: list[pa.Table] = []
         self._ready_shards: list[int] = []
+        self._ready_digests: dict[str, str] = {}
         self._ready_rows = 0
         self._last_commit = time.monotonic()
 
@@ -155,15 +162,24 @@ class ScoreWriter:
                 self._commit_exact(self.rows_per_file)
             return
         shard_ids = table.column(schema.SHARD).to_numpy()
+        counts = table.column(schema.SHARD_ROWS).to_numpy() if schema.SHARD_ROWS in table.column_names else None
         for shard in np.unique(shard_ids).tolist():
-            part = to_scores_table(table.filter(pa.array(shard_ids == shard)), self.schema)
+            mask = shard_ids == shard
+            if shard not in self.expected:
+                if counts is None:
+                    raise RuntimeError(f"rows of shard {shard}, which is not one of this scan's inputs")
+                self.expected[shard] = int(counts[mask][0])
+            part = to_scores_table(table.filter(pa.array(mask)), self.schema)
             self._partial.setdefault(shard, []).append(part)
             self._seen[shard] = self._seen.get(shard, 0) + part.num_rows
             if self._seen[shard] > self.expected[shard]:
                 raise RuntimeError(f"shard {shard}: more rows than inputs ({self._seen[shard]})")
             if self._seen[shard] == self.expected[shard]:
-                self._ready.extend(self._partial.pop(shard))
+                parts = self._partial.pop(shard)
+                self._ready.extend(parts)
                 self._ready_shards.append(shard)
+                paths = [p for part in parts for p in part.column(schema.PATH).to_pylist()]
+                self._ready_digests[str(shard)] = shard_digest(paths)
                 self._ready_rows += self._seen.pop(shard)
         due = time.monotonic() - self._last_commit >= self.commit_every_s
         if self._ready_rows >= self.rows_per_file or (due and self._ready_rows):
@@ -178,14 +194,19 @@ class ScoreWriter:
 
     def _commit_ready(self) -> None:
         self._write_file(pa.concat_tables(self._ready), self._ready_shards)
-        self._ready, self._ready_shards, self._ready_rows = [], [], 0
+        self._ready, self._ready_shards, self._ready_digests, self._ready_rows = [], [], {}, 0
 
     def _write_file(self, table: pa.Table, shards: list[int]) -> None:
         name = f"part-{self.run_id}-{len(self.files):05d}.parquet"
         final = f"{self.root}/{name}"
         tmp = final if self.remote else f"{self.root}/.{name}.tmp"
         if shards:
-            table = table.replace_schema_metadata({schema.SHARDS_METADATA_KEY: encode_shards(shards)})
+            table = table.replace_schema_metadata(
+                {
+                    schema.SHARDS_METADATA_KEY: encode_shards(shards),
+                    schema.SHARD_DIGESTS_METADATA_KEY: json.dumps(self._ready_digests, separators=(",", ":")),
+                }
+            )
         with self.fs.open(tmp, "wb") as handle:
             pq.write_table(table, handle, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         if tmp != final:

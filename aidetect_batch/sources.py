@@ -22,6 +22,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -109,6 +110,85 @@ def list_sources(
         hint = "" if all_files else " (only image extensions are scanned; --all-files sends every file)"
         raise SourceError(f"no files found in {', '.join(sources)}{hint}")
     return pa.table({schema.PATH: list(seen), schema.SOURCE: list(seen.values())})
+
+
+LIST_PAGE_KEYS = 1000
+
+
+def streamable(sources: tuple[str, ...]) -> bool:
+    """True when every source is a remote URI without glob characters: these are listed page by page
+    inside the job (:func:`iter_listing`) instead of all up front on the driver."""
+    return bool(sources) and all(is_remote(s) and not _GLOB_CHARS.search(s) for s in sources)
+
+
+def listing_units(sources: tuple[str, ...], storage_options: dict[str, Any] | None = None) -> list[tuple[str, bool]]:
+    """Check remote sources on the driver with one request each: ``(uri, is_prefix)`` in order.
+
+    A source inside another source's prefix is dropped (its files are listed once).
+
+    Raises:
+        SourceError: a source does not exist or cannot be reached.
+    """
+    units: list[tuple[str, bool]] = []
+    for source in dict.fromkeys(s.rstrip("/") for s in sources):
+        fs, path = filesystem(source, storage_options)
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise SourceError(f"source {source!r} does not exist") from None
+        except OSError as exc:
+            raise SourceError(f"source {source!r} cannot be listed: {exc}") from exc
+        units.append((to_uri(fs, path), info["type"] == "directory"))
+    prefixes = [uri + "/" for uri, is_prefix in units if is_prefix]
+    return [(uri, p) for uri, p in units if not any(uri.startswith(q) and uri + "/" != q for q in prefixes)]
+
+
+def _pages(fs: Any, path: str, page_keys: int) -> Iterator[list[tuple[str, int]]]:
+    """``(path, size)`` of every object under ``path``, one list per listing page, in key order.
+
+    S3 (anything with s3fs's ``call_s3``) is read with ListObjectsV2 page by page, each request
+    retried by s3fs; other filesystems are found in one go.
+    """
+    if not hasattr(fs, "call_s3"):
+        found = fs.find(path, detail=True)
+        yield [(p, i.get("size") or 0) for p, i in sorted(found.items()) if i.get("type") != "directory"]
+        return
+    bucket, key, _ = fs.split_path(path)
+    request = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else "", "MaxKeys": page_keys}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        yield [(f"{bucket}/{item['Key']}", item.get("Size", 0)) for item in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def iter_listing(
+    units: list[tuple[str, bool]],
+    extensions: tuple[str, ...],
+    all_files: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    page_keys: int = LIST_PAGE_KEYS,
+) -> Iterator[tuple[list[str], list[str]]]:
+    """Yield ``(paths, roots)`` one listing page at a time, with the same rules and order as
+    :func:`list_sources` (hidden entries, folder markers and extensions filtered, keys sorted)."""
+    for uri, is_prefix in units:
+        if not is_prefix:
+            yield [uri], [uri.rsplit("/", 1)[0]]
+            continue
+        fs, root = filesystem(uri, storage_options)
+        root = root.rstrip("/")
+        found = 0
+        for page in _pages(fs, root, page_keys):
+            paths = [
+                to_uri(fs, p)
+                for p, size in page
+                if not (p.endswith("/") and not size) and _wanted(p[len(root) :].lstrip("/"), extensions, all_files)
+            ]
+            found += len(paths)
+            yield paths, [uri] * len(paths)
+        if not found:
+            _logger.warning("source %s holds no %sfiles", uri, "" if all_files else "image ")
 
 
 READ_ATTEMPTS = 5

@@ -193,9 +193,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """moto's S3 server on 127.0.0.1 (a real HTTP S3 API), with the AWS environment pointing at it."""
+    """moto's S3 server on 127.0.0.1 (a real HTTP S3 API), with the AWS environment pointing at it.
+
+    fsspec caches filesystem instances, endpoint included, so the cache is cleared on both sides:
+    a module's server never answers for another's."""
+    import s3fs
     from moto.server import ThreadedMotoServer
 
+    s3fs.S3FileSystem.clear_instance_cache()
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -214,6 +219,7 @@ def s3_server():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+    s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
 

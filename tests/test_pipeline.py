@@ -128,9 +128,18 @@ def test_plan_uses_gpus_when_present_and_leaves_cpus_for_decode(tiny_checkpoint)
         "num_gpus": 1,
         "num_cpus": 1,
         "cpu_threads": None,
+        "decode_tasks": 12,
+        "decode_cpus_per_actor": 3.0,
     }
     cpu = plan_classifier(cfg, {"CPU": 2})
     assert cpu["device"] == "cpu" and cpu["actors"] == (1, 1) and cpu["num_cpus"] == 1
+    assert cpu["decode_tasks"] == 1
+    wide = plan_classifier(cfg, {"CPU": 64, "GPU": 8, "memory": 1e12})
+    assert wide["decode_tasks"] == 56 and wide["decode_cpus_per_actor"] == 7.0
+    fixed = ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint, decode_tasks=100)
+    assert plan_classifier(fixed, {"CPU": 16, "GPU": 2})["decode_tasks"] == 100
+    with pytest.raises(ConfigError, match="decode-tasks"):
+        ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint, decode_tasks=0)
     with pytest.raises(ConfigError, match="no CPU for decoding"):
         plan_classifier(ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint, actors=(2, 2)), {"CPU": 2})
 
