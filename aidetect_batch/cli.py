@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from aidetect_batch.config import (
     ARCHS,
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=1)
     bench.add_argument("--batch-size", type=int, default=32, help="training batch; the scan suite uses 64")
     bench.add_argument("--json", help="write the results here")
+    rep = sub.add_parser("report", help="re-create OUT/report (aggregates and index.html) from existing scores")
+    rep.add_argument("out", help="a scan's --out, or an evaluation's (its plots are included)")
+    rep.add_argument("--thumbnails", type=int, default=24, help="images per thumbnail grid")
+    _add_storage_option(rep)
     demo = sub.add_parser("demo", help="offline: build a labelled corpus, train, evaluate and scan on local Ray")
     demo.add_argument("--dir", default="aidetect-demo", help="where to write the corpus and results")
     demo.add_argument("--epochs", type=int, default=20, help="training epochs of the demo detector")
@@ -370,6 +375,21 @@ def _scan(cfg: ScanConfig) -> int:
     return 0
 
 
+def _report(out: str, storage_options: dict[str, Any], thumbnails: int) -> int:
+    from aidetect_batch import report
+    from aidetect_batch.storage import join
+
+    if thumbnails < 0:
+        raise ConfigError("--thumbnails must be 0 or more")
+    try:
+        scan_out, summary = report.rebuild(out, storage_options, thumbnails)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    print(report.closing_line(summary))
+    print(f"report: {join(scan_out, 'report', 'index.html')}")
+    return 0
+
+
 def _demo(directory: str, epochs: int) -> int:
     from aidetect_batch.demo import run_demo
 
@@ -412,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.suite, archs, args.per_class, args.epochs, args.workers, args.batch_size, args.json, scan_options
             )
             return 0
+        if args.command == "report":
+            return _report(args.out, parse_storage_options(args.storage_option), args.thumbnails)
         if args.command == "prune":
             return _prune(prune_config_from_args(args))
         if args.command == "train":

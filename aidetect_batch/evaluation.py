@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aidetect_batch import datasets, metrics, model, perturb, plots, schema
+from aidetect_batch import datasets, metrics, model, perturb, plots, report, schema
 from aidetect_batch.config import ConfigError, EvalConfig, ScanConfig
 from aidetect_batch.storage import claim_output, filesystem, join, write_json, write_parquet
 
@@ -238,6 +238,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         "description": described,
     }
     write_json(join(cfg.out, schema.METRICS_FILE), result, so)
+    report.rebuild(cfg.out, so)
     return EvalResult(cfg.out, result, pa.Table.from_pylist(rows))
 
 

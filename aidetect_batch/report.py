@@ -2,12 +2,14 @@
 
 The report streams the scores files in record batches, so memory depends on
 the number of distinct prefixes, formats and error kinds, not on the number
-of rows. It writes ``OUT/report/*.parquet``, ``summary.json`` and a score
-histogram plot, and can be rebuilt at any time from the scores alone.
+of rows. It writes ``OUT/report/*.parquet``, ``summary.json``, a score
+histogram plot and ``index.html`` (:mod:`aidetect_batch.html_report`), and
+can be rebuilt at any time from the scores alone (``aidetect-batch report``).
 """
 
 from __future__ import annotations
 
+import io
 import re
 from collections import Counter, defaultdict
 from typing import Any
@@ -16,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from aidetect_batch import schema
-from aidetect_batch.storage import filesystem, join, write_json, write_parquet
+from aidetect_batch import html_report, schema
+from aidetect_batch.storage import filesystem, join, read_json, write_json, write_parquet
 
 HISTOGRAM_BINS = 20
 TOP_ERRORS = 20
@@ -144,14 +146,18 @@ def write_report(
     group_depth: int = 1,
     storage_options: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    thumbnails: int = 24,
+    plots_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Compute the aggregates of ``out/scores`` and write them under ``out/report``.
+    """Compute the aggregates of ``out/scores`` and write them under ``out/report``, ``index.html`` included.
 
     Args:
         out: The scan's output directory.
         group_depth: Path components below the source root for the prefix breakdown.
         storage_options: fsspec options for a remote ``out``.
         extra: Run-level facts to merge into ``summary.json`` (wall time, throughput, threshold).
+        thumbnails: Images per thumbnail grid of the HTML page.
+        plots_dir: An evaluation's plots folder, whose plots the HTML page includes.
 
     Returns:
         The summary as written to ``summary.json`` (prefixes and errors truncated there).
@@ -180,11 +186,46 @@ def write_report(
     write_parquet(join(report_dir, "errors.parquet"), summary["errors"] or no_errors, storage_options)
     short = dict(summary, prefixes=summary["prefixes"][:100], errors=summary["errors"][:TOP_ERRORS])
     write_json(join(report_dir, schema.SUMMARY_FILE), short, storage_options)
-    _plot_histogram(fs, f"{root}/histogram.png", summary)
+    png = _plot_histogram(summary)
+    with fs.open(f"{root}/histogram.png", "wb") as handle:
+        handle.write(png)
+    html_report.write_html(out, summary, png, storage_options, thumbnails, plots_dir)
     return summary
 
 
-def _plot_histogram(fs: Any, path: str, summary: dict[str, Any]) -> None:
+def rebuild(out: str, storage_options: dict[str, Any] | None = None, thumbnails: int = 24) -> tuple[str, dict]:
+    """Re-create a scan's report (aggregates and ``index.html``) from its scores and ``_run.json``.
+
+    ``out`` is a scan's output, or an evaluation's, whose scan is in ``scan/`` and whose plots in
+    ``plots/`` are then included. Returns the scan folder and the summary.
+
+    Raises:
+        FileNotFoundError: ``out`` holds neither a scan nor an evaluation.
+    """
+    fs, root = filesystem(out, storage_options)
+    scan_out, plots_dir = out, None
+    if not fs.exists(f"{root}/{schema.RUN_FILE}") and fs.exists(f"{root}/{schema.EVAL_SCAN_DIR}/{schema.RUN_FILE}"):
+        scan_out, plots_dir = join(out, schema.EVAL_SCAN_DIR), join(out, schema.PLOTS_DIR)
+    try:
+        run = read_json(join(scan_out, schema.RUN_FILE), storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out} holds no scan (no {schema.RUN_FILE}) and no evaluation") from None
+    resolved = run.get("resolved", {})
+    extra = {
+        "threshold": resolved.get("threshold"),
+        "preprocess": resolved.get("preprocess"),
+        "model_id": run.get("model_id"),
+        "untrained_model": bool(run.get("model", {}).get("info", {}).get("untrained")),
+        "wall_seconds": run.get("wall_seconds"),
+    }
+    scored = (run.get("attempts") or [{}])[-1].get("rows_scored")
+    if scored and run.get("wall_seconds"):
+        extra["images_per_s"] = scored / run["wall_seconds"]
+    group_depth = int(run.get("config", {}).get("group_depth", 1))
+    return scan_out, write_report(scan_out, group_depth, storage_options, extra, thumbnails, plots_dir)
+
+
+def _plot_histogram(summary: dict[str, Any]) -> bytes:
     from matplotlib.figure import Figure
 
     hist = summary["histogram"]
@@ -214,8 +255,9 @@ def _plot_histogram(fs: Any, path: str, summary: dict[str, Any]) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    with fs.open(path, "wb") as handle:
-        fig.savefig(handle, format="png")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def closing_line(summary: dict[str, Any]) -> str:

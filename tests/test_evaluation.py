@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -77,6 +78,10 @@ def test_plots_calibration_and_curves_are_written(evaluated):
     for name in ("roc", "pr", "confusion", "histograms", "reliability", "robustness"):
         with open(os.path.join(cfg.out, schema.PLOTS_DIR, f"{name}.png"), "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n", name
+    with open(os.path.join(cfg.out, schema.EVAL_SCAN_DIR, schema.REPORT_DIR, "index.html"), encoding="utf-8") as handle:
+        page = handle.read()
+    for name in ("roc", "pr", "confusion", "histograms", "reliability", "robustness"):
+        assert re.search(rf'<img class="plot" src="data:image/png;base64,[^"]+" alt="{name}.png">', page), name
     bins = pq.read_table(os.path.join(cfg.out, "reliability.parquet")).to_pylist()
     assert sum(b["count"] for b in bins) == result.metrics["scored"]
     assert 0.0 <= result.metrics["calibration"]["ece"] <= 1.0
