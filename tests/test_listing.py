@@ -123,6 +123,7 @@ def scores(out):
     return pq.read_table(os.path.join(out, schema.SCORES_DIR)).sort_by(schema.PATH)
 
 
+@pytest.mark.slow
 def test_streamed_scan_matches_a_listed_scan_and_resumes(bucket, tmp_path, tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(pipeline, "STREAM_SHARD_ROWS", 4)
     base = ScanConfig(sources=("s3://streamed/posts",), out=str(tmp_path / "streamed"), checkpoint=tiny_checkpoint)
