@@ -65,15 +65,19 @@ def _list_one(
             elif _wanted(match.rsplit("/", 1)[-1], extensions, all_files):
                 rows.append((to_uri(fs, match), root))
         return rows
+    if _info(fs, path, source)["type"] != "directory":
+        return [(to_uri(fs, path), to_uri(fs, path.rsplit("/", 1)[0]))]
+    return _walk(fs, path, extensions, all_files)
+
+
+def _info(fs: Any, path: str, source: str) -> dict[str, Any]:
+    """The source's fsspec info; a missing or unreachable source is a :class:`SourceError`."""
     try:
-        info = fs.info(path)
+        return fs.info(path)
     except FileNotFoundError:
         raise SourceError(f"source {source!r} does not exist") from None
     except OSError as exc:
         raise SourceError(f"source {source!r} cannot be listed: {exc}") from exc
-    if info["type"] != "directory":
-        return [(to_uri(fs, path), to_uri(fs, path.rsplit("/", 1)[0]))]
-    return _walk(fs, path, extensions, all_files)
 
 
 def _walk(fs: Any, root: str, extensions: tuple[str, ...], all_files: bool) -> list[tuple[str, str]]:
@@ -132,13 +136,7 @@ def listing_units(sources: tuple[str, ...], storage_options: dict[str, Any] | No
     units: list[tuple[str, bool]] = []
     for source in dict.fromkeys(s.rstrip("/") for s in sources):
         fs, path = filesystem(source, storage_options)
-        try:
-            info = fs.info(path)
-        except FileNotFoundError:
-            raise SourceError(f"source {source!r} does not exist") from None
-        except OSError as exc:
-            raise SourceError(f"source {source!r} cannot be listed: {exc}") from exc
-        units.append((to_uri(fs, path), info["type"] == "directory"))
+        units.append((to_uri(fs, path), _info(fs, path, source)["type"] == "directory"))
     prefixes = [uri + "/" for uri, is_prefix in units if is_prefix]
     return [(uri, p) for uri, p in units if not any(uri.startswith(q) and uri + "/" != q for q in prefixes)]
 
