@@ -37,17 +37,6 @@ _logger = logging.getLogger(__name__)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-_DECODED = (
-    schema.STATUS,
-    schema.ERROR,
-    schema.FORMAT,
-    schema.MODE,
-    schema.WIDTH,
-    schema.HEIGHT,
-    schema.T_DECODE_MS,
-)
-
-
 def _plain_jpeg(data: bytes) -> bool:
     """A JPEG that ends with its end-of-image marker; truncated ones go to the CPU path, which flags them."""
     return data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\x00").endswith(b"\xff\xd9")
@@ -157,7 +146,7 @@ class Classifier:
         size = opts["size"]
         data = batch.column(schema.DATA).to_pylist()
         n = len(data)
-        cols = {c: batch.column(c).to_pylist() for c in _DECODED}
+        cols = {c: batch.column(c).to_pylist() for c in schema.DECODED_COLUMNS}
         images = np.zeros((n, size, size, 3), dtype=np.uint8)
         pending = [i for i in range(n) if data[i] is not None]
         on_device: tuple[list[int], torch.Tensor] = ([], torch.empty(0))

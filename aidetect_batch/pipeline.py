@@ -59,19 +59,7 @@ class ScanResult:
     run: dict[str, Any]
 
 
-DECODE_COLUMNS = (
-    schema.STATUS,
-    schema.ERROR,
-    schema.FORMAT,
-    schema.MODE,
-    schema.WIDTH,
-    schema.HEIGHT,
-    schema.FILE_SIZE,
-    schema.SHA256,
-    schema.T_READ_MS,
-    schema.T_DECODE_MS,
-    schema.DUPLICATE_OF,
-)
+DECODE_COLUMNS = (*schema.DECODED_COLUMNS, schema.FILE_SIZE, schema.SHA256, schema.T_READ_MS, schema.DUPLICATE_OF)
 
 
 def prepare_batch(
@@ -501,17 +489,10 @@ def _streamed_inputs(
     saved = context.target_max_block_size
     context.target_max_block_size = STREAM_BLOCK_BYTES
     try:
-        return _streamed_plan(cfg, units, shard_rows, done, state)
+        ds = ray.data.from_items([{"listing": 0}])
     finally:
         context.target_max_block_size = saved
-
-
-def _streamed_plan(
-    cfg: ScanConfig, units: list[tuple[str, bool]], shard_rows: int, done: dict[int, str], state: Any
-) -> Any:
-    import ray
-
-    return ray.data.from_items([{"listing": 0}]).map_batches(
+    return ds.map_batches(
         inputs.stream_shards,
         batch_size=1,
         batch_format="pyarrow",

@@ -106,6 +106,8 @@ SCORES_SCHEMA = pa.schema(
 )
 
 SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
+# The columns decoding one file fills in, on the CPU stage or in the Classifier (--gpu-decode).
+DECODED_COLUMNS = (STATUS, ERROR, FORMAT, MODE, WIDTH, HEIGHT, T_DECODE_MS)
 
 # Directory layout of OUT
 SCORES_DIR = "scores"
