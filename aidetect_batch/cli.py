@@ -1,4 +1,4 @@
-"""Command line: ``aidetect-batch scan|train|evaluate|prune|benchmark|demo``.
+"""Command line: ``aidetect-batch scan|train|evaluate|prune|report|serve|benchmark|demo``.
 
 Arguments are parsed into a validated config before Ray starts.
 Exit codes: 0 when the job completed (even with bad files), 2 for bad
@@ -24,6 +24,7 @@ from aidetect_batch.config import (
     EvalConfig,
     PruneConfig,
     ScanConfig,
+    ServeConfig,
     TrainConfig,
     parse_actors,
     parse_storage_options,
@@ -202,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("out", help="a scan's --out, or an evaluation's (its plots are included)")
     rep.add_argument("--thumbnails", type=int, default=24, help="images per thumbnail grid")
     _add_storage_option(rep)
+    srv = sub.add_parser("serve", help="the upload page: score single images over HTTP with Ray Serve")
+    srv.add_argument("--checkpoint", help="detector checkpoint (local path or s3:// URI)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 opens it to the network)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--threshold", type=float, help="decision threshold on P(AI) (default: the checkpoint's)")
+    srv.add_argument("--preprocess", choices=POLICIES, help="preprocess policy (default: the checkpoint's)")
+    srv.add_argument("--arch", choices=ARCHS, help="architecture of a plain state dict without metadata")
+    srv.add_argument("--ai-class-index", type=int, help="which of two logits is AI, for plain state dicts")
+    srv.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    srv.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload")
+    srv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas of the detector")
+    srv.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    srv.add_argument("--max-batch-size", type=int, default=16, help="concurrent uploads scored in one forward pass")
+    _add_storage_option(srv)
     demo = sub.add_parser("demo", help="offline: build a labelled corpus, train, evaluate and scan on local Ray")
     demo.add_argument("--dir", default="aidetect-demo", help="where to write the corpus and results")
     demo.add_argument("--epochs", type=int, default=20, help="training epochs of the demo detector")
@@ -390,6 +405,49 @@ def _report(out: str, storage_options: dict[str, Any], thumbnails: int) -> int:
     return 0
 
 
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """Turn parsed ``serve`` arguments into a validated config; raises :class:`ConfigError`."""
+    if not args.checkpoint:
+        raise ConfigError(NO_CHECKPOINT)
+    return ServeConfig(
+        checkpoint=args.checkpoint,
+        host=args.host,
+        port=args.port,
+        threshold=args.threshold,
+        preprocess=args.preprocess,
+        arch=args.arch,
+        ai_class_index=args.ai_class_index,
+        max_pixels=args.max_pixels,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        replicas=args.replicas,
+        gpus_per_replica=args.gpus_per_replica,
+        max_batch_size=args.max_batch_size,
+        storage_options=parse_storage_options(args.storage_option),
+    )
+
+
+def _serve(cfg: ServeConfig) -> int:
+    import signal
+    import threading
+
+    from ray import serve
+
+    from aidetect_batch.serve import start
+
+    url = start(cfg)
+    print(f"upload page: {url}  (Ctrl-C stops it)", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    print("upload page stopped", flush=True)
+    return 0
+
+
 def _demo(directory: str, epochs: int) -> int:
     from aidetect_batch.demo import run_demo
 
@@ -434,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args.out, parse_storage_options(args.storage_option), args.thumbnails)
+        if args.command == "serve":
+            return _serve(serve_config_from_args(args))
         if args.command == "prune":
             return _prune(prune_config_from_args(args))
         if args.command == "train":

@@ -1,4 +1,4 @@
-"""Typed, validated configuration of scan, train and evaluate.
+"""Typed, validated configuration of scan, train, evaluate, prune and serve.
 
 The config is built from the command line, validated before ``ray.init()`` so
 that bad arguments fail in a second instead of after a cluster start, and
@@ -468,6 +468,71 @@ class PruneConfig:
     def all_amounts(self) -> tuple[float, ...]:
         """The amounts with the unpruned baseline (0) first."""
         return tuple(sorted({0.0, *self.amounts}))
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict with secret-looking storage options redacted."""
+        data = dataclasses.asdict(self)
+        data["storage_options"] = redact(self.storage_options)
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """The upload page (``aidetect-batch serve``): one Ray Serve application.
+
+    Attributes:
+        checkpoint: Detector checkpoint path or URI.
+        host: Interface to listen on; loopback unless the operator opens it up.
+        port: HTTP port.
+        threshold: Decision threshold on P(AI); ``None`` means the checkpoint's.
+        preprocess: Preprocess policy; ``None`` means the checkpoint's, else ``resize``.
+        arch: Architecture, only for plain state dicts without metadata.
+        ai_class_index: Which of two logits means "AI"; only for plain state dicts.
+        max_pixels: Decompression-bomb guard, as in the scan.
+        max_upload_bytes: Largest accepted upload; larger bodies get HTTP 413 before they are read.
+        replicas: Ray Serve replicas of the detector.
+        gpus_per_replica: GPUs per replica; ``None``: 1 when the cluster has GPUs, else 0.
+        max_batch_size: Concurrent uploads scored in one forward pass.
+        storage_options: Extra fsspec options for a remote checkpoint.
+    """
+
+    checkpoint: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threshold: float | None = None
+    preprocess: str | None = None
+    arch: str | None = None
+    ai_class_index: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_upload_bytes: int = 50 * 1024 * 1024
+    replicas: int = 1
+    gpus_per_replica: float | None = None
+    max_batch_size: int = 16
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check names and ranges; raises :class:`ConfigError`."""
+        if not self.checkpoint:
+            raise ConfigError("serve needs --checkpoint")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be 1-65535, not {self.port}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError("--threshold must be in [0, 1]")
+        if self.preprocess is not None and self.preprocess not in POLICIES:
+            raise ConfigError(f"--preprocess must be one of {', '.join(POLICIES)}")
+        if self.arch is not None and self.arch not in ARCHS:
+            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}")
+        if self.ai_class_index is not None and self.ai_class_index not in (0, 1):
+            raise ConfigError("--ai-class-index must be 0 or 1")
+        if self.max_pixels < 1 or self.max_upload_bytes < 1:
+            raise ConfigError("--max-pixels and --max-upload-mb must be positive")
+        if self.replicas < 1 or self.max_batch_size < 1:
+            raise ConfigError("--replicas and --max-batch-size must be at least 1")
+        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
+            raise ConfigError("--gpus-per-replica must be 0 or more")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict with secret-looking storage options redacted."""

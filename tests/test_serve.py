@@ -1,0 +1,192 @@
+"""The upload page: Ray Serve on 127.0.0.1 scores uploads exactly as the scan does, enforces the limits,
+explains failures, and works from a real browser."""
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import encode, free_port, photo
+from PIL import Image
+
+from aidetect_batch import schema
+from aidetect_batch.cli import main
+from aidetect_batch.config import ConfigError, ScanConfig, ServeConfig
+from aidetect_batch.pipeline import run_scan
+from aidetect_batch.serve import start
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+MAX_PIXELS = 1_000_000
+MAX_UPLOAD = 2 * 2**20
+
+
+def images() -> dict[str, bytes]:
+    return {
+        "street.jpg": encode(photo(400, 300, seed=3), "JPEG", quality=92),
+        "portrait.png": encode(photo(180, 260, seed=5), "PNG"),
+        "tiny.webp": encode(photo(64, 48, seed=7), "WEBP", quality=90),
+    }
+
+
+@pytest.fixture(scope="module")
+def scan_scores(ray_cluster, tmp_path_factory, tiny_checkpoint) -> dict[str, float]:
+    """What the batch scan says about the files the tests upload."""
+    root = tmp_path_factory.mktemp("serve")
+    for name, data in images().items():
+        (root / "in" / name).parent.mkdir(exist_ok=True)
+        (root / "in" / name).write_bytes(data)
+    out = str(root / "out")
+    run_scan(ScanConfig(sources=(str(root / "in"),), out=out, checkpoint=tiny_checkpoint))
+    table = pq.read_table(os.path.join(out, schema.SCORES_DIR)).to_pylist()
+    return {os.path.basename(r[schema.PATH]): r[schema.SCORE] for r in table}
+
+
+@pytest.fixture(scope="module")
+def server(scan_scores, tiny_checkpoint):
+    from ray import serve
+
+    cfg = ServeConfig(checkpoint=tiny_checkpoint, port=free_port(), max_pixels=MAX_PIXELS, max_upload_bytes=MAX_UPLOAD)
+    url = start(cfg)
+    yield url
+    serve.shutdown()
+
+
+def post(url: str, name: str, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}score?name={urllib.parse.quote(name)}", data=data, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_uploads_score_exactly_as_the_scan(server, scan_scores):
+    for name, data in images().items():
+        code, body = post(server, name, data)
+        assert code == 200, body
+        assert body["status"] == "ok" and body["name"] == name
+        assert body["score"] == pytest.approx(scan_scores[name], abs=1e-6), "same decode, preprocess and model"
+        assert body["label"] == ("ai" if body["score"] >= 0.5 else "real")
+        assert body["model"]["arch"] == "resnet_tiny" and len(body["model"]["model_id"]) == 16
+        assert body["model"]["preprocess"] == "resize" and body["model"]["device"] == "cpu"
+
+
+def test_bad_uploads_get_a_status_code_and_a_message(server):
+    bomb = encode(Image.new("RGB", (1200, 1000), "white"), "PNG")
+    cut = encode(photo(300, 200), "JPEG")
+    cases = {
+        "notes.txt": (b"meeting notes, definitely not pixels\n" * 20, 415, "undecodable", "not an image"),
+        "paper.pdf": (b"%PDF-1.7\n" + bytes(200), 415, "unsupported", "PDF document"),
+        "empty.jpg": (b"", 415, "empty", "empty"),
+        "cut.jpg": (cut[: len(cut) // 2], 422, "truncated", "damaged"),
+        "bomb.png": (bomb, 413, "too_large", "exceeds max_pixels=1000000"),
+        "huge.jpg": (os.urandom(MAX_UPLOAD + 1), 413, "too_large", "2 MiB upload limit"),
+    }
+    for name, (data, want_code, want_status, words) in cases.items():
+        code, body = post(server, name, data)
+        assert (code, body["status"]) == (want_code, want_status), (name, body)
+        assert words in body["message"] and name in body["message"], body["message"]
+        assert "score" not in body
+
+
+def test_health_and_routes(server):
+    with urllib.request.urlopen(server + "healthz", timeout=30) as resp:
+        assert json.loads(resp.read())["model"]["arch"] == "resnet_tiny"
+    page = urllib.request.urlopen(server, timeout=30).read().decode()
+    assert "resnet_tiny" in page and 'type="file"' in page and not any(s in page for s in ("http://", "https://")), (
+        "the page is self-contained"
+    )
+    for path, method, code in (("nothing", "GET", 404), ("score", "GET", 405)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(server + path, method=method), timeout=30)
+        assert err.value.code == code
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (apt-get install chromium)")
+def test_upload_in_a_real_browser(server, scan_scores, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    files = images()
+    uploads = [{"name": n, "mimeType": "application/octet-stream", "buffer": d} for n, d in files.items()]
+    uploads.append({"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello, not an image\n" * 10})
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server)
+            assert "resnet_tiny" in page.text_content("#model")
+            page.set_input_files("#files", uploads)
+            page.wait_for_selector(f'#results[data-done="{len(uploads)}"]', timeout=60_000)
+            page.screenshot(path=str(tmp_path / "upload.png"))
+            cards = page.eval_on_selector_all(
+                ".card",
+                """cards => cards.map(c => ({
+                    name: c.dataset.name, failed: c.classList.contains('failed'),
+                    text: c.innerText, preview: c.querySelector('img').naturalWidth}))""",
+            )
+        finally:
+            browser.close()
+    by_name = {c["name"]: c for c in cards}
+    assert set(by_name) == {*files, "notes.txt"}
+    for name in files:
+        card = by_name[name]
+        assert not card["failed"] and card["preview"] > 0, card
+        assert f"P(AI) = {scan_scores[name]:.4f}" in card["text"]
+        assert ("AI-generated" if scan_scores[name] >= 0.5 else "real") in card["text"]
+        assert "resnet_tiny" in card["text"]
+    assert by_name["notes.txt"]["failed"] and "not an image" in by_name["notes.txt"]["text"]
+    shot = Image.open(tmp_path / "upload.png").convert("RGB")
+    assert len(shot.getcolors(1 << 20) or range(1 << 20)) > 500, "the previews rendered, not a blank page"
+
+
+def test_serve_arguments_fail_before_ray_starts(tmp_path, capsys):
+    assert main(["serve"]) == 2
+    assert "--checkpoint is required" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        ServeConfig(checkpoint="x.pt", port=70000)
+    with pytest.raises(ConfigError):
+        ServeConfig(checkpoint="x.pt", max_upload_bytes=0)
+
+
+@pytest.mark.slow
+def test_serve_command_runs_until_interrupted(tiny_checkpoint):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aidetect_batch", "serve", "--checkpoint", tiny_checkpoint, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": "", "RAY_DEDUP_LOGS": "0"},
+    )
+    try:
+        deadline = time.monotonic() + 180
+        url = f"http://127.0.0.1:{port}/"
+        lines = []
+        while not any(line.startswith("upload page: ") for line in lines):
+            assert time.monotonic() < deadline, "the page never came up:\n" + "".join(lines)
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if ready:
+                line = proc.stdout.readline()
+                assert line or proc.poll() is None, "".join(lines)
+                lines.append(line)
+        code, body = post(url, "street.jpg", images()["street.jpg"])
+        assert code == 200 and 0.0 <= body["score"] <= 1.0
+        proc.send_signal(signal.SIGINT)
+        output = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert f"upload page: {url}" in output and "upload page stopped" in output
