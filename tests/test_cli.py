@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_labelled_set
@@ -156,29 +158,84 @@ def test_bad_evaluate_arguments(capsys, small_labelled, tiny_checkpoint, tmp_pat
     assert code == 2 and needle in err
 
 
+def readme_blocks(section: str) -> list[str]:
+    """The ```python blocks of one README section, exactly as a reader would paste them."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    start = text.index(f"## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.S)
+
+
+def check_querying_examples(demo, capsys) -> None:
+    """The README's "Querying results" examples, run as written: pandas and DuckDB agree, and with the data."""
+    pandas_block, duckdb_block, evaluation_block = readme_blocks("Querying results")
+    spaces = []
+    for block in (pandas_block, duckdb_block, evaluation_block):
+        spaces.append({})
+        exec(compile(block, "README.md", "exec"), spaces[-1])  # noqa: S102 - the README's own examples
+    printed = capsys.readouterr().out
+    pdx, ddb = spaces[0], spaces[1]
+    scores = pq.read_table(demo / "scan" / schema.SCORES_DIR).to_pandas()
+    ok = scores[scores.status == "ok"]
+
+    for top in (pdx["top"], ddb["top"]):
+        assert set(top.columns) >= {"folder", "path", "score"}
+        for folder, group in top.groupby("folder"):
+            here = ok[ok.path.str.rsplit("/", n=1).str[0] == folder].score
+            assert sorted(group.score, reverse=True) == sorted(here, reverse=True)[:3], folder
+        assert set(top.folder) == set(ok.path.str.rsplit("/", n=1).str[0])
+    assert len(pdx["top"]) == len(ddb["top"])
+
+    for failures in (pdx["failures"], ddb["failures"]):
+        assert failures.files.sum() == int((scores.status != "ok").sum()) == 7
+        assert set(failures.status) == {"empty", "undecodable", "truncated", "too_large"}
+        assert failures.files.is_monotonic_decreasing
+    key = ["status", "error", "files", "example"]
+    assert sorted(map(tuple, pdx["failures"][key].values)) == sorted(map(tuple, ddb["failures"][key].values))
+
+    manifest = pq.read_table(demo / "train" / "splits.parquet").to_pandas()
+    for by_split in (pdx["by_split"], ddb["by_split"]):
+        assert set(by_split.split) == {"train", "val", "test"}
+        assert by_split.files.sum() == len(set(manifest.path) & set(ok.path))
+        mean = by_split.set_index(["split", "true_label"]).mean_score
+        assert (mean.xs("ai", level="true_label") > mean.xs("real", level="true_label")).all()
+    merged = pdx["by_split"].merge(ddb["by_split"], on=["split", "true_label"], suffixes=("_pd", "_db"))
+    assert len(merged) == 6 and (merged.files_pd == merged.files_db).all()
+    assert np.allclose(merged.mean_score_pd, merged.mean_score_db, atol=1e-6)
+    assert np.allclose(merged.flagged_ai_pd, merged.flagged_ai_db)
+    assert "too_large" in printed and "mean_score" in printed
+    assert spaces[2]["wrong"].status.eq("ok").all()
+
+
 @pytest.mark.slow
-def test_demo_and_job_entry_points_end_to_end(tmp_path):
-    """README command 1 (the demo: train, evaluate, scan), then jobs/*.py on its outputs, as subprocesses."""
+def test_demo_and_job_entry_points_end_to_end(tmp_path, monkeypatch, capsys):
+    """README command 1 (the demo: train, evaluate, scan), its querying examples, then jobs/*.py, as a user would."""
     env = {**os.environ, "RAY_ADDRESS": ""}
     console_script = shutil.which("aidetect-batch")
     command = [console_script] if console_script else [sys.executable, "-m", "aidetect_batch"]
     demo = subprocess.run(
-        [*command, "demo", "--dir", str(tmp_path)],
+        [*command, "demo"],
         capture_output=True,
         text=True,
         timeout=480,
         env=env,
+        cwd=str(tmp_path),
     )
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "DEMO NUMBERS ARE NOT REAL-WORLD ACCURACY" in demo.stderr
     assert "ROC-AUC" in demo.stdout and "target_fpr" in demo.stdout
     closing = [line for line in demo.stdout.splitlines() if line.startswith("scanned ")]
     assert closing and "scanned 615 files: ok 608, failed 7" in closing[0] and "img/s" in closing[0]
-    metrics = json.load(open(tmp_path / "evaluation" / schema.METRICS_FILE))
+    out = tmp_path / "aidetect-demo"
+    metrics = json.load(open(out / "evaluation" / schema.METRICS_FILE))
     assert metrics["split"] == "test" and metrics["overall"]["roc_auc"] > 0.8
     assert [r["perturbation"] for r in metrics["robustness"]][0] == "none"
-    assert pq.read_table(tmp_path / "scan" / schema.SCORES_DIR).num_rows == 615
-    checkpoint = str(tmp_path / "train" / schema.MODEL_FILE)
+    assert pq.read_table(out / "scan" / schema.SCORES_DIR).num_rows == 615
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    check_querying_examples(out, capsys)
+    checkpoint = str(out / "train" / schema.MODEL_FILE)
 
     def job(name, *args):
         return subprocess.run(
@@ -190,9 +247,7 @@ def test_demo_and_job_entry_points_end_to_end(tmp_path):
             cwd=str(tmp_path),
         )
 
-    scanned = job(
-        "scan.py", str(tmp_path / "corpus" / "dump"), "--checkpoint", checkpoint, "--out", str(tmp_path / "j")
-    )
+    scanned = job("scan.py", str(out / "corpus" / "dump"), "--checkpoint", checkpoint, "--out", str(tmp_path / "j"))
     assert scanned.returncode == 0, scanned.stderr[-3000:]
     assert "scanned 11 files: ok 7, failed 4" in scanned.stdout, "no_extension is skipped without --all-files"
     for name, flag in (("train.py", "--freeze-backbone"), ("evaluate.py", "--perturb"), ("prune.py", "--structured")):
