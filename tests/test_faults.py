@@ -23,7 +23,7 @@ def ray_with_state_api(s3_server):
     """Ray with its dashboard, so the test can find the Classifier actor's process; started after moto."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

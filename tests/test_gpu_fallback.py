@@ -18,7 +18,7 @@ from tests.test_pipeline import reference_scores
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

@@ -27,7 +27,7 @@ def ray_cluster(s3_server):
     """Ray starts after the AWS environment points at moto, so its workers inherit it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

@@ -18,7 +18,7 @@ def ray_with_state_api():
     """Tune needs the dashboard's State API (see aidetect_batch/tuning.py), so this module starts Ray with it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
@@ -26,7 +26,7 @@ def ray_with_state_api():
 def test_search_refuses_to_start_without_the_state_api(tmp_path):
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         cfg = TrainConfig(dataset=str(tmp_path), out=str(tmp_path / "o"), arch="cifake_cnn", init="none")
         with pytest.raises(ConfigError, match="State API"):
