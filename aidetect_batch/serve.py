@@ -18,7 +18,8 @@ HTTP API (the page uses it; so can ``curl``):
 - ``GET /healthz``: the model the replica loaded.
 
 The replicas read the checkpoint themselves, so on a multi-node cluster it
-must be an ``s3://`` URI or a path every node has.
+must be an ``s3://`` URI or a path every node has. One HTTP proxy runs, on
+the head node: the page has one address, and replicas anywhere serve it.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ def start(cfg: ServeConfig) -> str:
     gpus = cfg.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
     serve.run(application(cfg, gpus), name=APP_NAME, route_prefix="/")
     return f"http://{cfg.host}:{cfg.port}/"
 

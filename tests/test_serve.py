@@ -3,25 +3,21 @@ explains failures, and works from a real browser."""
 
 import json
 import os
-import select
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 from conftest import encode, free_port, photo
 from PIL import Image
 
 from aidetect_batch import schema
+from aidetect_batch.classifier import Classifier
 from aidetect_batch.cli import main
-from aidetect_batch.config import ConfigError, ScanConfig, ServeConfig
-from aidetect_batch.pipeline import run_scan
+from aidetect_batch.config import DEFAULT_MAX_PIXELS, ConfigError, ServeConfig
+from aidetect_batch.pipeline import prepare_batch
 from aidetect_batch.serve import start
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -38,20 +34,21 @@ def images() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def scan_scores(ray_cluster, tmp_path_factory, tiny_checkpoint) -> dict[str, float]:
-    """What the batch scan says about the files the tests upload."""
+def scan_scores(tmp_path_factory, tiny_checkpoint) -> dict[str, float]:
+    """What the scan's own two stages (the decode task's ``prepare_batch``, then the ``Classifier``) say."""
     root = tmp_path_factory.mktemp("serve")
     for name, data in images().items():
-        (root / "in" / name).parent.mkdir(exist_ok=True)
-        (root / "in" / name).write_bytes(data)
-    out = str(root / "out")
-    run_scan(ScanConfig(sources=(str(root / "in"),), out=out, checkpoint=tiny_checkpoint))
-    table = pq.read_table(os.path.join(out, schema.SCORES_DIR)).to_pylist()
-    return {os.path.basename(r[schema.PATH]): r[schema.SCORE] for r in table}
+        (root / name).write_bytes(data)
+    listing = pa.table({schema.PATH: [str(root / n) for n in images()], schema.SOURCE: [str(root)] * len(images())})
+    decoded = prepare_batch(listing, "resize", DEFAULT_MAX_PIXELS, {})
+    with open(tiny_checkpoint, "rb") as handle:
+        scored = Classifier(handle.read(), threshold=0.5)(decoded)
+    paths, scores = scored[schema.PATH].to_pylist(), scored[schema.SCORE].to_pylist()
+    return {os.path.basename(p): s for p, s in zip(paths, scores, strict=True)}
 
 
 @pytest.fixture(scope="module")
-def server(scan_scores, tiny_checkpoint):
+def server(ray_cluster, tiny_checkpoint):
     from ray import serve
 
     cfg = ServeConfig(checkpoint=tiny_checkpoint, port=free_port(), max_pixels=MAX_PIXELS, max_upload_bytes=MAX_UPLOAD)
@@ -158,35 +155,3 @@ def test_serve_arguments_fail_before_ray_starts(tmp_path, capsys):
         ServeConfig(checkpoint="x.pt", port=70000)
     with pytest.raises(ConfigError):
         ServeConfig(checkpoint="x.pt", max_upload_bytes=0)
-
-
-@pytest.mark.slow
-def test_serve_command_runs_until_interrupted(tiny_checkpoint):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aidetect_batch", "serve", "--checkpoint", tiny_checkpoint, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "RAY_ADDRESS": "", "RAY_DEDUP_LOGS": "0"},
-    )
-    try:
-        deadline = time.monotonic() + 180
-        url = f"http://127.0.0.1:{port}/"
-        lines = []
-        while not any(line.startswith("upload page: ") for line in lines):
-            assert time.monotonic() < deadline, "the page never came up:\n" + "".join(lines)
-            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-            if ready:
-                line = proc.stdout.readline()
-                assert line or proc.poll() is None, "".join(lines)
-                lines.append(line)
-        code, body = post(url, "street.jpg", images()["street.jpg"])
-        assert code == 200 and 0.0 <= body["score"] <= 1.0
-        proc.send_signal(signal.SIGINT)
-        output = "".join(lines) + proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output
-    assert f"upload page: {url}" in output and "upload page stopped" in output
