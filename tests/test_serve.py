@@ -18,7 +18,7 @@ from aidetect_batch.classifier import Classifier
 from aidetect_batch.cli import main
 from aidetect_batch.config import DEFAULT_MAX_PIXELS, ConfigError, ServeConfig
 from aidetect_batch.pipeline import prepare_batch
-from aidetect_batch.serve import start
+from aidetect_batch.serve import build_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MAX_PIXELS = 1_000_000
@@ -49,11 +49,15 @@ def scan_scores(tmp_path_factory, tiny_checkpoint) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_checkpoint):
+    """The page deployed the way `serve run aidetect_batch.serve:build_app key=value ...` deploys it (string
+    arguments); the `aidetect-batch serve` command itself is tested on a two-node cluster in test_multinode."""
     from ray import serve
 
-    cfg = ServeConfig(checkpoint=tiny_checkpoint, port=free_port(), max_pixels=MAX_PIXELS, max_upload_bytes=MAX_UPLOAD)
-    url = start(cfg)
-    yield url
+    port = free_port()
+    args = {"checkpoint": tiny_checkpoint, "max_pixels": str(MAX_PIXELS), "max_upload_bytes": str(MAX_UPLOAD)}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="aidetect", route_prefix="/")
+    yield f"http://127.0.0.1:{port}/"
     serve.shutdown()
 
 
@@ -155,3 +159,5 @@ def test_serve_arguments_fail_before_ray_starts(tmp_path, capsys):
         ServeConfig(checkpoint="x.pt", port=70000)
     with pytest.raises(ConfigError):
         ServeConfig(checkpoint="x.pt", max_upload_bytes=0)
+    with pytest.raises(ConfigError, match="--threshold"):
+        build_app({"checkpoint": "x.pt", "threshold": "1.5"})
