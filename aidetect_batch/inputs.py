@@ -177,7 +177,7 @@ def stream_shards(
     """The first stage of a streamed scan (a Ray Data generator UDF on one dummy row).
 
     Lists the units page by page and yields the input table shard by shard (``path``, ``source``,
-    ``_shard``, ``_shard_rows``) while the listing goes on, so decoding starts after the first page.
+    ``_shard``, ``_shard_rows``) while the listing goes on (Ray Data passes them on in blocks).
     Rows, order, ``--sample``/``--limit`` and shard numbering equal :func:`select` over the whole
     listing. ``committed`` maps a resumed run's finished shards to their :func:`shard_digest`:
     those are not yielded, and if one differs the listing changed since, so it stops and says so.

@@ -482,7 +482,8 @@ def _streamed_inputs(
     cfg: ScanConfig, units: list[tuple[str, bool]], shard_rows: int, done: dict[int, str], state: Any
 ) -> Any:
     """The input stage of a streamed listing: one zero-CPU task lists the sources page by page and
-    yields the input shards, so reading starts after the first page instead of after the listing."""
+    yields the input shards. Ray Data hands them on in STREAM_BLOCK_BYTES blocks (tens of thousands of
+    paths), so reading starts after the first block, not after the whole listing."""
     import ray
 
     context = ray.data.DataContext.get_current()
