@@ -109,11 +109,6 @@ class UploadScorer:
         row["model"] = self.model
         return row
 
-    def score_bytes(self, name: str, data: bytes) -> dict[str, Any]:
-        """One upload end to end, without HTTP."""
-        row, image = self.decode(name, data)
-        return self.finish(row, None if image is None else self.predict([image])[0])
-
 
 def failure_message(name: str, status: schema.Status, error: str | None) -> str:
     """What the page tells a person whose upload could not be scored."""
