@@ -86,6 +86,7 @@ def test_unstructured_pruning_keeps_shapes_and_zeroes_weights():
     assert not any(hasattr(m, "weight_orig") for m in pruned.modules()), "pruning is made permanent"
 
 
+@pytest.mark.slow
 def test_prune_unstructured_reports_measured_size_and_speed(ray_cluster, labelled, cifake_checkpoint, tmp_path):
     cfg = PruneConfig(
         checkpoint=cifake_checkpoint,

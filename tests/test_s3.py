@@ -93,6 +93,7 @@ def test_missing_s3_prefix_is_a_source_error(s3):
         list_sources(("s3://dump/nothing-here",), DEFAULT_EXTENSIONS)
 
 
+@pytest.mark.slow
 def test_train_on_s3_dataset_writes_a_checkpoint_to_s3_that_scan_and_evaluate_load(ray_cluster, s3, tmp_path):
     from conftest import write_labelled_set
 
