@@ -97,6 +97,7 @@ class Classifier:
         self.ai_class_index = ckpt.ai_class_index
         self.threshold = threshold
         self.model_id = ckpt.model_id
+        self.checkpoint = ckpt.metadata()
         _logger.info("Classifier ready: %s (%s) on %s", ckpt.arch, ckpt.model_id, self.device)
 
     def predict(self, images: np.ndarray) -> np.ndarray:

@@ -60,23 +60,22 @@ class UploadScorer:
         from aidetect_batch.classifier import Classifier
 
         data = model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options)
-        ckpt = model.parse_checkpoint(data, arch=cfg.arch, ai_class_index=cfg.ai_class_index)
-        self.policy = cfg.preprocess or ckpt.preprocess or preprocess.DEFAULT_POLICY
-        self.threshold = cfg.threshold if cfg.threshold is not None else ckpt.threshold
-        self.size = ckpt.input_size
+        self.classifier = Classifier(data, arch=cfg.arch, ai_class_index=cfg.ai_class_index, device=device)
+        meta = self.classifier.checkpoint
+        self.policy = cfg.preprocess or meta["preprocess"] or preprocess.DEFAULT_POLICY
+        self.threshold = cfg.threshold if cfg.threshold is not None else meta["threshold"]
+        self.classifier.threshold = self.threshold
+        self.size = meta["input_size"]
         self.max_pixels = cfg.max_pixels
-        self.classifier = Classifier(
-            data, arch=cfg.arch, ai_class_index=cfg.ai_class_index, threshold=self.threshold, device=device
-        )
         self.model = {
-            "arch": ckpt.arch,
-            "model_id": ckpt.model_id,
+            "arch": meta["arch"],
+            "model_id": meta["model_id"],
             "checkpoint": os.path.basename(cfg.checkpoint.rstrip("/")),
             "preprocess": self.policy,
             "input_size": self.size,
             "threshold": self.threshold,
             "device": str(self.classifier.device),
-            "untrained": bool(ckpt.info.get("untrained")),
+            "untrained": bool(meta["info"].get("untrained")),
         }
 
     def decode(self, name: str, data: bytes) -> tuple[dict[str, Any], np.ndarray | None]:
