@@ -16,6 +16,10 @@ Suites:
   driver and of the largest Ray worker while scanning 2,000 and then 20,000
   small images with the 32 px CIFAKE CNN (so the run takes minutes, not
   hours, on a CPU). Linux only for (e): it reads ``/proc``.
+- ``listing``: for one ``s3://`` prefix (``--listing-prefix``), the time to
+  list it on the driver against the time until a streamed scan's listing
+  stage hands on its first input block, and how many keys that block holds,
+  at the scan's block size and at 4 MiB (the earlier setting).
 
 Figures are printed as a table and written as JSON; ``BENCHMARKS.md``
 records them with the command that produced them.
@@ -326,6 +330,43 @@ def scan(
     return result
 
 
+def listing(prefix: str, storage_options: dict[str, Any] | None = None, rounds: int = 2) -> dict[str, Any]:
+    """The listing suite (module docstring): driver listing against the streamed listing's first block.
+
+    Both block sizes are measured ``rounds`` times, alternating, because the first streamed
+    listing also pays for starting its Ray worker.
+    """
+    import ray
+
+    from aidetect_batch import inputs, pipeline, sources
+    from aidetect_batch.config import ScanConfig
+
+    options = storage_options or {}
+    cfg = ScanConfig(sources=(prefix,), out="unused", checkpoint="unused", storage_options=options)
+    start = time.monotonic()
+    keys = sources.list_sources(cfg.sources, cfg.extensions, options).num_rows
+    result: dict[str, Any] = {"prefix": prefix, "keys": keys, "driver_listing_seconds": time.monotonic() - start}
+    units = sources.listing_units(cfg.sources, options)
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+    streamed = []
+    for block_bytes in (pipeline.STREAM_BLOCK_BYTES, 4 << 20) * rounds:
+        state = ray.remote(num_cpus=0)(inputs.ListingState).remote()
+        ds = pipeline._streamed_inputs(cfg, units, pipeline.STREAM_SHARD_ROWS, {}, state, block_bytes)
+        start = time.monotonic()
+        row: dict[str, Any] = {"block_bytes": block_bytes, "blocks": 0, "keys": 0}
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if not row["blocks"]:
+                row["first_block_seconds"] = time.monotonic() - start
+                row["first_block_keys"] = batch.num_rows
+            row["blocks"] += 1
+            row["keys"] += batch.num_rows
+        row["all_blocks_seconds"] = time.monotonic() - start
+        streamed.append(row)
+    result["streamed"] = streamed
+    return result
+
+
 def demo() -> dict[str, Any]:
     """Run the whole demo once and time it."""
     from aidetect_batch.demo import run_demo
@@ -345,6 +386,7 @@ def run_benchmark(
     batch_size: int,
     out: str | None,
     scan_options: dict[str, Any] | None = None,
+    listing_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a suite, print its table, and write the JSON to ``out`` when given."""
     result: dict[str, Any] = {
@@ -358,6 +400,8 @@ def run_benchmark(
         result["demo"] = demo()
     if suite in ("scan", "all"):
         result["scan"] = scan(**(scan_options or {}))
+    if suite == "listing":
+        result["listing"] = listing(**(listing_options or {}))
     lines = [f"machine: {result['machine']['cpus']} CPUs, GPU {result['machine']['gpu'] or 'none'}"]
     for row in result.get("training", []):
         lines.append(
@@ -370,6 +414,8 @@ def run_benchmark(
         lines.append(f"demo wall time {result['demo']['demo_wall_seconds']:.0f} s")
     if "scan" in result:
         lines += scan_lines(result["scan"])
+    if "listing" in result:
+        lines += listing_lines(result["listing"])
     print("\n".join(lines), flush=True)
     if out:
         with open(out, "w") as handle:
@@ -396,4 +442,18 @@ def scan_lines(scan: dict[str, Any]) -> list[str]:
         )
     growth = scan["memory_growth"]
     lines.append(f"    growth: driver {growth['driver']:+.0%}, worker {growth['worker']:+.0%}")
+    return lines
+
+
+def listing_lines(listing: dict[str, Any]) -> list[str]:
+    """The listing suite as printed lines."""
+    lines = [
+        f"driver listing     {listing['keys']} keys in {listing['driver_listing_seconds']:.1f} s ({listing['prefix']})"
+    ]
+    for row in listing["streamed"]:
+        lines.append(
+            f"streamed, {row['block_bytes'] >> 10:>5} KiB blocks: first block after {row['first_block_seconds']:.1f} s "
+            f"with {row['first_block_keys']} keys; "
+            f"{row['blocks']} blocks, {row['keys']} keys in {row['all_blocks_seconds']:.1f} s"
+        )
     return lines

@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true")
     _add_storage_option(prune)
     bench = sub.add_parser("benchmark", help="measure scan and training throughput and the demo's wall time")
-    bench.add_argument("--suite", choices=("scan", "training", "demo", "all"), default="scan")
+    bench.add_argument("--suite", choices=("scan", "training", "demo", "all", "listing"), default="scan")
+    bench.add_argument("--listing-prefix", help="listing suite: the s3:// prefix to list (not part of 'all')")
     bench.add_argument("--scan-arch", default="resnet50", help="scan suite: the model (random weights)")
     bench.add_argument("--precision", choices=PRECISIONS, default="bf16", help="scan suite: precision on CUDA")
     bench.add_argument("--photos", type=int, default=48, help="scan suite: distinct 1080-2048 px JPEGs")
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=1)
     bench.add_argument("--batch-size", type=int, default=32, help="training batch; the scan suite uses 64")
     bench.add_argument("--json", help="write the results here")
+    _add_storage_option(bench)
     rep = sub.add_parser("report", help="re-create OUT/report (aggregates and index.html) from existing scores")
     rep.add_argument("out", help="a scan's --out, or an evaluation's (its plots are included)")
     rep.add_argument("--thumbnails", type=int, default=24, help="images per thumbnail grid")
@@ -486,8 +488,23 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.repeats,
                 "small": tuple(int(n) for n in args.memory_sizes.split(",")),
             }
+            if args.suite == "listing" and not (args.listing_prefix or "").startswith("s3://"):
+                print("error: --suite listing needs --listing-prefix s3://bucket/prefix", file=sys.stderr)
+                return 2
+            listing_options = {
+                "prefix": args.listing_prefix,
+                "storage_options": parse_storage_options(args.storage_option),
+            }
             run_benchmark(
-                args.suite, archs, args.per_class, args.epochs, args.workers, args.batch_size, args.json, scan_options
+                args.suite,
+                archs,
+                args.per_class,
+                args.epochs,
+                args.workers,
+                args.batch_size,
+                args.json,
+                scan_options,
+                listing_options,
             )
             return 0
         if args.command == "report":

@@ -36,11 +36,14 @@ MIN_BLOCK_ROWS = 16
 CLASSIFIER_MEMORY = 1 << 30
 PROGRESS_EVERY_S = 10.0
 # A streamed listing's shards. Ray Data gathers a task's output into blocks of the dataset's
-# target_max_block_size (128 MiB, about a million paths) before passing any on, so a streamed scan
-# builds its dataset with 4 MiB blocks: the listing hands on about 30,000 paths at a time and a
-# decode batch (32 × 224² images, 4.8 MB) still travels as one block.
+# target_max_block_size before passing any on, and that size holds for every stage of the
+# dataset (Ray 2.60 has no per-operator setting). At the default 128 MiB (about a million paths)
+# reading would wait for the whole listing, so a streamed scan uses 64 KiB: about one listing
+# page (1,000 keys) per block. The price is that decoded images (150 KB each) then travel as
+# one-image blocks, measured at about 0.2 ms per image (BENCHMARKS.md); a fused streaming
+# repartition back to whole batches was slower still.
 STREAM_SHARD_ROWS = MAX_BLOCK_ROWS
-STREAM_BLOCK_BYTES = 4 << 20
+STREAM_BLOCK_BYTES = 64 << 10
 # Fault tolerance comes from Ray Data's own defaults, which tests/test_faults.py pins: Classifier
 # actors get max_restarts=-1 and max_task_retries=-1 (a killed actor is restarted and its
 # in-flight batches re-run), and decode tasks are retried when their worker dies. Passing
@@ -479,16 +482,21 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
 
 
 def _streamed_inputs(
-    cfg: ScanConfig, units: list[tuple[str, bool]], shard_rows: int, done: dict[int, str], state: Any
+    cfg: ScanConfig,
+    units: list[tuple[str, bool]],
+    shard_rows: int,
+    done: dict[int, str],
+    state: Any,
+    block_bytes: int = STREAM_BLOCK_BYTES,
 ) -> Any:
     """The input stage of a streamed listing: one zero-CPU task lists the sources page by page and
-    yields the input shards. Ray Data hands them on in STREAM_BLOCK_BYTES blocks (tens of thousands of
-    paths), so reading starts after the first block, not after the whole listing."""
+    yields the input shards. Ray Data hands them on in STREAM_BLOCK_BYTES blocks (about a listing
+    page each), so reading starts after the first page, not after the whole listing."""
     import ray
 
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size
-    context.target_max_block_size = STREAM_BLOCK_BYTES
+    context.target_max_block_size = block_bytes
     try:
         ds = ray.data.from_items([{"listing": 0}])
     finally:

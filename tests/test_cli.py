@@ -126,6 +126,12 @@ def test_train_refuses_a_missing_or_unlabelled_dataset(capsys, tmp_path):
     assert code == 2 and "no labelled images" in err
 
 
+@pytest.mark.parametrize("flags", [(), ("--listing-prefix", "/local/dir")])
+def test_listing_benchmark_needs_an_s3_prefix(capsys, flags):
+    code, err = run_main(capsys, "benchmark", "--suite", "listing", *flags)
+    assert code == 2 and "--listing-prefix s3://" in err
+
+
 def test_init_imagenet_offline_fails_with_a_clear_message(capsys, monkeypatch, small_labelled, tmp_path):
     """No network: every socket connection is refused, as on an air-gapped machine."""
     import socket

@@ -13,7 +13,7 @@ import ray
 import s3fs
 from conftest import encode, photo
 
-from aidetect_batch import inputs, pipeline, schema, sources
+from aidetect_batch import benchmark, inputs, pipeline, schema, sources
 from aidetect_batch.config import ConfigError, ScanConfig
 from aidetect_batch.pipeline import run_scan
 from aidetect_batch.sinks import committed_shards
@@ -117,6 +117,26 @@ def test_stream_shards_select_like_the_driver_and_check_committed_shards(bucket)
     moved = {0: inputs.shard_digest(want[1:5])}
     assert list(stream([("s3://streamed/posts", True)], state, sample=0.5, limit=9, seed=4, committed=moved)) == []
     assert "shard 0" in ray.get(state.snapshot.remote())["finished"]["changed"]
+
+
+def test_a_streamed_listing_hands_on_about_a_page_per_block(s3_server, ray_cluster):
+    """Ray Data gathers the listing task's shards into blocks of the dataset's block size: the scan's
+    64 KiB makes the first block about one listing page; 4 MiB (the earlier setting) held them all."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    s3fs.S3FileSystem(anon=False).mkdir("pages")
+    store = s3_backends[DEFAULT_ACCOUNT_ID]["global"]  # setup only (2,300 PUTs over HTTP take ~25 s); listing uses HTTP
+    for i in range(2300):
+        store.put_object("pages", f"dump/{i // 1000:04d}/{i:07d}.jpg", b"x")
+    result = benchmark.listing("s3://pages/dump", rounds=1)
+    assert result["keys"] == 2300
+    small, large = result["streamed"]
+    assert small["block_bytes"] == pipeline.STREAM_BLOCK_BYTES and large["block_bytes"] == 4 << 20
+    assert small["keys"] == large["keys"] == 2300
+    assert small["first_block_keys"] <= 1280 and small["blocks"] >= 2, "the first block is about one page"
+    assert large["first_block_keys"] == 2300 and large["blocks"] == 1, "4 MiB waits for the whole listing"
+    assert benchmark.listing_lines(result)[1].startswith("streamed,    64 KiB blocks: first block after")
 
 
 def scores(out):
