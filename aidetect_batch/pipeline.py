@@ -444,10 +444,13 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     )
     progress = _Progress(total, skipped=done_rows, listing=state)
     t0 = time.monotonic()
+    first_result: float | None = None
     if inputs_ds is not None:
         for batch in _score(cfg, ckpt, ckpt_bytes, policy, threshold, plan, inputs_ds, registry).iter_batches(
             batch_size=None, batch_format="pyarrow"
         ):
+            if first_result is None:
+                first_result = time.monotonic() - t0
             writer.write(batch)
             progress.update(batch)
     files = writer.close()
@@ -462,6 +465,7 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     extra = {
         "wall_seconds": wall,
         "images_per_s": writer.rows_written / wall if wall > 0 else None,
+        "first_result_seconds": first_result,
         "threshold": threshold,
         "preprocess": policy,
         "model_id": ckpt.model_id,
@@ -469,7 +473,7 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     }
     summary = report.write_report(cfg.out, cfg.group_depth, cfg.storage_options, extra)
     all_files = sorted([*old_files, *files])
-    attempt.update(rows_scored=writer.rows_written, wall_seconds=wall)
+    attempt.update(rows_scored=writer.rows_written, wall_seconds=wall, first_result_seconds=first_result)
     run.update(
         status="complete",
         finished=datetime.now(timezone.utc).isoformat(),

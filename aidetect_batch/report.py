@@ -218,9 +218,12 @@ def rebuild(out: str, storage_options: dict[str, Any] | None = None, thumbnails:
         "untrained_model": bool(run.get("model", {}).get("info", {}).get("untrained")),
         "wall_seconds": run.get("wall_seconds"),
     }
-    scored = (run.get("attempts") or [{}])[-1].get("rows_scored")
+    last = (run.get("attempts") or [{}])[-1]
+    scored = last.get("rows_scored")
     if scored and run.get("wall_seconds"):
         extra["images_per_s"] = scored / run["wall_seconds"]
+    if "first_result_seconds" in last:
+        extra["first_result_seconds"] = last["first_result_seconds"]
     group_depth = int(run.get("config", {}).get("group_depth", 1))
     return scan_out, write_report(scan_out, group_depth, storage_options, extra, thumbnails, plots_dir)
 

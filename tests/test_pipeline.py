@@ -118,6 +118,8 @@ def test_report_and_run_record(corpus_scan, corpus):
     assert run["resolved"]["preprocess"] == "resize" and run["model_id"] == result_model_id(cfg)
     assert run["versions"]["torch"] and run["cluster_resources"]["CPU"] == 2
     assert summary["images_per_s"] > 0
+    assert 0 < summary["first_result_seconds"] < summary["wall_seconds"]
+    assert run["attempts"][-1]["first_result_seconds"] == summary["first_result_seconds"]
 
 
 def test_plan_uses_gpus_when_present_and_leaves_cpus_for_decode(tiny_checkpoint):
