@@ -227,21 +227,3 @@ def test_resume_after_kill_9_gives_every_input_exactly_one_row(ray_cluster, tmp_
     attempt = result.run["attempts"][-1]
     assert attempt["rows_kept"] == kept_rows and attempt["rows_scored"] == len(imgs) - kept_rows
     assert not [n for n in os.listdir(scores_dir) if n.startswith(".")], "partial files never reach the results"
-
-
-@pytest.mark.slow
-def test_scan_benchmark_suite_runs_and_reports_every_figure(ray_cluster, capsys):
-    from aidetect_batch import benchmark
-
-    result = benchmark.scan("resnet_tiny", batch_size=8, precision="fp32", photos=2, repeats=2, small=(16, 32))
-    ceiling, e2e = result["ceiling"], result["end_to_end"]
-    assert len(ceiling["measured_images_per_s"]) == 2, "measured before and after the end-to-end scan"
-    assert ceiling["images_per_s"] == max(ceiling["measured_images_per_s"])
-    assert e2e["images"] == 4 and e2e["fraction_of_ceiling"] == pytest.approx(
-        e2e["images_per_s"] / ceiling["images_per_s"]
-    )
-    assert 0 < e2e["first_result_seconds"] and e2e["infer_stage_images_per_s"] > 0
-    assert result["decode"]["files"] == 2 and result["decode"]["speedup"] > 0
-    assert [m["images"] for m in result["memory"]] == [16, 32]
-    lines = benchmark.scan_lines(result)
-    assert lines[0].startswith("(a) model ceiling  resnet_tiny cpu fp32 batch 8") and "first result after" in lines[2]
