@@ -10,7 +10,7 @@ Suites:
 - ``scan``: in one run, (a) the bare model's forward images/s on the
   Classifier's device, precision, batch size and thread count: the ceiling,
   measured before and after the end-to-end scan (the higher one counts: a
-  shared CPU drifts by 10% between minutes);
+  shared CPU drifted by ~15% between runs here);
   (b) decode + preprocess images/s on one core for realistic JPEGs
   (1080-2048 px), against PIL full decode + torchvision
   ``Resize(256)``/``CenterCrop(224)``; (c) end-to-end scan images/s on the
@@ -359,7 +359,7 @@ def listing(prefix: str, storage_options: dict[str, Any] | None = None, rounds: 
     streamed = []
     for block_bytes in (pipeline.STREAM_BLOCK_BYTES, 4 << 20) * rounds:
         state = ray.remote(num_cpus=0)(inputs.ListingState).remote()
-        ds = pipeline._streamed_inputs(cfg, units, pipeline.STREAM_SHARD_ROWS, {}, state, block_bytes)
+        ds = pipeline.streamed_inputs(cfg, units, pipeline.STREAM_SHARD_ROWS, {}, state, block_bytes)
         start = time.monotonic()
         row: dict[str, Any] = {"block_bytes": block_bytes, "blocks": 0, "keys": 0}
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -420,7 +420,7 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     if units is not None:
         state = ray.remote(num_cpus=0)(inputs.ListingState).remote()
         expected: dict[int, int] = {}
-        inputs_ds = _streamed_inputs(cfg, units, shard_rows, done, state)
+        inputs_ds = streamed_inputs(cfg, units, shard_rows, done, state)
     else:
         assert listing is not None and total is not None
         todo = [k for k in range(math.ceil(total / shard_rows)) if k not in done]
@@ -485,7 +485,7 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     return ScanResult(cfg.out, all_files, summary, run)
 
 
-def _streamed_inputs(
+def streamed_inputs(
     cfg: ScanConfig,
     units: list[tuple[str, bool]],
     shard_rows: int,
