@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -21,6 +22,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    shared = {item.module.__name__ for item in items if "ray_cluster" in item.fixturenames}
+    items.sort(key=lambda item: item.module.__name__ in shared)
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")
@@ -29,13 +32,53 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray instance shared by one test module."""
+RAY_FOR_TESTS = {"address": "local", "num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR"}
+_shared_ray = {"gcs_address": None}
+
+
+def start_ray(**overrides):
+    """Start a fresh local Ray instance, replacing whatever this process had running."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.shutdown()
+    ray.init(**{**RAY_FOR_TESTS, **overrides})
+    return ray
+
+
+@contextlib.contextmanager
+def own_ray(**overrides):
+    """A Ray instance for modules that need their own (a dashboard, a GPU, workers that inherit moto's env)."""
+    ray = start_ray(**overrides)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray instance shared by every module that needs nothing special.
+
+    Starting Ray and warming its workers costs about 8 s, so the instance outlives the module:
+    collection runs these modules last and together, and the session's end shuts it down."""
+    import ray
+
+    if not (ray.is_initialized() and ray.get_runtime_context().gcs_address == _shared_ray["gcs_address"]):
+        start_ray()
+        _shared_ray["gcs_address"] = ray.get_runtime_context().gcs_address
     yield ray
+
+
+@pytest.fixture(scope="module")
+def ray_after_moto(s3_server):
+    """Ray started after the AWS environment points at moto, so its workers inherit it."""
+    with own_ray() as ray:
+        yield ray
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import ray
+
     ray.shutdown()
 
 

@@ -11,7 +11,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, free_port, photo
+from conftest import encode, free_port, own_ray, photo
 
 from aidetect_batch import schema
 from aidetect_batch.config import ScanConfig
@@ -21,11 +21,8 @@ from aidetect_batch.pipeline import run_scan
 @pytest.fixture(scope="module")
 def ray_with_state_api(s3_server):
     """Ray with its dashboard, so the test can find the Classifier actor's process; started after moto."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
+    with own_ray(include_dashboard=True) as ray:
+        yield ray
 
 
 def write_photos(root, n, side=160):

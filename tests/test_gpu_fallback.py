@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import own_ray
 
 from aidetect_batch import schema
 from aidetect_batch.config import ScanConfig
@@ -15,15 +16,12 @@ from tests.test_pipeline import reference_scores
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
+def ray_with_a_gpu():
+    with own_ray(num_gpus=1) as ray:
+        yield ray
 
 
-def test_gpu_plan_falls_back_to_cpu_with_identical_scores(ray_cluster, corpus, tiny_checkpoint, tmp_path):
+def test_gpu_plan_falls_back_to_cpu_with_identical_scores(ray_with_a_gpu, corpus, tiny_checkpoint, tmp_path):
     import torch
 
     assert not torch.cuda.is_available(), "this test is about machines without CUDA"

@@ -22,7 +22,7 @@ EXTENSIONS = ScanConfig(sources=("x",), out="y", checkpoint="z").extensions
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_server, ray_cluster):
+def bucket(s3_server, ray_after_moto):
     """30 JPEGs in nested folders plus everything the listing must skip or keep as a bad row."""
     fs = s3fs.S3FileSystem(anon=False)
     fs.mkdir("streamed")
@@ -119,7 +119,7 @@ def test_stream_shards_select_like_the_driver_and_check_committed_shards(bucket)
     assert "shard 0" in ray.get(state.snapshot.remote())["finished"]["changed"]
 
 
-def test_a_streamed_listing_hands_on_about_a_page_per_block(s3_server, ray_cluster):
+def test_a_streamed_listing_hands_on_about_a_page_per_block(s3_server, ray_after_moto):
     """Ray Data gathers the listing task's shards into blocks of the dataset's block size: the scan's
     64 KiB makes the first block about one listing page; 4 MiB (the earlier setting) held them all."""
     from moto.core import DEFAULT_ACCOUNT_ID

@@ -1,3 +1,4 @@
+import collections
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision.transforms as T
+from conftest import encode, photo, tiny_model
 from PIL import Image
 
 from aidetect_batch import schema
@@ -152,6 +154,40 @@ def test_block_size_spreads_small_scans_and_caps_large_ones():
     assert block_size(600, 2) == 37
     assert block_size(10, 2) == 16
     assert block_size(10_000_000, 64) == 256
+
+
+def test_block_size_divides_or_multiplies_the_classifier_batch():
+    from aidetect_batch.pipeline import block_size
+
+    assert block_size(600, 2, batch_size=64) == 32
+    assert block_size(600, 2, batch_size=16) == 32
+    assert block_size(10, 2, batch_size=64) == 16
+    assert block_size(10_000_000, 64, batch_size=64) == 256
+    assert block_size(10_000_000, 64, batch_size=100) == 200
+    assert block_size(10_000_000, 64, batch_size=512) == 256
+    assert block_size(600, 2, batch_size=7) == 35
+    assert block_size(100, 2, batch_size=24) == 12
+    assert block_size(300, 2, batch_size=20) == 10
+
+
+def test_classifier_actors_run_whole_batches(ray_cluster, tmp_path):
+    """Rows scored in one forward pass share its per-image time, so equal ``t_infer_ms`` values count
+    a batch's rows. 300 files on 2 CPUs made 18-row blocks before, run as batches of 16 + 2."""
+    from aidetect_batch.model import save_checkpoint
+
+    checkpoint = str(tmp_path / "small_input.pt")
+    save_checkpoint(checkpoint, tiny_model(), "resnet_tiny", preprocess="center-crop", input_size=32)
+    root = tmp_path / "photos"
+    root.mkdir()
+    jpeg = encode(photo(40, 40, seed=2), "JPEG", quality=90)
+    for i in range(300):
+        (root / f"{i:03d}.jpg").write_bytes(jpeg)
+    out = run_scan(ScanConfig(sources=(str(root),), out=str(tmp_path / "out"), checkpoint=checkpoint, batch_size=16))
+    assert out.run["shard_rows"] == 16
+    rows = pq.read_table(out.files).to_pylist()
+    assert len(rows) == 300 and {r[schema.STATUS] for r in rows} == {"ok"}
+    batches = sorted(collections.Counter(r[schema.T_INFER_MS] for r in rows).values())
+    assert batches == [12] + [16] * 18, batches
 
 
 def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster, corpus, tmp_path):

@@ -23,16 +23,6 @@ UPLOAD = [
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """Ray starts after the AWS environment points at moto, so its workers inherit it."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def s3(s3_server, corpus, tiny_checkpoint):
     import s3fs
 
@@ -47,7 +37,7 @@ def s3(s3_server, corpus, tiny_checkpoint):
     return fs
 
 
-def test_scan_reads_and_writes_s3_via_aws_endpoint_url(ray_cluster, s3, corpus):
+def test_scan_reads_and_writes_s3_via_aws_endpoint_url(ray_after_moto, s3, corpus):
     assert "AWS_ENDPOINT_URL" in os.environ
     cfg = ScanConfig(sources=("s3://dump/2026",), out="s3://results/run1", checkpoint="s3://models/tiny.pt")
     result = run_scan(cfg)
@@ -70,7 +60,7 @@ def test_scan_reads_and_writes_s3_via_aws_endpoint_url(ray_cluster, s3, corpus):
     assert prefixes == {"jpeg", "png", "other", "broken"}
 
 
-def test_existing_s3_output_is_refused_before_work(ray_cluster, s3):
+def test_existing_s3_output_is_refused_before_work(ray_after_moto, s3):
     s3.pipe_file("results/taken/_run.json", b"{}")
     from aidetect_batch.config import ConfigError
 
@@ -94,7 +84,7 @@ def test_missing_s3_prefix_is_a_source_error(s3):
 
 
 @pytest.mark.slow
-def test_train_on_s3_dataset_writes_a_checkpoint_to_s3_that_scan_and_evaluate_load(ray_cluster, s3, tmp_path):
+def test_train_on_s3_dataset_writes_a_checkpoint_to_s3_that_scan_and_evaluate_load(ray_after_moto, s3, tmp_path):
     from conftest import write_labelled_set
 
     from aidetect_batch.config import EvalConfig, TrainConfig

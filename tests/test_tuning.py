@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import write_labelled_set
+from conftest import own_ray, write_labelled_set
 
 from aidetect_batch import model
 from aidetect_batch.config import ConfigError, PruneConfig, TrainConfig
@@ -16,23 +16,15 @@ from aidetect_batch.tuning import TUNE_DIR, tune_and_train
 @pytest.fixture(scope="module")
 def ray_with_state_api():
     """Tune needs the dashboard's State API (see aidetect_batch/tuning.py), so this module starts Ray with it."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
+    with own_ray(include_dashboard=True) as ray:
+        yield ray
 
 
 def test_search_refuses_to_start_without_the_state_api(tmp_path):
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
-    try:
+    with own_ray(num_cpus=1):
         cfg = TrainConfig(dataset=str(tmp_path), out=str(tmp_path / "o"), arch="cifake_cnn", init="none")
         with pytest.raises(ConfigError, match="State API"):
             tune_and_train(cfg, 2)
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.slow
