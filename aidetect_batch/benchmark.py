@@ -362,7 +362,7 @@ def listing(prefix: str, storage_options: dict[str, Any] | None = None, rounds: 
         ds = pipeline.streamed_inputs(cfg, units, pipeline.STREAM_SHARD_ROWS, {}, state, block_bytes)
         start = time.monotonic()
         row: dict[str, Any] = {"block_bytes": block_bytes, "blocks": 0, "keys": 0}
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in pipeline.delivered(ds):
             if not row["blocks"]:
                 row["first_block_seconds"] = time.monotonic() - start
                 row["first_block_keys"] = batch.num_rows

@@ -15,6 +15,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -458,9 +459,7 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     t0 = time.monotonic()
     first_result: float | None = None
     if inputs_ds is not None:
-        for batch in _score(cfg, ckpt, ckpt_bytes, policy, threshold, plan, inputs_ds, registry).iter_batches(
-            batch_size=None, batch_format="pyarrow"
-        ):
+        for batch in delivered(_score(cfg, ckpt, ckpt_bytes, policy, threshold, plan, inputs_ds, registry)):
             if first_result is None:
                 first_result = time.monotonic() - t0
             writer.write(batch)
@@ -495,6 +494,16 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     )
     write_json(run_uri, run, cfg.storage_options)
     return ScanResult(cfg.out, all_files, summary, run)
+
+
+def delivered(ds: Any) -> Iterator[pa.Table]:
+    """A dataset's output blocks, each as soon as it is finished.
+
+    ``iter_batches`` prefetches one block by default, and that holds every finished block back
+    until the next one is done: the first result, the progress lines and the shard commits then
+    lag a whole Classifier task (64 rows scored at 8.0 s reached the driver at 13.1 s). Score
+    blocks are small, so fetching them on the driver's thread costs nothing measurable."""
+    return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
 
 
 def streamed_inputs(

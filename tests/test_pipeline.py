@@ -2,6 +2,7 @@ import collections
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -188,6 +189,31 @@ def test_classifier_actors_run_whole_batches(ray_cluster, tmp_path):
     assert len(rows) == 300 and {r[schema.STATUS] for r in rows} == {"ok"}
     batches = sorted(collections.Counter(r[schema.T_INFER_MS] for r in rows).values())
     assert batches == [12] + [16] * 18, batches
+
+
+def test_each_finished_block_reaches_the_driver_before_the_next_is_done(ray_cluster):
+    """Ray Data's default prefetch held block k back until block k+1 was done (a whole Classifier task)."""
+    from ray.data import ActorPoolStrategy
+
+    from aidetect_batch.pipeline import delivered
+
+    class _Stamped:
+        """Takes a second per batch and stamps the time it finished on its rows (defined here so
+        Ray pickles it by value: workers cannot import test modules)."""
+
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            time.sleep(1.0)
+            return batch.append_column("done", pa.array([time.time()] * batch.num_rows))
+
+    blocks = [pa.table({"id": np.arange(k * 8, k * 8 + 8)}) for k in range(4)]
+    ds = ray_cluster.data.from_arrow(blocks).map_batches(
+        _Stamped, batch_size=8, batch_format="pyarrow", compute=ActorPoolStrategy(size=1)
+    )
+    arrivals = [(batch.column("done")[0].as_py(), time.time()) for batch in delivered(ds)]
+    assert len(arrivals) == 4
+    done = sorted(d for d, _ in arrivals)
+    for (finished, received), next_finished in zip(sorted(arrivals)[:-1], done[1:], strict=True):
+        assert finished <= received < next_finished
 
 
 def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster, corpus, tmp_path):
