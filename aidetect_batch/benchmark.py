@@ -127,9 +127,11 @@ def write_jpegs(root: str, count: int, sizes: tuple[tuple[int, int], ...], seed:
 
 
 def model_ceiling(arch: str, batch_size: int, threads: int, precision: str, batches: int = 6) -> dict[str, Any]:
-    """Forward images/s of the bare model on this process's device, as the Classifier runs it."""
+    """Forward images/s of the bare model on this process's device, as the Classifier runs it:
+    channels_last and autocast on CUDA, chunks of ``cpu_chunk`` images on CPU."""
     import torch
 
+    from aidetect_batch.classifier import cpu_chunk
     from aidetect_batch.model import build_model
 
     cuda = torch.cuda.is_available()
@@ -141,14 +143,16 @@ def model_ceiling(arch: str, batch_size: int, threads: int, precision: str, batc
     if cuda:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cuda else None
+    chunk = batch_size if cuda else cpu_chunk(224)
 
     def step() -> None:
         with torch.inference_mode():
-            if dtype is not None:
-                with torch.autocast("cuda", dtype=dtype):
-                    net(x)
-            else:
-                net(x)
+            for part in x.split(chunk):
+                if dtype is not None:
+                    with torch.autocast("cuda", dtype=dtype):
+                        net(part)
+                else:
+                    net(part)
         if cuda:
             torch.cuda.synchronize()
 
@@ -163,6 +167,7 @@ def model_ceiling(arch: str, batch_size: int, threads: int, precision: str, batc
         "threads": None if cuda else threads,
         "precision": precision if cuda else "fp32",
         "batch_size": batch_size,
+        "forward_chunk": chunk,
         "images_per_s": batches * batch_size / seconds,
     }
 
@@ -456,8 +461,9 @@ def scan_lines(scan: dict[str, Any]) -> list[str]:
         f"{d['baseline_images_per_s_per_core']:.1f} ({d['speedup']:.2f}x), {d['files']} JPEGs 1080-2048 px",
         f"(c) end to end     {e['images_per_s']:.1f} img/s over {e['images']} images; first result after "
         f"{e['first_result_seconds']:.1f} s; forward passes in the actors {e['infer_stage_images_per_s']:.1f} img/s",
-        f"(c) at scale       {e['marginal_images_per_s']:.1f} img/s marginal ({e['images'] - e['half_images']} more images took "
-        f"{e['wall_seconds'] - e['half_wall_seconds']:.1f} s more); fixed start-up {e['startup_seconds']:.1f} s",
+        f"(c) at scale       {e['marginal_images_per_s']:.1f} img/s marginal "
+        f"({e['images'] - e['half_images']} more images took {e['wall_seconds'] - e['half_wall_seconds']:.1f} s more); "
+        f"fixed start-up {e['startup_seconds']:.1f} s",
         f"(d) ratios         end to end / ceiling {e['fraction_of_ceiling']:.0%} (whole run), "
         f"{e['marginal_fraction_of_ceiling']:.0%} (at scale); decode speed-up {d['speedup']:.2f}x",
     ]

@@ -63,6 +63,21 @@ def test_cnndetection_format_loads_resnet50_with_one_logit():
     np.testing.assert_allclose(scores, reference_scores(model, images(2)), atol=1e-5)
 
 
+def test_cpu_forward_runs_in_chunks_with_the_scores_of_one_pass():
+    """On CPU a batch runs in chunks of ``cpu_chunk`` images (glibc mmap churn, see classifier.py)."""
+    from aidetect_batch.classifier import CPU_CHUNK_224, cpu_chunk
+
+    assert (cpu_chunk(224), cpu_chunk(448), cpu_chunk(1024), cpu_chunk(32)) == (CPU_CHUNK_224, 2, 1, 392)
+    model = tiny_model()
+    clf = Classifier(to_bytes({"model": model.state_dict()}), arch="resnet_tiny", device="cpu")
+    seen = []
+    clf.model.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    imgs = images(2 * CPU_CHUNK_224 + 3)
+    np.testing.assert_allclose(clf.predict(imgs), reference_scores(model, imgs), atol=1e-5)
+    assert seen == [CPU_CHUNK_224, CPU_CHUNK_224, 3]
+    assert clf.predict(images(0)).shape == (0,)
+
+
 def test_dataparallel_prefix_is_stripped():
     model = tiny_model()
     data = to_bytes({"model": {f"module.{k}": v for k, v in model.state_dict().items()}})
