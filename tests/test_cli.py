@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_labelled_set
+from helpers import write_labelled_set
 
 from aidetect_batch import schema
 from aidetect_batch.cli import main

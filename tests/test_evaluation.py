@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_labelled_set
+from helpers import write_labelled_set
 from sklearn import metrics as skm
 
 from aidetect_batch import schema

@@ -11,7 +11,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, free_port, own_ray, photo
+from helpers import encode, free_port, own_ray, photo
 
 from aidetect_batch import schema
 from aidetect_batch.config import ScanConfig

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import own_ray
+from helpers import own_ray
 
 from aidetect_batch import schema
 from aidetect_batch.config import ScanConfig

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import encode, photo
+from helpers import encode, photo
 from PIL import Image
 
 from aidetect_batch import html_report, schema

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from helpers import tiny_model
 
 from aidetect_batch import schema
 from aidetect_batch.classifier import Classifier
@@ -17,7 +18,6 @@ from aidetect_batch.model import (
     save_checkpoint,
     scores_from_logits,
 )
-from tests.conftest import tiny_model
 
 
 def to_bytes(obj) -> bytes:

@@ -19,7 +19,7 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, free_port, photo
+from helpers import encode, free_port, photo
 
 from aidetect_batch import schema
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import photo
+from helpers import photo
 
 from aidetect_batch import perturb
 

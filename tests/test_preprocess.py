@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torchvision.transforms as T
+from helpers import photo
 from PIL import Image
 
 from aidetect_batch.preprocess import center_crop, needed_short_side, preprocess_image
-from tests.conftest import photo
 
 
 def reference(img: Image.Image, policy: str) -> np.ndarray:

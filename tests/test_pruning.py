@@ -5,7 +5,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_model, write_labelled_set
+from helpers import tiny_model, write_labelled_set
 
 from aidetect_batch import model, schema
 from aidetect_batch.config import PruneConfig, ScanConfig

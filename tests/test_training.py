@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_labelled_set
+from helpers import write_labelled_set
 
 from aidetect_batch import model, schema
 from aidetect_batch.config import EvalConfig, ScanConfig, TrainConfig

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import own_ray, write_labelled_set
+from helpers import own_ray, write_labelled_set
 
 from aidetect_batch import model
 from aidetect_batch.config import ConfigError, PruneConfig, TrainConfig
