@@ -24,81 +24,43 @@ from typing import Any
 import torch
 from torch import nn
 
+from aidetect_batch import archs
+from aidetect_batch.errors import CheckpointError
 from aidetect_batch.storage import filesystem
 
 FORMAT_NAME = "aidetect-batch"
 FORMAT_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = archs.IMAGENET_MEAN
+IMAGENET_STD = archs.IMAGENET_STD
 CLASS_NAMES = ("real", "ai")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_MAGIC = b"\x80"
 
-_HEAD = {
-    "resnet50": "fc.weight",
-    "resnet_tiny": "fc.weight",
-    "mobilenet_v2": "classifier.1.weight",
-    "efficientnet_b0": "classifier.1.weight",
-    "cifake_cnn": "head.4.weight",
-}
 # Architectures with ImageNet weights in torchvision (``--init imagenet``).
-IMAGENET_ARCHS = ("resnet50", "mobilenet_v2", "efficientnet_b0")
-INPUT_SIZES = {"cifake_cnn": 32}
+IMAGENET_ARCHS = archs.names(lambda a: a.imagenet)
 DEFAULT_INPUT_SIZE = 224
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, is unsafe, or does not fit the architecture."""
-
-
-class SmallCNN(nn.Module):
-    """The CIFAKE study's small detector: 4 conv blocks and 2 fully connected layers on 32×32 input."""
-
-    def __init__(self, num_logits: int = 1, input_size: int = 32) -> None:
-        super().__init__()
-        widths = (3, 32, 64, 128, 128)
-        layers: list[nn.Module] = []
-        for c_in, c_out in zip(widths, widths[1:], strict=False):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            layers.append(nn.MaxPool2d(2))
-        self.features = nn.Sequential(*layers)
-        side = max(input_size // 16, 1)
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(widths[-1] * side * side, 256),
-            nn.ReLU(inplace=True),
-            nn.Dropout(0.3),
-            nn.Linear(256, num_logits),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def default_input_size(arch: str) -> int:
     """Input side the architecture is trained at unless told otherwise."""
-    return INPUT_SIZES.get(arch, DEFAULT_INPUT_SIZE)
+    return _arch(arch).input_size
 
 
 def build_model(arch: str, num_logits: int, input_size: int | None = None) -> nn.Module:
-    """A randomly initialised detector.
+    """A randomly initialised detector of a registered architecture (:mod:`aidetect_batch.archs`).
 
-    ``resnet_tiny`` is a 1-1-1-1 BasicBlock ResNet for tests; ``cifake_cnn`` is
-    :class:`SmallCNN`, whose first FC layer depends on ``input_size`` (default 32).
+    Raises:
+        CheckpointError: ``arch`` is not registered.
     """
-    import torchvision.models as tvm
+    entry = _arch(arch)
+    return entry.build(num_logits, input_size or entry.input_size)
 
-    if arch == "cifake_cnn":
-        return SmallCNN(num_logits, input_size or default_input_size(arch))
-    if arch == "resnet50":
-        return tvm.resnet50(weights=None, num_classes=num_logits)
-    if arch == "mobilenet_v2":
-        return tvm.mobilenet_v2(weights=None, num_classes=num_logits)
-    if arch == "efficientnet_b0":
-        return tvm.efficientnet_b0(weights=None, num_classes=num_logits)
-    if arch == "resnet_tiny":
-        return tvm.resnet.ResNet(tvm.resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_logits)
-    raise CheckpointError(f"unknown architecture {arch!r}; choose one of {', '.join(_HEAD)}")
+
+def _arch(name: str) -> archs.Arch:
+    try:
+        return archs.get(name)
+    except KeyError as exc:
+        raise CheckpointError(exc.args[0]) from None
 
 
 @dataclasses.dataclass
@@ -175,22 +137,8 @@ def _strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
     return state_dict
 
 
-def _guess_arch(state_dict: dict[str, Any]) -> str:
-    if "head.4.weight" in state_dict and "features.0.weight" in state_dict:
-        return "cifake_cnn"
-    if "layer4.0.conv3.weight" in state_dict:
-        return "resnet50"
-    if "fc.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
-        return "resnet_tiny"
-    if "features.8.0.block.0.0.weight" in state_dict or "features.1.0.block.0.0.weight" in state_dict:
-        return "efficientnet_b0"
-    if "features.18.0.weight" in state_dict:
-        return "mobilenet_v2"
-    return "resnet50"
-
-
 def _head_logits(state_dict: dict[str, Any], arch: str) -> int:
-    key = _HEAD[arch]
+    key = _arch(arch).head + ".weight"
     if key not in state_dict:
         raise CheckpointError(
             f"checkpoint has no {key!r} for a {arch} head; found keys like {_few(sorted(state_dict), 3)} "
@@ -270,7 +218,7 @@ def parse_checkpoint(
         state_dict, kind, arch = _strip_prefix(obj["model"]), "cnndetection", arch or "resnet50"
     elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         state_dict, kind = _strip_prefix(obj), "state_dict"
-        arch = arch or _guess_arch(state_dict)
+        arch = arch or archs.guess(state_dict)
     else:
         raise CheckpointError(
             "unrecognised checkpoint layout: expected an aidetect-batch checkpoint, "
@@ -281,8 +229,8 @@ def parse_checkpoint(
         arch=arch,
         num_logits=num_logits,
         ai_class_index=(1 if ai_class_index is None else ai_class_index) if num_logits == 2 else 0,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=_arch(arch).mean,
+        std=_arch(arch).std,
         preprocess=None,
         threshold=0.5,
         info={},
@@ -427,6 +375,7 @@ def initial_model(
     arch: str,
     num_logits: int,
     init: str,
+    *,
     input_size: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -474,7 +423,7 @@ def _pruned_checkpoint(data: bytes) -> Checkpoint | None:
 
 def head_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
     """Parameters of the classification head: what ``--freeze-backbone`` leaves trainable."""
-    prefix = "head" if arch == "cifake_cnn" else _HEAD[arch].rsplit(".", 1)[0]
+    prefix = _arch(arch).head_prefix
     return [p for name, p in model.named_parameters() if name.startswith(prefix + ".")]
 
 

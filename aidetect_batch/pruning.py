@@ -34,14 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from aidetect_batch import model, plots, schema
+from aidetect_batch import archs, model, plots, schema
 from aidetect_batch.config import ConfigError, PruneConfig, TrainConfig
 from aidetect_batch.storage import claim_output, filesystem, join, write_json, write_parquet
+from aidetect_batch.training import run_train
+from aidetect_batch.tuning import tune_and_train
 
 _logger = logging.getLogger(__name__)
 
 METHODS = ("unstructured", "structured")
-STRUCTURED_ARCHS = ("resnet50", "resnet_tiny", "cifake_cnn")
+STRUCTURED_ARCHS = archs.names(lambda a: a.structured_pruning)
 _OWN_ENTRIES = ("pruned", "prune.parquet", "prune.md", "prune.png", "prune.json")
 
 
@@ -135,7 +137,7 @@ def prune_structured(net: nn.Module, arch: str, amount: float) -> nn.Module:
     return pruned
 
 
-def throughput(net: nn.Module, size: int, batch_size: int, batches: int, rounds: int = 2) -> float:
+def throughput(net: nn.Module, size: int, batch_size: int, *, batches: int, rounds: int = 2) -> float:
     """Bare-model inference images/s on CPU (fp32, eval mode); the best of ``rounds`` timed loops."""
     net = net.eval()
     x = torch.randn(batch_size, 3, size, size)
@@ -208,10 +210,12 @@ def run_prune(cfg: PruneConfig) -> PruneResult:
         ConfigError: bad arguments, an unsupported architecture, or a non-empty OUT.
         model.CheckpointError: an unusable checkpoint.
     """
-    from aidetect_batch.training import run_train
 
     claim_output(
-        cfg.out, _OWN_ENTRIES + tuple(_amount_dir(a) for a in cfg.all_amounts), cfg.overwrite, cfg.storage_options
+        cfg.out,
+        _OWN_ENTRIES + tuple(_amount_dir(a) for a in cfg.all_amounts),
+        cfg.overwrite,
+        storage_options=cfg.storage_options,
     )
     ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options))
     if ckpt.num_logits != 1:
@@ -258,8 +262,6 @@ def run_prune(cfg: PruneConfig) -> PruneResult:
             **cfg.train_options,
         )
         if cfg.tune:
-            from aidetect_batch.tuning import tune_and_train
-
             result, tuned = tune_and_train(train_cfg, cfg.tune_trials)
             kept = join(train_cfg.out, schema.MODEL_FILE)
             fs, target = filesystem(kept, cfg.storage_options)
@@ -295,7 +297,7 @@ def run_prune(cfg: PruneConfig) -> PruneResult:
     threads = torch.get_num_threads()
     _logger.info("measuring inference throughput at batch %d on CPU (%d threads)", cfg.bench_batch_size, threads)
     for row, final in zip(rows, finals, strict=True):
-        row["images_per_s"] = throughput(final, ckpt.input_size, cfg.bench_batch_size, cfg.bench_batches)
+        row["images_per_s"] = throughput(final, ckpt.input_size, cfg.bench_batch_size, batches=cfg.bench_batches)
     for row in rows:
         row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
         row["params_fraction"] = row["params"] / rows[0]["params"]
