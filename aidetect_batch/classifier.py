@@ -27,10 +27,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F
 
 from aidetect_batch import perturb, preprocess, schema
 from aidetect_batch.model import parse_checkpoint, scores_from_logits
+from aidetect_batch.prepare import PrepareOptions, decode_into
 
 _logger = logging.getLogger(__name__)
 
@@ -67,8 +72,8 @@ class Classifier:
         precision: ``fp32``, ``bf16`` or ``fp16``; reduced precision applies on CUDA only.
         cpu_threads: Torch intra-op threads when running on CPU.
         device: Force a device (tests); ``None`` picks CUDA when visible.
-        decode_options: ``--gpu-decode``: ``policy``, ``max_pixels``, ``size`` and ``perturbation``
-            for decoding the ``_data`` column here.
+        decode_options: ``--gpu-decode``: how the CPU stage would have decoded the ``_data`` column,
+            which is decoded here instead.
         torch_decode: Decode JPEGs with torchvision on this actor's device; default: only on CUDA.
         compile: ``torch.compile`` the model (CUDA graphs and fused kernels; the first batches are slow).
     """
@@ -78,17 +83,16 @@ class Classifier:
         checkpoint: Any,
         arch: str | None = None,
         ai_class_index: int | None = None,
+        *,
         threshold: float = 0.5,
         precision: str = "fp32",
         cpu_threads: int | None = None,
         device: str | None = None,
-        decode_options: dict[str, Any] | None = None,
+        decode_options: PrepareOptions | None = None,
         torch_decode: bool | None = None,
         compile: bool = False,
     ) -> None:
         if not isinstance(checkpoint, bytes):
-            import ray
-
             checkpoint = ray.get(checkpoint)
         ckpt = parse_checkpoint(checkpoint, arch=arch, ai_class_index=ai_class_index)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -160,24 +164,23 @@ class Classifier:
     def _decode(self, batch: pa.Table) -> tuple[pa.Table, np.ndarray, tuple[list[int], torch.Tensor]]:
         """Decode the ``_data`` bytes (``--gpu-decode``): the batch with its decode columns filled, the
         CPU-decoded images, and the rows decoded on the device with their ``(K, 3, S, S)`` crops there."""
-        from aidetect_batch.pipeline import decode_into
-
-        opts = self.decode_options or {}
-        size = opts["size"]
+        opts = self.decode_options
+        assert opts is not None, "a batch with _data needs decode_options"
+        size = opts.size
         data = batch.column(schema.DATA).to_pylist()
         n = len(data)
         cols = {c: batch.column(c).to_pylist() for c in schema.DECODED_COLUMNS}
         images = np.zeros((n, size, size, 3), dtype=np.uint8)
         pending = [i for i in range(n) if data[i] is not None]
         on_device: tuple[list[int], torch.Tensor] = ([], torch.empty(0))
-        if self.torch_decode and not opts.get("perturbation"):
+        if self.torch_decode and not opts.perturbation:
             on_device = self._torch_decode([i for i in pending if _plain_jpeg(data[i])], data, cols)
-        change = perturb.parse(opts["perturbation"]) if opts.get("perturbation") else None
+        change = perturb.parse(opts.perturbation) if opts.perturbation else None
         done = set(on_device[0])
         for i in pending:
             if i in done:
                 continue
-            decode_into(cols, images, i, data[i], opts["policy"], opts["max_pixels"], size, change)
+            decode_into(cols, i, data[i], images=images, options=opts, change=change)
         out = batch.drop_columns([schema.DATA])
         for name, values in cols.items():
             out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, out.schema.field(name).type))
@@ -188,12 +191,9 @@ class Classifier:
     ) -> tuple[list[int], torch.Tensor]:
         """Batch-decode baseline JPEGs with torchvision on this actor's device: the rows it handled and
         their preprocessed ``(K, 3, S, S)`` uint8 crops, left on the device."""
-        from PIL import Image
-        from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms.v2 import functional as F
-
-        opts = self.decode_options or {}
-        size, policy = opts["size"], opts["policy"]
+        opts = self.decode_options
+        assert opts is not None
+        size, policy = opts.size, opts.policy
         chosen, tensors, headers = [], [], []
         for i in idx:
             try:
@@ -201,7 +201,7 @@ class Classifier:
             except (OSError, ValueError):
                 continue
             width, height = header.size
-            if width * height > opts["max_pixels"] or header.mode not in ("RGB", "L"):
+            if width * height > opts.max_pixels or header.mode not in ("RGB", "L"):
                 continue
             chosen.append(i)
             headers.append((header.mode, width, height))

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from typing import Any
 
+from aidetect_batch import runtime
 from aidetect_batch.config import (
     ARCHS,
     AUGMENTATIONS,
     DEFAULT_EXTENSIONS,
+    DEFAULT_MAX_FILE_MB,
     DEFAULT_MAX_PIXELS,
     OPTIMIZERS,
     PRECISIONS,
@@ -29,7 +32,9 @@ from aidetect_batch.config import (
     parse_actors,
     parse_storage_options,
 )
+from aidetect_batch.errors import CheckpointError, SourceError
 from aidetect_batch.preprocess import POLICIES
+from aidetect_batch.storage import join
 
 _logger = logging.getLogger("aidetect_batch")
 
@@ -79,6 +84,12 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
         help="concurrent CPU decode tasks (default: the CPUs the Classifier actors leave; set on autoscaling clusters)",
     )
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    parser.add_argument(
+        "--max-file-mb",
+        type=float,
+        default=DEFAULT_MAX_FILE_MB,
+        help="files larger than this are too_large rows and are never read (default: %(default)s)",
+    )
     parser.add_argument("--all-files", action="store_true", help="decode every file, not only image extensions")
     _add_storage_option(parser)
     parser.add_argument(
@@ -187,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true")
     _add_storage_option(prune)
     bench = sub.add_parser("benchmark", help="measure scan and training throughput and the demo's wall time")
-    bench.add_argument("--suite", choices=("scan", "training", "demo", "all", "listing"), default="scan")
+    bench.add_argument(
+        "--suite", choices=("scan", "training", "demo", "all", "listing", "report", "gpu"), default="scan"
+    )
+    bench.add_argument(
+        "--report-rows", type=int, default=10_000_000, help="report suite: synthetic score rows to aggregate"
+    )
     bench.add_argument("--listing-prefix", help="listing suite: the s3:// prefix to list (not part of 'all')")
     bench.add_argument("--scan-arch", default="resnet50", help="scan suite: the model (random weights)")
     bench.add_argument("--precision", choices=PRECISIONS, default="bf16", help="scan suite: precision on CUDA")
@@ -199,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--epochs", type=int, default=3)
     bench.add_argument("--workers", type=int, default=1)
     bench.add_argument("--batch-size", type=int, default=32, help="training batch; the scan suite uses 64")
-    bench.add_argument("--json", help="write the results here")
+    bench.add_argument("--json", help="write the results here (the gpu suite: benchmark-gpu.json by default)")
     _add_storage_option(bench)
     rep = sub.add_parser("report", help="re-create OUT/report (aggregates and index.html) from existing scores")
     rep.add_argument("out", help="a scan's --out, or an evaluation's (its plots are included)")
@@ -244,6 +260,7 @@ def config_from_args(args: argparse.Namespace) -> ScanConfig:
         cpus_per_actor=args.cpus_per_actor,
         decode_tasks=args.decode_tasks,
         max_pixels=args.max_pixels,
+        max_file_mb=args.max_file_mb,
         all_files=args.all_files,
         extensions=DEFAULT_EXTENSIONS,
         storage_options=parse_storage_options(args.storage_option),
@@ -352,7 +369,7 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 
 def _prune(cfg: PruneConfig) -> int:
-    from aidetect_batch.pruning import run_prune
+    from aidetect_batch.pruning import run_prune  # heavy: only for its command
 
     result = run_prune(cfg)
     print(result.markdown, flush=True)
@@ -361,7 +378,7 @@ def _prune(cfg: PruneConfig) -> int:
 
 
 def _train(cfg: TrainConfig) -> int:
-    from aidetect_batch.training import run_train
+    from aidetect_batch.training import run_train  # heavy: only for its command
 
     result = run_train(cfg)
     at = result.val_metrics["at_threshold"]
@@ -375,7 +392,7 @@ def _train(cfg: TrainConfig) -> int:
 
 
 def _evaluate(cfg: EvalConfig) -> int:
-    from aidetect_batch.evaluation import format_table, run_evaluate
+    from aidetect_batch.evaluation import format_table, run_evaluate  # heavy: only for its command
 
     result = run_evaluate(cfg)
     print(format_table(result.metrics), flush=True)
@@ -384,8 +401,8 @@ def _evaluate(cfg: EvalConfig) -> int:
 
 
 def _scan(cfg: ScanConfig) -> int:
-    from aidetect_batch.pipeline import run_scan
-    from aidetect_batch.report import closing_line
+    from aidetect_batch.pipeline import run_scan  # heavy: only for its command
+    from aidetect_batch.report import closing_line  # heavy: only for its command
 
     result = run_scan(cfg)
     print(closing_line(result.summary), flush=True)
@@ -393,8 +410,7 @@ def _scan(cfg: ScanConfig) -> int:
 
 
 def _report(out: str, storage_options: dict[str, Any], thumbnails: int) -> int:
-    from aidetect_batch import report
-    from aidetect_batch.storage import join
+    from aidetect_batch import report  # heavy: only for its command
 
     if thumbnails < 0:
         raise ConfigError("--thumbnails must be 0 or more")
@@ -434,7 +450,7 @@ def _serve(cfg: ServeConfig) -> int:
 
     from ray import serve
 
-    from aidetect_batch.serve import start
+    from aidetect_batch.serve import start  # heavy: only for its command
 
     url = start(cfg)
     print(f"upload page: {url}  (Ctrl-C stops it)", flush=True)
@@ -451,7 +467,7 @@ def _serve(cfg: ServeConfig) -> int:
 
 
 def _demo(directory: str, epochs: int) -> int:
-    from aidetect_batch.demo import run_demo
+    from aidetect_batch.demo import run_demo  # heavy: only for its command
 
     return run_demo(directory, epochs)
 
@@ -465,9 +481,8 @@ def _job_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``aidetect-batch`` console script and ``jobs/*.py``."""
-    from aidetect_batch.model import CheckpointError
-    from aidetect_batch.sources import SourceError
-
+    argv = sys.argv[1:] if argv is None else list(argv)
+    runtime.handle_signals()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -477,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args.dir, args.epochs)
         if args.command == "benchmark":
-            from aidetect_batch.benchmark import run_benchmark
+            from aidetect_batch.benchmark import run_benchmark  # heavy: only for its command
 
             archs = tuple(a for a in args.archs.split(",") if a)
             scan_options = {
@@ -499,12 +514,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.suite,
                 archs,
                 args.per_class,
-                args.epochs,
-                args.workers,
-                args.batch_size,
-                args.json,
-                scan_options,
-                listing_options,
+                epochs=args.epochs,
+                workers=args.workers,
+                batch_size=args.batch_size,
+                out=args.json or ("benchmark-gpu.json" if args.suite == "gpu" else None),
+                scan_options=scan_options,
+                listing_options=listing_options,
+                report_rows=args.report_rows,
             )
             return 0
         if args.command == "report":
@@ -518,6 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(eval_config_from_args(args))
         return _scan(config_from_args(args))
+    except (KeyboardInterrupt, runtime.Stopped) as exc:
+        stopped = runtime.as_stopped(exc)
+        print(stop_line(args.command, stopped, argv), file=sys.stderr, flush=True)
+        runtime.stop_ray()
+        return stopped.exit_code
+
     except (ConfigError, SourceError, CheckpointError) as exc:
         print(f"aidetect-batch: error: {exc}", file=sys.stderr)
         return 2
@@ -526,6 +548,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "scan"):
             print("aidetect-batch: rerun the same command with --resume to continue", file=sys.stderr)
         return 1
+
+
+RESUMABLE = ("scan", "train")
+
+
+def stop_line(command: str, stopped: runtime.Stopped, argv: list[str]) -> str:
+    """The one line a stopped job prints: the signal, what was kept, and the exact command that goes on."""
+    kept = stopped.kept or "nothing was committed"
+    if command in RESUMABLE:
+        rest = [a for a in argv if a != "--overwrite"]
+        again = shlex.join(["aidetect-batch", *rest, *([] if "--resume" in rest else ["--resume"])])
+        return f"aidetect-batch: {command} stopped by {stopped}; {kept}. Continue with: {again}"
+    rest = [*argv, *([] if "--overwrite" in argv else ["--overwrite"])]
+    again = shlex.join(["aidetect-batch", *rest])
+    return f"aidetect-batch: {command} stopped by {stopped}; {kept}; it cannot resume. Start again with: {again}"
 
 
 if __name__ == "__main__":

@@ -12,19 +12,26 @@ import math
 import re
 from typing import Any
 
-from aidetect_batch import perturb
+from aidetect_batch import archs, perturb
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.preprocess import POLICIES
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 PRECISIONS = ("fp32", "bf16", "fp16")
-ARCHS = ("resnet50", "mobilenet_v2", "efficientnet_b0", "cifake_cnn", "resnet_tiny")
+ARCHS = archs.ARCHS
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold: ~89 MP, about 9500x9500.
+# Files above this are too_large rows, never read. 256 MiB is DEFAULT_MAX_PIXELS as uncompressed
+# 8-bit RGB, the largest image the pixel guard admits in the plainest encoding; a decode task
+# holds at most --decode-batch-size such files at once.
+DEFAULT_MAX_FILE_MB = 256
 
 _SECRET_KEY = re.compile(r"secret|token|password|key", re.IGNORECASE)
 
 
-class ConfigError(ValueError):
-    """A user-facing argument error, reported before any work starts."""
+def check_max_file_mb(value: float) -> None:
+    """``--max-file-mb`` must be a positive size; raises :class:`ConfigError`."""
+    if not value > 0:
+        raise ConfigError(f"--max-file-mb must be above 0, not {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +53,7 @@ class ScanConfig:
         cpus_per_actor: CPUs reserved per Classifier actor when it runs on CPU.
         decode_tasks: Concurrent CPU read/decode tasks; ``None``: every CPU the Classifier pool leaves.
         max_pixels: Decompression-bomb guard: images whose header announces more are rejected.
+        max_file_mb: Files larger than this are ``too_large`` rows, checked before any byte is read.
         all_files: Send every listed file to the decoder, not only image extensions.
         extensions: Lower-case extensions accepted without ``all_files``.
         storage_options: Extra fsspec options for remote stores (endpoint, profile, ...).
@@ -79,6 +87,7 @@ class ScanConfig:
     cpus_per_actor: int | None = None
     decode_tasks: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_mb: float = DEFAULT_MAX_FILE_MB
     all_files: bool = False
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -130,6 +139,7 @@ class ScanConfig:
         for name in ("batch_size", "decode_batch_size", "max_pixels", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        check_max_file_mb(self.max_file_mb)
         if self.group_depth < 0:
             raise ConfigError("--group-depth must be 0 or more")
         if self.cpus_per_actor is not None and self.cpus_per_actor < 1:
@@ -145,6 +155,10 @@ class ScanConfig:
                 perturb.parse(self.perturbation)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict with secret-looking storage options redacted."""
@@ -183,7 +197,8 @@ def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
     """Parse repeated ``--storage-option key=value`` into fsspec options.
 
     ``endpoint_url`` and ``region_name`` go where s3fs expects them
-    (``client_kwargs``); ``true``/``false`` and numbers are converted.
+    (``client_kwargs``), ``connect_timeout`` and ``read_timeout`` (seconds) into botocore's
+    ``config_kwargs``; ``true``/``false`` and numbers are converted.
     """
     options: dict[str, Any] = {}
     for pair in pairs:
@@ -195,11 +210,13 @@ def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
             value = raw.lower() == "true"
         else:
             try:
-                value = int(raw)
+                value = float(raw) if key.endswith("_timeout") else int(raw)
             except ValueError:
                 pass
         if key in ("endpoint_url", "region_name"):
             options.setdefault("client_kwargs", {})[key] = value
+        elif key in ("connect_timeout", "read_timeout"):
+            options.setdefault("config_kwargs", {})[key] = value
         else:
             options[key] = value
     return options
@@ -292,6 +309,7 @@ class TrainConfig:
     cpus_per_worker: int = 1
     max_failures: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_mb: float = DEFAULT_MAX_FILE_MB
     all_files: bool = False
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     resume: bool = False
@@ -304,12 +322,14 @@ class TrainConfig:
         self.validate()
 
     @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
+
+    @property
     def resolved_init(self) -> str:
         if self.init is not None:
             return self.init
-        from aidetect_batch.model import IMAGENET_ARCHS
-
-        return "imagenet" if self.arch in IMAGENET_ARCHS else "none"
+        return "imagenet" if archs.get(self.arch).imagenet else "none"
 
     def validate(self) -> None:
         """Check names and ranges; raises :class:`ConfigError` with the flag to fix."""
@@ -342,13 +362,12 @@ class TrainConfig:
         if self.fractions[0] <= 0 or self.fractions[1] <= 0:
             raise ConfigError("--split needs a train and a validation share above 0")
         parse_threshold_rule(self.threshold_rule)
+        check_max_file_mb(self.max_file_mb)
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out; --overwrite replaces it: pick one")
         init = self.resolved_init
         if init == "imagenet":
-            from aidetect_batch.model import IMAGENET_ARCHS
-
-            if self.arch not in IMAGENET_ARCHS:
+            if not archs.get(self.arch).imagenet:
                 raise ConfigError(f"--init imagenet: torchvision has no ImageNet weights for {self.arch}")
 
     def to_json(self) -> dict[str, Any]:

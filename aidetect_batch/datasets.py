@@ -37,6 +37,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from aidetect_batch import schema, sources
+from aidetect_batch.config import DEFAULT_EXTENSIONS
 from aidetect_batch.storage import filesystem, is_remote, join, to_uri
 
 _logger = logging.getLogger(__name__)
@@ -89,9 +90,9 @@ def parse_path(relative: str) -> tuple[str | None, str | None, str | None]:
 
 
 def _list_tree(
-    dataset: str, extensions: tuple[str, ...], all_files: bool, storage_options: dict[str, Any]
+    dataset: str, extensions: tuple[str, ...], all_files: bool, *, storage_options: dict[str, Any]
 ) -> tuple[pa.Table, list[str]]:
-    listing = sources.list_sources((dataset,), extensions, all_files, storage_options)
+    listing = sources.list_sources((dataset,), extensions, all_files=all_files, storage_options=storage_options)
     fs, root = filesystem(dataset, storage_options)
     root_uri = to_uri(fs, root.rstrip("/"))
     labels, groups, splits, keep, unlabelled = [], [], [], [], []
@@ -173,6 +174,7 @@ def list_labelled(
     dataset: str,
     extensions: tuple[str, ...] = (),
     all_files: bool = False,
+    *,
     storage_options: dict[str, Any] | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """List a labelled dataset (folder tree or manifest) and describe it.
@@ -186,14 +188,12 @@ def list_labelled(
     """
     storage_options = storage_options or {}
     if not extensions:
-        from aidetect_batch.config import DEFAULT_EXTENSIONS
-
         extensions = DEFAULT_EXTENSIONS
     unlabelled: list[str] = []
     if is_manifest(dataset):
         table, layout = _read_manifest(dataset, storage_options), "manifest"
     else:
-        table, unlabelled = _list_tree(dataset, extensions, all_files, storage_options)
+        table, unlabelled = _list_tree(dataset, extensions, all_files, storage_options=storage_options)
         layout = "folders"
     if table.num_rows == 0:
         raise sources.SourceError(
@@ -292,16 +292,16 @@ def assign_splits(
                 wanted["test"] / train_share if "test" in carve else 0.0,
             )
             rows = np.flatnonzero(split == "train")
-            split[rows] = _stratified(labels[rows], groups[rows], hashes[rows], sub, seed)
+            split[rows] = _stratified(labels[rows], groups[rows], hashes[rows], fractions=sub, seed=seed)
     else:
         record["mode"] = "random"
         rows = np.flatnonzero(usable)
-        split[rows] = _stratified(labels[rows], groups[rows], hashes[rows], fractions, seed)
+        split[rows] = _stratified(labels[rows], groups[rows], hashes[rows], fractions=fractions, seed=seed)
     return pa.array(split.tolist(), pa.string()), record
 
 
 def _stratified(
-    labels: np.ndarray, groups: np.ndarray, hashes: np.ndarray, fractions: tuple[float, float, float], seed: int
+    labels: np.ndarray, groups: np.ndarray, hashes: np.ndarray, *, fractions: tuple[float, float, float], seed: int
 ) -> np.ndarray:
     """Split rows by unique content, stratified by (label, group), in seeded random order.
 

@@ -28,7 +28,13 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
+from aidetect_batch.config import EvalConfig, ScanConfig, TrainConfig
+from aidetect_batch.evaluation import format_table, run_evaluate
+from aidetect_batch.model import build_model, save_checkpoint
+from aidetect_batch.pipeline import run_scan
+from aidetect_batch.report import closing_line
 from aidetect_batch.schema import Status
+from aidetect_batch.training import run_train
 
 PHOTOS = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "camera.jpg")
 
@@ -186,8 +192,6 @@ def write_untrained_checkpoint(path: str, arch: str = "resnet50", seed: int = 0)
     """Save a randomly initialised detector, flagged ``untrained`` so every scan warns."""
     import torch
 
-    from aidetect_batch.model import build_model, save_checkpoint
-
     torch.manual_seed(seed)
     save_checkpoint(
         path,
@@ -200,12 +204,6 @@ def write_untrained_checkpoint(path: str, arch: str = "resnet50", seed: int = 0)
 def run_demo(directory: str, epochs: int = 20) -> int:
     """Build the corpora, train, evaluate and scan; print where every result is."""
     import time
-
-    from aidetect_batch.config import EvalConfig, ScanConfig, TrainConfig
-    from aidetect_batch.evaluation import format_table, run_evaluate
-    from aidetect_batch.pipeline import run_scan
-    from aidetect_batch.report import closing_line
-    from aidetect_batch.training import run_train
 
     started = time.monotonic()
     labelled = os.path.join(directory, "corpus", "labelled")

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 
 from aidetect_batch import datasets, metrics, model, perturb, plots, report, schema
 from aidetect_batch.config import ConfigError, EvalConfig, ScanConfig
+from aidetect_batch.pipeline import run_scan
 from aidetect_batch.storage import claim_output, filesystem, join, write_json, write_parquet
 
 _logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def choose_split(listing: pa.Table, split: str | None) -> tuple[pa.Table, str]:
 
 def check_eval_output(cfg: EvalConfig) -> None:
     """Refuse a non-empty OUT unless ``--overwrite``; then clear only an evaluation's own entries."""
-    claim_output(cfg.out, _OWN_ENTRIES, cfg.overwrite, cfg.storage_options)
+    claim_output(cfg.out, _OWN_ENTRIES, cfg.overwrite, storage_options=cfg.storage_options)
 
 
 def _scan_config(cfg: EvalConfig, out: str, perturbation: str | None) -> ScanConfig:
@@ -121,7 +122,7 @@ def _vectors(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def measure(
-    y: np.ndarray, score: np.ndarray, groups: np.ndarray, thresholds: dict[str, float]
+    y: np.ndarray, score: np.ndarray, groups: np.ndarray, *, thresholds: dict[str, float]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics overall and per group at every named threshold.
 
@@ -164,11 +165,10 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         sources.SourceError: a missing or unlabelled dataset.
         model.CheckpointError: an unusable checkpoint.
     """
-    from aidetect_batch.pipeline import run_scan
 
     check_eval_output(cfg)
     ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options))
-    listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, cfg.storage_options)
+    listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
     listing, split = choose_split(listing, cfg.split)
     sweep = perturb.parse_sweep(cfg.perturb)
     _logger.info("evaluating %s on %d files of %s (split %s)", cfg.checkpoint, listing.num_rows, cfg.dataset, split)
@@ -184,25 +184,25 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         "best_f1": metrics.best_f1_threshold(y, score),
         "target_fpr": metrics.threshold_for_fpr(y, score, cfg.target_fpr),
     }
-    nested, rows = measure(y, score, groups, thresholds)
+    nested, rows = measure(y, score, groups, thresholds=thresholds)
     ece, reliability = metrics.calibration(y, score)
 
     plots_dir = join(cfg.out, schema.PLOTS_DIR)
     so = cfg.storage_options
-    plots.roc(join(plots_dir, "roc.png"), y, score, thresholds, so)
-    plots.precision_recall(join(plots_dir, "pr.png"), y, score, so)
+    plots.roc(join(plots_dir, "roc.png"), y, score, marks=thresholds, storage_options=so)
+    plots.precision_recall(join(plots_dir, "pr.png"), y, score, storage_options=so)
     at_checkpoint = nested["overall"]["thresholds"]["checkpoint"]
-    plots.confusion(join(plots_dir, "confusion.png"), at_checkpoint, ckpt.threshold, so)
-    plots.score_histograms(join(plots_dir, "histograms.png"), y, score, ckpt.threshold, so)
-    plots.reliability(join(plots_dir, "reliability.png"), reliability, ece, so)
+    plots.confusion(join(plots_dir, "confusion.png"), at_checkpoint, ckpt.threshold, storage_options=so)
+    plots.score_histograms(join(plots_dir, "histograms.png"), y, score, threshold=ckpt.threshold, storage_options=so)
+    plots.reliability(join(plots_dir, "reliability.png"), reliability, ece, storage_options=so)
 
-    robustness = [_robust_row("none", y, score, thresholds)]
+    robustness = [_robust_row("none", y, score, thresholds=thresholds)]
     for item in sweep:
         out = join(cfg.out, schema.PERTURBED_DIR, item.name.replace(":", "_"))
         _logger.info("robustness: rescoring under %s", item.name)
         run_scan(_scan_config(cfg, out, item.name), listing=listing)
         py, pscore, _ = _vectors(_labelled_scores(join(out, schema.SCORES_DIR), so))
-        robustness.append(_robust_row(item.name, py, pscore, thresholds))
+        robustness.append(_robust_row(item.name, py, pscore, thresholds=thresholds))
     if sweep:
         plots.robustness(join(plots_dir, "robustness.png"), robustness, so)
 
@@ -242,7 +242,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     return EvalResult(cfg.out, result, pa.Table.from_pylist(rows))
 
 
-def _robust_row(name: str, y: np.ndarray, score: np.ndarray, thresholds: dict[str, float]) -> dict[str, Any]:
+def _robust_row(name: str, y: np.ndarray, score: np.ndarray, *, thresholds: dict[str, float]) -> dict[str, Any]:
     at = metrics.at_threshold(y, score, thresholds["checkpoint"])
     at_fpr = (
         metrics.at_threshold(y, score, thresholds["target_fpr"]) if not math.isnan(thresholds["target_fpr"]) else {}

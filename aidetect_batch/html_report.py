@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from aidetect_batch import schema
+from aidetect_batch import decode, schema, sources
 from aidetect_batch.storage import filesystem, join
 
 _logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ THUMB_MAX_PIXELS = 50_000_000
 EVAL_PLOTS = ("roc.png", "pr.png", "confusion.png", "histograms.png", "reliability.png", "robustness.png")
 
 
-def pick_rows(scores_dir: str, n: int, threshold: float, storage_options: dict[str, Any] | None = None) -> dict:
+def pick_rows(scores_dir: str, n: int, threshold: float, *, storage_options: dict[str, Any] | None = None) -> dict:
     """The ``n`` highest-scored ok rows and the ``n`` nearest ``threshold``, in one pass over the scores."""
     fs, root = filesystem(scores_dir, storage_options)
     dataset = pads.dataset(root, filesystem=fs, format="parquet", schema=schema.SCORES_SCHEMA)
@@ -73,8 +73,6 @@ def thumbnail(path: str, storage_options: dict[str, Any] | None = None) -> str |
     """A JPEG data URI of at most ``THUMB_PX`` pixels a side, or ``None`` when the file is unusable now."""
     from PIL import Image
 
-    from aidetect_batch import decode, sources
-
     try:
         fs, inner = filesystem(path, storage_options)
         if (fs.size(inner) or 0) > THUMB_MAX_SOURCE_BYTES:
@@ -96,7 +94,7 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str], table_id: str = "", sortable: bool = False) -> str:
+def _table(rows: list[dict[str, Any]], columns: list[str], table_id: str = "", *, sortable: bool = False) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return f'<td data-v="{value:.6g}">{value:.3f}</td>'
@@ -166,6 +164,7 @@ def render(
     summary: dict[str, Any],
     picks: dict[str, list[dict[str, Any]]],
     histogram_png: bytes,
+    *,
     storage_options: dict[str, Any] | None = None,
     eval_plots: dict[str, bytes] | None = None,
     title: str = "aidetect-batch scan report",
@@ -220,6 +219,7 @@ def write_html(
     out: str,
     summary: dict[str, Any],
     histogram_png: bytes,
+    *,
     storage_options: dict[str, Any] | None = None,
     thumbnails: int = THUMBNAILS,
     plots_dir: str | None = None,
@@ -227,7 +227,10 @@ def write_html(
     """Write ``out/report/index.html`` and return its URI. ``plots_dir``: an evaluation's plots to include."""
     threshold = summary.get("threshold")
     picks = pick_rows(
-        join(out, schema.SCORES_DIR), thumbnails, 0.5 if threshold is None else threshold, storage_options
+        join(out, schema.SCORES_DIR),
+        thumbnails,
+        0.5 if threshold is None else threshold,
+        storage_options=storage_options,
     )
     eval_plots = {}
     if plots_dir:
@@ -235,7 +238,7 @@ def write_html(
         for name in EVAL_PLOTS:
             if fs.exists(f"{root}/{name}"):
                 eval_plots[name] = fs.cat_file(f"{root}/{name}")
-    page = render(summary, picks, histogram_png, storage_options, eval_plots)
+    page = render(summary, picks, histogram_png, storage_options=storage_options, eval_plots=eval_plots)
     uri = join(out, schema.REPORT_DIR, "index.html")
     fs, path = filesystem(uri, storage_options)
     with fs.open(path, "w", encoding="utf-8") as handle:

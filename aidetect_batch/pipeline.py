@@ -9,11 +9,8 @@ and source listing. Every listed file yields exactly one output row.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
-import platform
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -22,15 +19,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
+from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
-from aidetect_batch import inputs, perturb, preprocess, schema, sources
-from aidetect_batch.config import ConfigError, ScanConfig
+from aidetect_batch import dedup, inputs, model, prepare, preprocess, report, runtime, schema, sources
+from aidetect_batch.classifier import Classifier
+from aidetect_batch.config import ScanConfig
+from aidetect_batch.errors import ConfigError
+from aidetect_batch.inputs import block_size
+from aidetect_batch.sinks import ScoreWriter, committed_shards
 from aidetect_batch.storage import claim_output, filesystem, join, read_json, write_json
 
 _logger = logging.getLogger(__name__)
 
-MAX_BLOCK_ROWS = 256
-MIN_BLOCK_ROWS = 16
 # Memory reserved per Classifier actor (model, activations, one batch). It also keeps the
 # stages apart: Ray Data fuses consecutive map stages whose remote args are equal, which
 # would run decoding inside the Classifier actors and leave the remaining CPUs idle.
@@ -43,7 +44,7 @@ PROGRESS_EVERY_S = 10.0
 # page (1,000 keys) per block. The price is that decoded images (150 KB each) then travel as
 # one-image blocks, measured at about 0.2 ms per image (BENCHMARKS.md); a fused streaming
 # repartition back to whole batches was slower still.
-STREAM_SHARD_ROWS = MAX_BLOCK_ROWS
+STREAM_SHARD_ROWS = inputs.MAX_BLOCK_ROWS
 STREAM_BLOCK_BYTES = 64 << 10
 # Fault tolerance comes from Ray Data's own defaults, which tests/test_faults.py pins: Classifier
 # actors get max_restarts=-1 and max_task_retries=-1 (a killed actor is restarted and its
@@ -55,136 +56,27 @@ _OWN_ENTRIES = (schema.SCORES_DIR, schema.REPORT_DIR, schema.RUN_FILE)
 
 @dataclasses.dataclass
 class ScanResult:
-    """What a finished scan produced."""
+    """What a finished scan produced.
+
+    Attributes:
+        out: The output directory.
+        files: Every committed scores file, kept ones of a resumed scan included.
+        summary: The report's aggregates (``report/summary.json``).
+        run: The run record (``_run.json``).
+        deliveries: ``(seconds since the plan started, rows written so far)`` at each result block this
+            attempt received: the benchmarks' steady-state rates come from it.
+    """
 
     out: str
     files: list[str]
     summary: dict[str, Any]
     run: dict[str, Any]
-
-
-DECODE_COLUMNS = (*schema.DECODED_COLUMNS, schema.FILE_SIZE, schema.SHA256, schema.T_READ_MS, schema.DUPLICATE_OF)
-
-
-def prepare_batch(
-    batch: pa.Table,
-    policy: str,
-    max_pixels: int,
-    storage_options: dict[str, Any],
-    size: int = preprocess.CROP,
-    perturbation: str | None = None,
-    registry: Any = None,
-    decode_later: bool = False,
-) -> pa.Table:
-    """CPU stage: read, hash, (deduplicate,) decode and preprocess each file; failures become statuses.
-
-    Returns an Arrow table typed like the scores schema plus the uint8 ``image``
-    tensor column (``size``×``size``×3), so nullable integers stay integers on
-    the way to the sink. Columns of the listing other than ``path`` and
-    ``source`` (labels, groups, manifest columns, the shard id) pass through
-    unchanged. ``perturbation`` (robustness sweep) is applied to the
-    full-resolution decode before the policy. ``registry`` (``--dedup``) is
-    the :class:`aidetect_batch.dedup.HashRegistry` actor. ``decode_later``
-    (``--gpu-decode``) stops after reading: the bytes go to the Classifier in
-    the ``data`` column and the status is left for it to set.
-    """
-    from ray.data.extensions import ArrowTensorArray
-
-    paths = batch.column(schema.PATH).to_pylist()
-    n = len(paths)
-    rows: dict[str, list[Any]] = {c: [None] * n for c in DECODE_COLUMNS}
-    payload: list[bytes | None] = [None] * n
-    for i, path in enumerate(paths):
-        start = time.perf_counter()
-        try:
-            payload[i] = sources.read_file(path, storage_options)
-        except Exception as exc:  # noqa: BLE001 - any storage failure is this file's status, never the job's
-            rows[schema.STATUS][i] = schema.Status.UNREADABLE.value
-            rows[schema.ERROR][i] = f"{type(exc).__name__}: {exc}"[:300]
-            continue
-        rows[schema.T_READ_MS][i] = (time.perf_counter() - start) * 1000.0
-        rows[schema.FILE_SIZE][i] = len(payload[i])
-        rows[schema.SHA256][i] = hashlib.sha256(payload[i]).hexdigest()
-    if registry is not None:
-        read = [i for i in range(n) if payload[i] is not None]
-        firsts = ray_get(registry.claim.remote([rows[schema.SHA256][i] for i in read], [paths[i] for i in read]))
-        for i, first in zip(read, firsts, strict=True):
-            if first is not None:
-                rows[schema.STATUS][i] = schema.Status.DUPLICATE.value
-                rows[schema.DUPLICATE_OF][i] = first
-                payload[i] = None
-    images = np.zeros((0 if decode_later else n, size, size, 3), dtype=np.uint8)
-    change = perturb.parse(perturbation) if perturbation else None
-    for i in range(n) if not decode_later else ():
-        if payload[i] is None:
-            continue
-        decode_into(rows, images, i, payload[i], policy, max_pixels, size, change)
-    columns: dict[str, Any] = {
-        schema.PATH: pa.array(paths, pa.string()),
-        schema.SOURCE: batch.column(schema.SOURCE).cast(pa.string()),
-        schema.PREPROCESS: pa.array([policy] * n, pa.string()),
-    }
-    for name, values in rows.items():
-        columns[name] = pa.array(values, schema.SCORES_SCHEMA.field(name).type)
-    for name in batch.column_names:
-        if name not in columns:
-            columns[name] = batch.column(name)
-    if decode_later:
-        columns[schema.DATA] = pa.array(payload, pa.large_binary())
-    else:
-        columns[schema.IMAGE] = ArrowTensorArray.from_numpy(images)
-    return pa.table(columns)
-
-
-def decode_into(
-    rows: dict[str, list[Any]],
-    images: np.ndarray,
-    i: int,
-    data: bytes,
-    policy: str,
-    max_pixels: int,
-    size: int,
-    change: Any,
-) -> None:
-    """Decode and preprocess file ``i`` on the CPU, filling its decode columns and ``images[i]``.
-
-    The one per-file path of both the decode stage and ``--gpu-decode``'s fallback, so statuses agree.
-    """
-    start = time.perf_counter()
-    result, image = preprocess.decode_and_preprocess(data, policy, max_pixels, size, change)
-    for column in (schema.FORMAT, schema.MODE, schema.WIDTH, schema.HEIGHT):
-        rows[column][i] = getattr(result, column)
-    if image is not None:
-        images[i] = image
-    rows[schema.STATUS][i] = result.status.value
-    rows[schema.ERROR][i] = result.error
-    rows[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0
-
-
-def ray_get(ref: Any) -> Any:
-    """``ray.get`` (imported late: this module is also used where Ray is not started)."""
-    import ray
-
-    return ray.get(ref)
+    deliveries: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
 
 def check_output(cfg: ScanConfig) -> None:
     """Refuse a non-empty OUT unless ``overwrite``; then clear only this tool's own entries."""
-    claim_output(cfg.out, _OWN_ENTRIES, cfg.overwrite, cfg.storage_options)
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python, the platform and the libraries a result depends on, for ``_run.json``."""
-    import importlib.metadata as md
-
-    names = ("aidetect-batch", "ray", "torch", "torchvision", "pyarrow", "pillow", "numpy", "fsspec", "s3fs")
-    found = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in names:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = "missing"
-    return found
+    claim_output(cfg.out, _OWN_ENTRIES, cfg.overwrite, storage_options=cfg.storage_options)
 
 
 def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> dict[str, Any]:
@@ -214,22 +106,6 @@ def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> dict[str, A
     return plan
 
 
-def block_size(total: int, cpus: int, batch_size: int | None = None) -> int:
-    """Paths per input block: at least 8 blocks per CPU for small scans, so work spreads and
-    progress shows early; at most 256 so a huge listing does not become millions of objects.
-
-    With ``batch_size``, the size is also a divisor or a multiple of the Classifier's batch size.
-    Ray Data hands an actor whole blocks until it has at least a batch, so 37-row blocks and
-    64-image batches mean a 74-row bundle run as 64 + 10: on a GPU the small batch costs
-    almost as much as the full one."""
-    rows = max(MIN_BLOCK_ROWS, min(MAX_BLOCK_ROWS, total // (8 * max(cpus, 1))))
-    if batch_size is None:
-        return rows
-    if rows >= batch_size:
-        return rows - rows % batch_size
-    return max(d for d in range(1, rows + 1) if batch_size % d == 0)
-
-
 class _Progress:
     """Progress lines every ``PROGRESS_EVERY_S``: files done of all, statuses, rate and ETA. While a
     streamed listing runs the total is not known yet; the line then shows how many files are listed."""
@@ -255,7 +131,7 @@ class _Progress:
             return
         self.last = now
         if not self.listed_all:
-            snapshot = ray_get(self.listing.snapshot.remote())
+            snapshot = ray.get(self.listing.snapshot.remote())
             self.total = snapshot["listed"]
             self.listed_all = snapshot["finished"] is not None
         rate = (self.done - self.skipped) / max(now - self.start, 1e-9)
@@ -291,8 +167,10 @@ def list_inputs(cfg: ScanConfig) -> pa.Table:
     if cfg.manifest:
         table = inputs.read_manifest(cfg.manifest, cfg.storage_options)
     else:
-        table = sources.list_sources(cfg.sources, cfg.extensions, cfg.all_files, cfg.storage_options)
-    table = inputs.select(table, cfg.sample, cfg.limit, cfg.seed)
+        table = sources.list_sources(
+            cfg.sources, cfg.extensions, all_files=cfg.all_files, storage_options=cfg.storage_options
+        )
+    table = inputs.select(table, cfg.sample, cfg.limit, seed=cfg.seed)
     if table.num_rows == 0:
         raise sources.SourceError("no inputs left after --sample/--limit")
     return table
@@ -318,6 +196,48 @@ def check_resumable(previous: dict[str, Any], identity: dict[str, Any]) -> None:
         )
 
 
+@dataclasses.dataclass
+class _Detector:
+    """The checkpoint as the scan uses it: parsed once on the driver, its bytes shipped to the actors."""
+
+    ckpt: Any
+    data: bytes
+    policy: str
+    threshold: float
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """The scan's inputs: a table listed on the driver, or remote sources a Ray task lists page by page."""
+
+    identity: dict[str, Any]
+    listing: pa.Table | None = None
+    units: list[tuple[str, bool]] | None = None
+    extra_fields: list[pa.Field] = dataclasses.field(default_factory=list)
+
+    @property
+    def total(self) -> int | None:
+        return None if self.listing is None else self.listing.num_rows
+
+
+@dataclasses.dataclass
+class _Run:
+    """This attempt's record: ``_run.json`` as written, and the committed work a resume keeps."""
+
+    uri: str
+    record: dict[str, Any]
+    attempt: dict[str, Any]
+    shard_rows: int
+    done: dict[int, str]
+    done_rows: int
+    old_files: list[str]
+    previous_inputs: str | None = None
+
+    def save(self, cfg: ScanConfig, **changes: Any) -> None:
+        self.record.update(changes)
+        write_json(self.uri, self.record, cfg.storage_options)
+
+
 def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     """Run a whole scan: validate, list, score on Ray, write scores, report and ``_run.json``.
 
@@ -333,55 +253,76 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
         ConfigError: bad arguments, a non-empty OUT, or a resume with other settings (before Ray starts).
         sources.SourceError: a missing source or manifest (before Ray starts).
         model.CheckpointError: an unreadable or mismatched checkpoint (before Ray starts).
+        runtime.Stopped: SIGINT or SIGTERM; finished shards are committed first.
     """
-    import ray
-
-    from aidetect_batch import dedup, model, report
-    from aidetect_batch.sinks import ScoreWriter, committed_shards
-
     started = datetime.now(timezone.utc)
     previous = previous_run(cfg) if cfg.resume else None
     if previous is None:
         check_output(cfg)
-    ckpt_bytes = model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options)
-    ckpt = model.parse_checkpoint(ckpt_bytes, arch=cfg.arch, ai_class_index=cfg.ai_class_index)
-    ckpt.build()
-    policy = cfg.preprocess or ckpt.preprocess or preprocess.DEFAULT_POLICY
-    threshold = cfg.threshold if cfg.threshold is not None else ckpt.threshold
-    if ckpt.info.get("untrained"):
-        _logger.warning("checkpoint %s is UNTRAINED (random weights): its scores mean nothing", cfg.checkpoint)
-    identity: dict[str, Any] = {}
-    units = None
-    if listing is None and not cfg.manifest and sources.streamable(cfg.sources):
-        units = sources.listing_units(cfg.sources, cfg.storage_options)
-        identity["listing"] = _streamed_identity(cfg, units)
-        extra_fields: list[pa.Field] = []
-        total = None
-        _logger.info("listing %d remote source(s) page by page while the scan runs", len(units))
-    else:
-        if listing is None:
-            listing = list_inputs(cfg)
-        extra_fields = [f for f in listing.schema if f.name not in (schema.PATH, schema.SOURCE)]
-        clash = [f.name for f in extra_fields if f.name in schema.SCORE_COLUMNS or f.name.startswith("_")]
-        if clash or schema.IMAGE in listing.column_names:
-            raise ConfigError(f"input columns {clash or [schema.IMAGE]} clash with output columns; rename them")
-        total = listing.num_rows
-        identity.update(inputs=inputs.fingerprint(listing), input_rows=total)
-        _logger.info("%d inputs from %s", total, cfg.manifest or f"{len(cfg.sources)} source(s)")
-    identity.update(
-        model_id=ckpt.model_id,
-        preprocess=policy,
-        input_size=ckpt.input_size,
-        perturbation=cfg.perturbation,
-        dedup=cfg.dedup,
-    )
+    detector = load_detector(cfg)
+    scan_inputs = resolve_inputs(cfg, listing)
+    identity = {**scan_inputs.identity, **_model_identity(cfg, detector)}
     if previous is not None:
         check_resumable(previous, identity)
-
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-    resources = ray.cluster_resources()
+    resources = runtime.start_ray()
     plan = plan_classifier(cfg, resources)
+    _log_plan(cfg, plan)
+    run = _open_run(
+        cfg,
+        previous=previous,
+        identity=identity,
+        started=started,
+        resources=resources,
+        plan=plan,
+        detector=detector,
+        total=scan_inputs.total,
+    )
+    return _score_and_report(cfg, detector=detector, scan_inputs=scan_inputs, plan=plan, run=run)
+
+
+def load_detector(cfg: ScanConfig) -> _Detector:
+    """Read, parse and build the checkpoint on the driver, so a bad file fails before Ray starts."""
+    data = model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options)
+    ckpt = model.parse_checkpoint(data, arch=cfg.arch, ai_class_index=cfg.ai_class_index)
+    ckpt.build()
+    if ckpt.info.get("untrained"):
+        _logger.warning("checkpoint %s is UNTRAINED (random weights): its scores mean nothing", cfg.checkpoint)
+    return _Detector(
+        ckpt=ckpt,
+        data=data,
+        policy=cfg.preprocess or ckpt.preprocess or preprocess.DEFAULT_POLICY,
+        threshold=cfg.threshold if cfg.threshold is not None else ckpt.threshold,
+    )
+
+
+def resolve_inputs(cfg: ScanConfig, listing: pa.Table | None) -> _Inputs:
+    """List the inputs on the driver, or check remote sources that a Ray task will list page by page."""
+    if listing is None and not cfg.manifest and sources.streamable(cfg.sources):
+        units = sources.listing_units(cfg.sources, cfg.storage_options)
+        _logger.info("listing %d remote source(s) page by page while the scan runs", len(units))
+        return _Inputs(identity={"listing": _streamed_identity(cfg, units)}, units=units)
+    if listing is None:
+        listing = list_inputs(cfg)
+    passed = [f for f in listing.schema if f.name not in (schema.PATH, schema.SOURCE, schema.RAW_PATH)]
+    clash = [f.name for f in passed if f.name in schema.SCORE_COLUMNS or f.name.startswith("_")]
+    if clash or schema.IMAGE in listing.column_names:
+        raise ConfigError(f"input columns {clash or [schema.IMAGE]} clash with output columns; rename them")
+    _logger.info("%d inputs from %s", listing.num_rows, cfg.manifest or f"{len(cfg.sources)} source(s)")
+    identity = {"inputs": inputs.fingerprint(listing), "input_rows": listing.num_rows}
+    return _Inputs(identity=identity, listing=listing, extra_fields=passed)
+
+
+def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
+    return {
+        "model_id": detector.ckpt.model_id,
+        "preprocess": detector.policy,
+        "input_size": detector.ckpt.input_size,
+        "perturbation": cfg.perturbation,
+        "dedup": cfg.dedup,
+    }
+
+
+def _log_plan(cfg: ScanConfig, plan: dict[str, Any]) -> None:
     _logger.info(
         "Classifier: %s-%s actor(s) on %s; decode: %d CPU task(s), %.1f per actor%s",
         *plan["actors"],
@@ -390,110 +331,159 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
         plan["decode_cpus_per_actor"],
         " (read only: --gpu-decode decodes on the GPU)" if cfg.gpu_decode else "",
     )
+
+
+def _open_run(
+    cfg: ScanConfig,
+    *,
+    previous: dict[str, Any] | None,
+    identity: dict[str, Any],
+    started: datetime,
+    resources: dict[str, float],
+    plan: dict[str, Any],
+    detector: _Detector,
+    total: int | None,
+) -> _Run:
+    """Find the work a resume keeps, choose the shard size and write ``_run.json`` as ``running``."""
     scores_dir = join(cfg.out, schema.SCORES_DIR)
     if previous is not None:
         shard_rows = int(previous["shard_rows"])
         done, done_rows, old_files = committed_shards(scores_dir, cfg.storage_options)
         _logger.info("resuming: %d rows in %d committed file(s) are kept and not rescored", done_rows, len(old_files))
     else:
-        shard_rows = (
-            STREAM_SHARD_ROWS if total is None else block_size(total, int(resources.get("CPU", 1)), cfg.batch_size)
-        )
+        cpus = int(resources.get("CPU", 1))
+        shard_rows = STREAM_SHARD_ROWS if total is None else block_size(total, cpus, cfg.batch_size)
         done, done_rows, old_files = {}, 0, []
     attempt = {"started": started.isoformat(), "rows_kept": done_rows, "files_kept": len(old_files)}
-    run: dict[str, Any] = dict(previous or {})
-    run.update(
-        {
-            "status": "running",
-            "config": cfg.to_json(),
-            "identity": identity,
-            "shard_rows": shard_rows,
-            "resolved": {
-                "preprocess": policy,
-                "input_size": ckpt.input_size,
-                "threshold": threshold,
-                "perturbation": cfg.perturbation,
-                "classifier": plan,
-            },
-            "model": ckpt.metadata(),
-            "model_id": ckpt.model_id,
-            "versions": versions(),
-            "cluster_resources": dict(resources),
-            "inputs": total,
-            "started": run.get("started", started.isoformat()),
-            "attempts": [*run.get("attempts", []), attempt],
-        }
+    record: dict[str, Any] = dict(previous or {})
+    record.update(
+        status="running",
+        config=cfg.to_json(),
+        identity=identity,
+        shard_rows=shard_rows,
+        resolved={
+            "preprocess": detector.policy,
+            "input_size": detector.ckpt.input_size,
+            "threshold": detector.threshold,
+            "perturbation": cfg.perturbation,
+            "classifier": plan,
+        },
+        model=detector.ckpt.metadata(),
+        model_id=detector.ckpt.model_id,
+        versions=runtime.versions(),
+        cluster_resources=resources,
+        inputs=total,
+        started=record.get("started", started.isoformat()),
+        attempts=[*record.get("attempts", []), attempt],
     )
-    run_uri = join(cfg.out, schema.RUN_FILE)
     fs, root = filesystem(cfg.out, cfg.storage_options)
     fs.makedirs(root, exist_ok=True)
-    write_json(run_uri, run, cfg.storage_options)
+    previous_inputs = (previous or {}).get("identity", {}).get("inputs")
+    run = _Run(join(cfg.out, schema.RUN_FILE), record, attempt, shard_rows, done, done_rows, old_files, previous_inputs)
+    run.save(cfg)
+    return run
 
-    state = None
-    if units is not None:
-        state = ray.remote(num_cpus=0)(inputs.ListingState).remote()
-        expected: dict[int, int] = {}
-        inputs_ds = streamed_inputs(cfg, units, shard_rows, done, state)
-    else:
-        assert listing is not None and total is not None
-        todo = [k for k in range(math.ceil(total / shard_rows)) if k not in done]
-        expected = {}
-        blocks = []
-        for k in todo:
-            block = listing.slice(k * shard_rows, shard_rows)
-            expected[k] = block.num_rows
-            blocks.append(block.append_column(schema.SHARD, pa.array(np.full(block.num_rows, k, np.int64))))
-        inputs_ds = ray.data.from_arrow(blocks) if blocks else None
-    registry = None
-    if cfg.dedup:
-        registry = dedup.start(dedup.seen_in(scores_dir, old_files, cfg.storage_options))
+
+def _score_and_report(
+    cfg: ScanConfig, *, detector: _Detector, scan_inputs: _Inputs, plan: dict[str, Any], run: _Run
+) -> ScanResult:
+    """Build the plan, drain it into the sink, check the row count, then write the report."""
+    scores_dir = join(cfg.out, schema.SCORES_DIR)
+    state = ray.remote(num_cpus=0)(inputs.ListingState).remote() if scan_inputs.units is not None else None
+    ds, expected = _input_dataset(cfg, scan_inputs, run, state=state)
+    registry = dedup.start(dedup.seen_in(scores_dir, run.old_files, cfg.storage_options)) if cfg.dedup else None
     writer = ScoreWriter(
         scores_dir,
         cfg.rows_per_file,
         cfg.storage_options,
-        table_schema=pa.schema([*schema.SCORES_SCHEMA, *extra_fields]),
+        table_schema=pa.schema([*schema.SCORES_SCHEMA, *scan_inputs.extra_fields]),
         shard_rows=expected,
         commit_every_s=cfg.commit_every_s,
     )
-    progress = _Progress(total, skipped=done_rows, listing=state)
-    t0 = time.monotonic()
-    first_result: float | None = None
-    if inputs_ds is not None:
-        for batch in delivered(_score(cfg, ckpt, ckpt_bytes, policy, threshold, plan, inputs_ds, registry)):
-            if first_result is None:
-                first_result = time.monotonic() - t0
-            writer.write(batch)
-            progress.update(batch)
-    files = writer.close()
-    wall = time.monotonic() - t0
+    progress = _Progress(scan_inputs.total, skipped=run.done_rows, listing=state)
+    results = None if ds is None else _score(cfg, detector=detector, plan=plan, ds=ds, registry=registry)
+    timing = _drain(cfg, results, writer=writer, progress=progress, run=run)
+    total = scan_inputs.total
     if state is not None:
-        total = _finish_listing(cfg, ray_get(state.snapshot.remote())["finished"], identity, previous, run, run_uri)
-    if done_rows + writer.rows_written != total:
+        total = _finish_listing(cfg, ray.get(state.snapshot.remote())["finished"], run)
+    if run.done_rows + writer.rows_written != total:
         raise RuntimeError(
-            f"invariant broken: {total} inputs but {done_rows} kept + {writer.rows_written} new rows written"
+            f"invariant broken: {total} inputs but {run.done_rows} kept + {writer.rows_written} new rows written"
         )
-
     extra = {
-        "wall_seconds": wall,
-        "images_per_s": writer.rows_written / wall if wall > 0 else None,
-        "first_result_seconds": first_result,
-        "threshold": threshold,
-        "preprocess": policy,
-        "model_id": ckpt.model_id,
-        "untrained_model": bool(ckpt.info.get("untrained")),
+        "wall_seconds": timing.wall,
+        "images_per_s": writer.rows_written / timing.wall if timing.wall > 0 else None,
+        "first_result_seconds": timing.first_result,
+        "threshold": detector.threshold,
+        "preprocess": detector.policy,
+        "model_id": detector.ckpt.model_id,
+        "untrained_model": bool(detector.ckpt.info.get("untrained")),
     }
-    summary = report.write_report(cfg.out, cfg.group_depth, cfg.storage_options, extra)
-    all_files = sorted([*old_files, *files])
-    attempt.update(rows_scored=writer.rows_written, wall_seconds=wall, first_result_seconds=first_result)
-    run.update(
+    summary = report.write_report(cfg.out, cfg.group_depth, cfg.storage_options, extra=extra)
+    all_files = sorted([*run.old_files, *writer.files])
+    run.attempt.update(
+        rows_scored=writer.rows_written, wall_seconds=timing.wall, first_result_seconds=timing.first_result
+    )
+    run.save(
+        cfg,
         status="complete",
         finished=datetime.now(timezone.utc).isoformat(),
-        wall_seconds=wall,
+        wall_seconds=timing.wall,
         outputs={"scores": all_files, "rows": total},
         counts={"status": summary["status_counts"], "label": summary["label_counts"]},
     )
-    write_json(run_uri, run, cfg.storage_options)
-    return ScanResult(cfg.out, all_files, summary, run)
+    return ScanResult(cfg.out, all_files, summary, run.record, timing.deliveries)
+
+
+def _input_dataset(cfg: ScanConfig, scan_inputs: _Inputs, run: _Run, *, state: Any) -> tuple[Any, dict[int, int]]:
+    """The input shards not yet committed, as a dataset (``None`` when nothing is left), and their row counts."""
+    if scan_inputs.units is not None:
+        return streamed_inputs(cfg, scan_inputs.units, shard_rows=run.shard_rows, done=run.done, state=state), {}
+    listing = scan_inputs.listing
+    assert listing is not None
+    expected: dict[int, int] = {}
+    blocks = []
+    for k in range(math.ceil(listing.num_rows / run.shard_rows)):
+        if k in run.done:
+            continue
+        block = listing.slice(k * run.shard_rows, run.shard_rows)
+        expected[k] = block.num_rows
+        blocks.append(block.append_column(schema.SHARD, pa.array(np.full(block.num_rows, k, np.int64))))
+    return (ray.data.from_arrow(blocks) if blocks else None), expected
+
+
+@dataclasses.dataclass
+class _Timing:
+    wall: float
+    first_result: float | None
+    deliveries: list[tuple[float, int]]
+
+
+def _drain(cfg: ScanConfig, results: Any, *, writer: Any, progress: _Progress, run: _Run) -> _Timing:
+    """Write every result block as it arrives. On SIGINT/SIGTERM, commit the finished shards, record the
+    stop in ``_run.json`` and raise :class:`runtime.Stopped` saying what was kept."""
+    t0 = time.monotonic()
+    deliveries: list[tuple[float, int]] = []
+    rows = 0
+    try:
+        for batch in delivered(results) if results is not None else ():
+            rows += batch.num_rows
+            deliveries.append((time.monotonic() - t0, rows))
+            writer.write(batch)
+            progress.update(batch)
+        writer.close()
+    except (KeyboardInterrupt, runtime.Stopped) as exc:
+        stopped = runtime.as_stopped(exc)
+        writer.commit_finished()
+        kept = run.done_rows + writer.rows_written
+        run.save(cfg, status="stopped", stopped=datetime.now(timezone.utc).isoformat(), rows_kept=kept)
+        stopped.kept = (
+            f"kept {kept} scored row(s) of {progress.total if progress.listed_all else 'a listing not finished'} "
+            f"in {len(run.old_files) + len(writer.files)} committed file(s) under {join(cfg.out, schema.SCORES_DIR)}"
+        )
+        raise stopped from None
+    first_result = deliveries[0][0] if deliveries else None
+    return _Timing(time.monotonic() - t0, first_result, deliveries)
 
 
 def delivered(ds: Any) -> Iterator[pa.Table]:
@@ -509,6 +499,7 @@ def delivered(ds: Any) -> Iterator[pa.Table]:
 def streamed_inputs(
     cfg: ScanConfig,
     units: list[tuple[str, bool]],
+    *,
     shard_rows: int,
     done: dict[int, str],
     state: Any,
@@ -517,8 +508,6 @@ def streamed_inputs(
     """The input stage of a streamed listing: one zero-CPU task lists the sources page by page and
     yields the input shards. Ray Data hands them on in STREAM_BLOCK_BYTES blocks (about a listing
     page each), so reading starts after the first page, not after the whole listing."""
-    import ray
-
     context = ray.data.DataContext.get_current()
     saved = context.target_max_block_size
     context.target_max_block_size = block_bytes
@@ -546,14 +535,7 @@ def streamed_inputs(
     )
 
 
-def _finish_listing(
-    cfg: ScanConfig,
-    finished: dict[str, Any] | None,
-    identity: dict[str, Any],
-    previous: dict[str, Any] | None,
-    run: dict[str, Any],
-    run_uri: str,
-) -> int:
+def _finish_listing(cfg: ScanConfig, finished: dict[str, Any] | None, run: _Run) -> int:
     """Check how a streamed listing ended and record its row count and fingerprint as the scan's inputs.
 
     Raises:
@@ -571,55 +553,33 @@ def _finish_listing(
         )
     if finished["rows"] == 0:
         raise sources.SourceError(f"no files found in {', '.join(cfg.sources)}")
-    before = (previous or {}).get("identity", {}).get("inputs")
-    if before and before != finished["fingerprint"]:
+    identity = run.record["identity"]
+    if run.previous_inputs and run.previous_inputs != finished["fingerprint"]:
         _logger.warning("the listing changed since the stopped scan after its committed shards; new files were scanned")
     identity.update(inputs=finished["fingerprint"], input_rows=finished["rows"])
-    run.update(identity=identity, inputs=finished["rows"])
-    write_json(run_uri, run, cfg.storage_options)
+    run.save(cfg, identity=identity, inputs=finished["rows"])
     return int(finished["rows"])
 
 
-def _score(
-    cfg: ScanConfig,
-    ckpt: Any,
-    ckpt_bytes: bytes,
-    policy: str,
-    threshold: float,
-    plan: dict[str, Any],
-    ds: Any,
-    registry: Any,
-) -> Any:
+def _score(cfg: ScanConfig, *, detector: _Detector, plan: dict[str, Any], ds: Any, registry: Any) -> Any:
     """The Ray Data plan: input shards ─► read/decode tasks ─► Classifier actor pool."""
-    import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
-
-    from aidetect_batch.classifier import Classifier
-
+    options = prepare.PrepareOptions(
+        policy=detector.policy,
+        max_pixels=cfg.max_pixels,
+        size=detector.ckpt.input_size,
+        max_file_bytes=cfg.max_file_bytes,
+        perturbation=cfg.perturbation,
+        storage_options=cfg.storage_options,
+        decode_later=cfg.gpu_decode,
+    )
     ds = ds.map_batches(
-        prepare_batch,
+        prepare.prepare_batch,
         batch_size=cfg.decode_batch_size,
         batch_format="pyarrow",
         compute=TaskPoolStrategy(size=plan["decode_tasks"]),
         num_cpus=1,
-        fn_kwargs={
-            "policy": policy,
-            "max_pixels": cfg.max_pixels,
-            "storage_options": cfg.storage_options,
-            "size": ckpt.input_size,
-            "perturbation": cfg.perturbation,
-            "registry": registry,
-            "decode_later": cfg.gpu_decode,
-        },
+        fn_kwargs={"options": options, "registry": registry},
     )
-    decode_options = None
-    if cfg.gpu_decode:
-        decode_options = {
-            "policy": policy,
-            "max_pixels": cfg.max_pixels,
-            "size": ckpt.input_size,
-            "perturbation": cfg.perturbation,
-        }
     return ds.map_batches(
         Classifier,
         batch_size=cfg.batch_size,
@@ -629,13 +589,13 @@ def _score(
         num_cpus=plan["num_cpus"],
         memory=CLASSIFIER_MEMORY,
         fn_constructor_kwargs={
-            "checkpoint": ray.put(ckpt_bytes),
+            "checkpoint": ray.put(detector.data),
             "arch": cfg.arch,
             "ai_class_index": cfg.ai_class_index,
-            "threshold": threshold,
+            "threshold": detector.threshold,
             "precision": cfg.precision,
             "cpu_threads": plan["cpu_threads"],
-            "decode_options": decode_options,
+            "decode_options": options if cfg.gpu_decode else None,
             "compile": cfg.compile,
         },
     )

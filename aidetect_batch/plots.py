@@ -36,7 +36,7 @@ def _figure(width: float = 6.0, height: float = 4.5) -> Any:
 
 
 def history(
-    uri: str, rows: list[dict[str, Any]], best_epoch: int, storage_options: dict[str, Any] | None = None
+    uri: str, rows: list[dict[str, Any]], best_epoch: int, *, storage_options: dict[str, Any] | None = None
 ) -> None:
     """Loss, accuracy and validation AUC per epoch, with the kept epoch marked."""
     fig = _figure(10, 3.8)
@@ -58,7 +58,12 @@ def history(
 
 
 def roc(
-    uri: str, y: np.ndarray, score: np.ndarray, marks: dict[str, float], storage_options: dict[str, Any] | None = None
+    uri: str,
+    y: np.ndarray,
+    score: np.ndarray,
+    *,
+    marks: dict[str, float],
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """ROC curve with the AUC and each named threshold's operating point."""
     curve = metrics.roc_curve(y, score)
@@ -80,7 +85,9 @@ def roc(
     _save(fig, uri, storage_options)
 
 
-def precision_recall(uri: str, y: np.ndarray, score: np.ndarray, storage_options: dict[str, Any] | None = None) -> None:
+def precision_recall(
+    uri: str, y: np.ndarray, score: np.ndarray, *, storage_options: dict[str, Any] | None = None
+) -> None:
     """Precision-recall curve with average precision and the AI share as the chance line."""
     curve = metrics.pr_curve(y, score)
     fig = _figure()
@@ -103,7 +110,7 @@ def precision_recall(uri: str, y: np.ndarray, score: np.ndarray, storage_options
 
 
 def confusion(
-    uri: str, counts: dict[str, int], threshold: float, storage_options: dict[str, Any] | None = None
+    uri: str, counts: dict[str, int], threshold: float, *, storage_options: dict[str, Any] | None = None
 ) -> None:
     """2×2 confusion matrix (rows: truth, columns: prediction) with counts and row shares."""
     matrix = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]], dtype=float)
@@ -124,7 +131,7 @@ def confusion(
 
 
 def score_histograms(
-    uri: str, y: np.ndarray, score: np.ndarray, threshold: float, storage_options: dict[str, Any] | None = None
+    uri: str, y: np.ndarray, score: np.ndarray, *, threshold: float, storage_options: dict[str, Any] | None = None
 ) -> None:
     """Score distribution of real and of AI images, with the threshold."""
     fig = _figure(7, 3.8)
@@ -141,7 +148,7 @@ def score_histograms(
 
 
 def reliability(
-    uri: str, table: list[dict[str, float]], ece: float, storage_options: dict[str, Any] | None = None
+    uri: str, table: list[dict[str, float]], ece: float, *, storage_options: dict[str, Any] | None = None
 ) -> None:
     """Reliability diagram: observed AI share against mean score per bin."""
     fig = _figure(4.8, 4.5)

@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from aidetect_batch import decode
+from aidetect_batch.schema import Status
+
 POLICIES = ("resize", "center-crop")
 DEFAULT_POLICY = "resize"
 CROP = 224
@@ -76,7 +79,7 @@ def preprocess_image(img: Image.Image, policy: str, size: int = CROP) -> np.ndar
 
 
 def decode_and_preprocess(
-    data: bytes, policy: str, max_pixels: int, size: int = CROP, change: Any = None
+    data: bytes, policy: str, max_pixels: int, *, size: int = CROP, change: Any = None
 ) -> tuple[Any, np.ndarray | None]:
     """Decode one file's bytes and apply ``policy``: the CPU path of both the decode stage and ``--gpu-decode``.
 
@@ -84,8 +87,6 @@ def decode_and_preprocess(
     ``(size, size, 3)`` uint8 array (``None`` unless the status is ok).
     ``change`` is a robustness perturbation applied at full resolution.
     """
-    from aidetect_batch import decode
-    from aidetect_batch.schema import Status
 
     result = decode.decode_image(data, max_pixels, None if change else needed_short_side(policy, size))
     if result.status is not Status.OK:

@@ -59,10 +59,12 @@ T_INFER_MS = "t_infer_ms"
 DUPLICATE_OF = "duplicate_of"
 
 # Intermediate columns between the stages; never written: the preprocessed image, the
-# file's bytes (``--gpu-decode``), the input shard a row belongs to (resume) and, in a
-# streamed listing, how many rows that shard has.
+# file's bytes (``--gpu-decode``), a name's raw bytes, the input shard a row belongs to
+# (resume) and, in a streamed listing, how many rows that shard has.
 IMAGE = "image"
 DATA = "_data"
+# A local file name's exact bytes when it is not valid UTF-8 (``path`` then holds its %XX-escaped form).
+RAW_PATH = "_raw_path"
 SHARD = "_shard"
 SHARD_ROWS = "_shard_rows"
 

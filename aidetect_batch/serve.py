@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from aidetect_batch import model, preprocess, schema
+from aidetect_batch import model, preprocess, runtime, schema
+from aidetect_batch.classifier import Classifier
 from aidetect_batch.config import ServeConfig
 
 _logger = logging.getLogger(__name__)
@@ -57,7 +58,6 @@ class UploadScorer:
     """
 
     def __init__(self, cfg: ServeConfig, device: str | None = None) -> None:
-        from aidetect_batch.classifier import Classifier
 
         data = model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options)
         self.classifier = Classifier(data, arch=cfg.arch, ai_class_index=cfg.ai_class_index, device=device)
@@ -81,7 +81,7 @@ class UploadScorer:
     def decode(self, name: str, data: bytes) -> tuple[dict[str, Any], np.ndarray | None]:
         """Decode and preprocess one upload: its result fields so far and the model input (``None`` on failure)."""
         start = time.perf_counter()
-        result, image = preprocess.decode_and_preprocess(data, self.policy, self.max_pixels, self.size)
+        result, image = preprocess.decode_and_preprocess(data, self.policy, self.max_pixels, size=self.size)
         row: dict[str, Any] = {
             "name": name,
             "bytes": len(data),
@@ -223,7 +223,6 @@ def check(cfg: ServeConfig) -> model.Checkpoint:
 
 def start(cfg: ServeConfig) -> str:
     """Check the checkpoint, start Ray (or join ``RAY_ADDRESS``) and Serve, deploy; returns the page's URL."""
-    import ray
     from ray import serve
 
     if "://" not in cfg.checkpoint:
@@ -231,11 +230,10 @@ def start(cfg: ServeConfig) -> str:
     ckpt = check(cfg)
     if ckpt.info.get("untrained"):
         _logger.warning("checkpoint %s is UNTRAINED (random weights): its scores mean nothing", cfg.checkpoint)
-    if not ray.is_initialized():
-        ray.init()
+    resources = runtime.start_ray()
     gpus = cfg.gpus_per_replica
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
     serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
     serve.run(application(cfg, gpus), name=APP_NAME, route_prefix="/")
     return f"http://{cfg.host}:{cfg.port}/"

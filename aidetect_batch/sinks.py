@@ -123,6 +123,7 @@ class ScoreWriter:
         directory: str,
         rows_per_file: int = 250_000,
         storage_options: dict[str, Any] | None = None,
+        *,
         run_id: str | None = None,
         table_schema: pa.Schema = schema.SCORES_SCHEMA,
         shard_rows: dict[int, int] | None = None,
@@ -215,6 +216,17 @@ class ScoreWriter:
         self.rows_written += table.num_rows
         self._last_commit = time.monotonic()
 
+    def commit_finished(self) -> None:
+        """Commit every finished shard now and drop the rows of unfinished ones (a stopped scan):
+        a resume scores those shards again."""
+        if self._ready_rows:
+            if self.expected is None:
+                self._commit_exact(self._ready_rows)
+            else:
+                self._commit_ready()
+        self._partial.clear()
+        self._seen.clear()
+
     def close(self) -> list[str]:
         """Commit what is ready and return every file this writer committed.
 
@@ -224,10 +236,6 @@ class ScoreWriter:
         if self._partial:
             missing = {s: self.expected[s] - self._seen[s] for s in sorted(self._partial)[:5]}  # type: ignore[index]
             raise RuntimeError(f"{len(self._partial)} shard(s) incomplete at the end, e.g. missing rows {missing}")
-        if self._ready_rows:
-            if self.expected is None:
-                self._commit_exact(self._ready_rows)
-            else:
-                self._commit_ready()
+        self.commit_finished()
         _logger.info("wrote %d rows in %d file(s) to %s", self.rows_written, len(self.files), self.directory)
         return self.files

@@ -13,30 +13,41 @@ Rules:
   a file named explicitly is always scanned.
 - A source that does not exist is an error; one that exists but holds no
   matching files is logged.
+- Local folders are walked by :func:`walk_local`: named pipes, sockets and
+  device files are skipped (counted and logged, like hidden entries), links
+  to files are scanned, links to folders are followed unless they lead to a
+  folder already walked (a loop, or the same folder reached twice), and a
+  dangling link is listed so that it becomes an ``unreadable`` row.
+- A file name that is not valid UTF-8 keeps its row: its ``path`` escapes each
+  byte that is not UTF-8, and every ``%``, as ``%XX`` (so
+  ``urllib.parse.unquote_to_bytes(path)`` gives the name's bytes back), and the
+  exact bytes travel to the reader in the hidden ``_raw_path`` column.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import logging
+import os
 import random
 import re
+import stat
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
 
 from aidetect_batch import schema
+from aidetect_batch.errors import SourceError
 from aidetect_batch.storage import filesystem, is_remote, to_uri
 
 _logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-class SourceError(ValueError):
-    """A source that does not exist or cannot be listed."""
 
 
 def _wanted(relative: str, extensions: tuple[str, ...], all_files: bool) -> bool:
@@ -50,7 +61,7 @@ def _wanted(relative: str, extensions: tuple[str, ...], all_files: bool) -> bool
 
 
 def _list_one(
-    source: str, extensions: tuple[str, ...], all_files: bool, storage_options: dict[str, Any]
+    source: str, extensions: tuple[str, ...], all_files: bool, *, storage_options: dict[str, Any]
 ) -> list[tuple[str, str]]:
     fs, path = filesystem(source, storage_options)
     if _GLOB_CHARS.search(source):
@@ -61,13 +72,19 @@ def _list_one(
         rows = []
         for match in matches:
             if fs.isdir(match):
-                rows += [(p, root) for p, _ in _walk(fs, match, extensions, all_files)]
+                rows += [(p, root) for p, _ in _walk(fs, match, extensions, all_files=all_files)]
             elif _wanted(match.rsplit("/", 1)[-1], extensions, all_files):
                 rows.append((to_uri(fs, match), root))
         return rows
-    if _info(fs, path, source)["type"] != "directory":
-        return [(to_uri(fs, path), to_uri(fs, path.rsplit("/", 1)[0]))]
-    return _walk(fs, path, extensions, all_files)
+    if is_remote(source):
+        if _info(fs, path, source)["type"] != "directory":
+            return [(to_uri(fs, path), to_uri(fs, path.rsplit("/", 1)[0]))]
+        return _walk(fs, path, extensions, all_files=all_files)
+    if not os.path.lexists(path):
+        raise SourceError(f"source {source!r} does not exist")
+    if not os.path.isdir(path):
+        return [(path, os.path.dirname(path))]
+    return _walk(fs, path, extensions, all_files=all_files)
 
 
 def _info(fs: Any, path: str, source: str) -> dict[str, Any]:
@@ -80,16 +97,95 @@ def _info(fs: Any, path: str, source: str) -> dict[str, Any]:
         raise SourceError(f"source {source!r} cannot be listed: {exc}") from exc
 
 
-def _walk(fs: Any, root: str, extensions: tuple[str, ...], all_files: bool) -> list[tuple[str, str]]:
+@dataclasses.dataclass
+class LocalWalk:
+    """What :func:`walk_local` found under one folder: the files to scan, and what it skipped and why."""
+
+    files: list[str]
+    skipped: Counter[str]
+
+
+def walk_local(root: str, extensions: tuple[str, ...], all_files: bool = False) -> LocalWalk:
+    """Walk a local folder without ever opening a file: regular files and dangling links that pass the
+    filters, in sorted order. Links to folders are followed once per folder (by device and inode), so a
+    link to a parent ends the walk there. Named pipes, sockets and devices are skipped and counted, as are
+    folders that cannot be listed."""
+    files: list[str] = []
+    skipped: Counter[str] = Counter()
+    walked = {_folder_key(root)}
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = list(scan)
+        except OSError as exc:
+            skipped["unlistable folder"] += 1
+            _logger.warning("cannot list %r: %s", folder, exc)
+            continue
+        for entry in entries:
+            kind = _entry_kind(entry)
+            if kind == "folder" and entry.name[0] != ".":
+                key = _folder_key(entry.path)
+                if key in walked:
+                    skipped["link to a folder already walked"] += 1
+                    continue
+                walked.add(key)
+                pending.append(entry.path)
+            elif kind in ("file", "dangling link"):
+                if _wanted(entry.name, extensions, all_files):
+                    files.append(entry.path)
+            elif entry.name[0] != ".":
+                skipped[kind] += 1
+    files.sort()
+    return LocalWalk(files, skipped)
+
+
+def _folder_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "named pipe"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "device"),
+    (stat.S_ISBLK, "device"),
+    (stat.S_ISDIR, "folder"),
+)
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    """``folder``, ``file``, ``dangling link`` or the kind of special file, following links."""
+    try:
+        mode = entry.stat().st_mode
+    except OSError:
+        return "dangling link" if entry.is_symlink() else "vanished"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISREG(mode):
+        return "file"
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), "special file")
+
+
+def _walk(fs: Any, root: str, extensions: tuple[str, ...], *, all_files: bool) -> list[tuple[str, str]]:
     root = root.rstrip("/")
     root_uri = to_uri(fs, root)
-    rows = []
-    for path, info in sorted(fs.find(root, detail=True).items()):
-        if info.get("type") == "directory" or (path.endswith("/") and not info.get("size")):
-            continue
-        relative = path[len(root) :].lstrip("/")
-        if _wanted(relative, extensions, all_files):
-            rows.append((to_uri(fs, path), root_uri))
+    if not is_remote(root_uri):
+        walk = walk_local(root, extensions, all_files)
+        if walk.skipped:
+            _logger.warning(
+                "source %s: skipped %s", escape_path(root)[0], ", ".join(f"{n} {k}(s)" for k, n in walk.skipped.items())
+            )
+        rows = [(path, root_uri) for path in walk.files]
+    else:
+        rows = []
+        for path, info in sorted(fs.find(root, detail=True).items()):
+            if info.get("type") == "directory" or (path.endswith("/") and not info.get("size")):
+                continue
+            relative = path[len(root) :].lstrip("/")
+            if _wanted(relative, extensions, all_files):
+                rows.append((to_uri(fs, path), root_uri))
     if not rows:
         _logger.warning("source %s holds no %sfiles", root_uri, "" if all_files else "image ")
     return rows
@@ -98,6 +194,7 @@ def _walk(fs: Any, root: str, extensions: tuple[str, ...], all_files: bool) -> l
 def list_sources(
     sources: tuple[str, ...],
     extensions: tuple[str, ...],
+    *,
     all_files: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> pa.Table:
@@ -108,12 +205,44 @@ def list_sources(
     """
     seen: dict[str, str] = {}
     for source in sources:
-        for path, root in _list_one(source, extensions, all_files, storage_options or {}):
+        for path, root in _list_one(source, extensions, all_files, storage_options=storage_options or {}):
             seen.setdefault(path, root)
     if not seen:
         hint = "" if all_files else " (only image extensions are scanned; --all-files sends every file)"
         raise SourceError(f"no files found in {', '.join(sources)}{hint}")
-    return pa.table({schema.PATH: list(seen), schema.SOURCE: list(seen.values())})
+    return paths_table(list(seen), list(seen.values()))
+
+
+def escape_path(path: str) -> tuple[str, bytes | None]:
+    """A name as Arrow can store it, and its raw bytes when it is not valid UTF-8 (else ``None``).
+
+    Python lists such names with surrogate escapes (PEP 383). Each byte that is not UTF-8, and every
+    ``%`` of such a name, is written as ``%XX``; valid names are returned unchanged.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = os.fsencode(path)
+        text = raw.decode("utf-8", "surrogateescape")
+        escaped = "".join(
+            f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in text.replace("%", "%25")
+        )
+        return escaped, raw
+    return path, None
+
+
+def paths_table(paths: list[str], roots: list[str]) -> pa.Table:
+    """The listing table: ``path`` and ``source``, plus ``_raw_path`` when some name is not valid UTF-8."""
+    escaped = [escape_path(p) for p in paths]
+    columns = {
+        schema.PATH: [e for e, _ in escaped],
+        schema.SOURCE: [escape_path(r)[0] for r in roots],
+    }
+    bad = sum(raw is not None for _, raw in escaped)
+    if bad:
+        _logger.warning("%d file name(s) are not valid UTF-8: their paths are written with %%XX escapes", bad)
+        columns[schema.RAW_PATH] = pa.array([raw for _, raw in escaped], pa.binary())
+    return pa.table(columns)
 
 
 LIST_PAGE_KEYS = 1000
@@ -165,6 +294,7 @@ def iter_listing(
     units: list[tuple[str, bool]],
     extensions: tuple[str, ...],
     all_files: bool = False,
+    *,
     storage_options: dict[str, Any] | None = None,
     page_keys: int = LIST_PAGE_KEYS,
 ) -> Iterator[tuple[list[str], list[str]]]:
@@ -191,27 +321,67 @@ def iter_listing(
 
 READ_ATTEMPTS = 5
 READ_BACKOFF_S = 0.2
-PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def read_file(path: str, storage_options: dict[str, Any] | None = None) -> bytes:
+class NotRegularFile(OSError):
+    """A named pipe, socket or device: never opened for reading, since a pipe blocks forever."""
+
+
+class FileTooLarge(OSError):
+    """A file over the size cap, found from its size before any byte is read."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"file is {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB cap (--max-file-mb)")
+        self.size = size
+
+
+PERMANENT_ERRORS = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    NotRegularFile,
+    FileTooLarge,
+)
+
+
+TIMEOUT_ERRORS = (TimeoutError, ConnectTimeoutError, ReadTimeoutError)
+
+
+def read_file(
+    path: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    max_bytes: int | None = None,
+    raw_path: bytes | None = None,
+) -> bytes:
     """Read a whole file's bytes, retrying transient failures (throttling, 5xx, dropped connections).
 
-    s3fs and botocore retry first; this adds up to ``READ_ATTEMPTS`` tries
-    with exponential backoff and jitter around them. Missing files and
-    permission errors are not retried.
+    The size is checked before any byte is read: ``fstat`` of a local file opened without blocking, or
+    the object size s3fs fetches when it opens a remote one. ``raw_path`` is a local name's exact bytes
+    when ``path`` is its escaped form (:func:`escape_path`). s3fs and botocore retry first (a stalled
+    request ends at ``storage.READ_TIMEOUT_S``); this adds up to ``READ_ATTEMPTS`` tries with exponential
+    backoff and jitter around them. Missing files, permission errors, special files and files over
+    ``max_bytes`` are not retried.
 
     Raises:
-        OSError: a permanent failure (incl. ``FileNotFoundError``) or the last transient one.
+        FileTooLarge: the file is larger than ``max_bytes``.
+        NotRegularFile: a named pipe, socket or device.
+        OSError: another permanent failure (incl. ``FileNotFoundError``) or the last transient one.
         Exception: whatever the storage client raised last, after every attempt failed.
     """
     for attempt in range(READ_ATTEMPTS):
         try:
+            if not is_remote(path):
+                return _read_local(raw_path or filesystem(path)[1], max_bytes)
             fs, inner = filesystem(path, storage_options)
             with fs.open(inner, "rb") as handle:
+                _check_size(getattr(handle, "size", None), max_bytes)
                 return handle.read()
         except PERMANENT_ERRORS:
             raise
+        except TIMEOUT_ERRORS:
+            raise  # the storage client has already retried the stalled request
         except Exception as exc:
             if attempt == READ_ATTEMPTS - 1:
                 raise
@@ -219,3 +389,25 @@ def read_file(path: str, storage_options: dict[str, Any] | None = None) -> bytes
             _logger.info("read %s failed (%s: %s); retrying in %.2fs", path, type(exc).__name__, exc, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _read_local(path: str | bytes, max_bytes: int | None) -> bytes:
+    """Read a local file. ``stat`` first (a socket cannot even be opened), then a non-blocking open and
+    ``fstat`` of what was opened, so a pipe or an oversized file is never read, even if swapped in between."""
+    _check_local(os.stat(path), max_bytes)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as handle:
+        _check_local(os.fstat(fd), max_bytes)
+        return handle.read()
+
+
+def _check_local(found: os.stat_result, max_bytes: int | None) -> None:
+    if not stat.S_ISREG(found.st_mode):
+        kind = next((name for test, name in _SPECIAL_KINDS if test(found.st_mode)), "special file")
+        raise NotRegularFile(f"not a regular file: a {kind}")
+    _check_size(found.st_size, max_bytes)
+
+
+def _check_size(size: int | None, max_bytes: int | None) -> None:
+    if max_bytes is not None and size is not None and size > max_bytes:
+        raise FileTooLarge(size, max_bytes)

@@ -17,6 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from aidetect_batch.errors import ConfigError
+
+# A stalled S3 request fails after these many seconds. botocore tries each request once and s3fs
+# retries it up to 5 times, so a stalled object ends as an error after about 5-10 times
+# READ_TIMEOUT_S instead of blocking a decode task forever (tests/test_faults.py measures it).
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 20.0
+_S3_PROTOCOLS = ("s3", "s3a")
+
 
 def is_remote(uri: str) -> bool:
     """True for URIs with a scheme other than ``file://``."""
@@ -28,7 +37,15 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
     if not is_remote(uri):
         path = uri[len("file://") :] if uri.startswith("file://") else uri
         return LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if uri.split("://", 1)[0] in _S3_PROTOCOLS:
+        options["config_kwargs"] = {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            "retries": {"max_attempts": 1},
+            **options.get("config_kwargs", {}),
+        }
+    fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 
 
@@ -101,6 +118,7 @@ def claim_output(
     uri: str,
     own_entries: tuple[str, ...],
     overwrite: bool,
+    *,
     storage_options: dict[str, Any] | None = None,
     keep_hint: str = "",
 ) -> None:
@@ -112,8 +130,6 @@ def claim_output(
     Raises:
         ConfigError: the directory is a file, is not empty, or holds foreign files.
     """
-    from aidetect_batch.config import ConfigError
-
     try:
         entries = output_entries(uri, storage_options)
     except NotADirectoryError as exc:

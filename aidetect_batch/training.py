@@ -5,7 +5,7 @@
         ─► TorchTrainer (N workers, DDP, GPU or CPU) ─► model.pt (scan-ready checkpoint)
 
 The images a model trains on are produced by the same function the scan
-uses (:func:`aidetect_batch.pipeline.prepare_batch`), at the checkpoint's
+uses (:func:`aidetect_batch.prepare.prepare_batch`), at the checkpoint's
 input size and preprocess policy, so training, evaluation and deployment see
 identical pixels. Augmentations run on each worker, after that stage.
 
@@ -32,8 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aidetect_batch import datasets, metrics, model, schema
+from aidetect_batch import datasets, metrics, model, plots, runtime, schema
 from aidetect_batch.config import ConfigError, TrainConfig, parse_threshold_rule
+from aidetect_batch.inputs import block_size
+from aidetect_batch.prepare import PrepareOptions, prepare_batch
 from aidetect_batch.storage import (
     claim_output,
     filesystem,
@@ -144,7 +146,7 @@ def _val_row(loss: float, scores: list[float], targets: list[int]) -> dict[str, 
     }
 
 
-def _best(epoch: int, loss: float, net: Any, scores: list[float], targets: list[int]) -> dict[str, Any]:
+def _best(epoch: int, loss: float, net: Any, *, scores: list[float], targets: list[int]) -> dict[str, Any]:
     return {
         "epoch": epoch,
         "val_loss": loss,
@@ -252,7 +254,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "seconds": 0.0,
             }
         )
-        best = _best(0, val_loss, plain, scores, targets)
+        best = _best(0, val_loss, plain, scores=scores, targets=targets)
         if rank == 0:
             _logger.info(
                 "before training: val loss %.4f acc %.3f AUC %.3f",
@@ -314,7 +316,7 @@ def train_loop(config: dict[str, Any]) -> None:
         history.append(row)
         improved = best is None or row["val_loss"] < best["val_loss"] - 1e-6
         if improved:
-            best = _best(epoch + 1, row["val_loss"], plain, scores, targets)
+            best = _best(epoch + 1, row["val_loss"], plain, scores=scores, targets=targets)
             bad_epochs = 0
         else:
             bad_epochs += 1
@@ -365,7 +367,11 @@ def check_train_output(cfg: TrainConfig) -> None:
             raise ConfigError(f"--resume: {cfg.out!r} holds no training run to continue")
         return
     claim_output(
-        cfg.out, _OWN_ENTRIES, cfg.overwrite, cfg.storage_options, keep_hint=", --resume to continue that run,"
+        cfg.out,
+        _OWN_ENTRIES,
+        cfg.overwrite,
+        storage_options=cfg.storage_options,
+        keep_hint=", --resume to continue that run,",
     )
 
 
@@ -392,7 +398,7 @@ def choose_threshold(rule: str, y: np.ndarray, scores: np.ndarray) -> float:
 
 
 def prepare_splits(
-    cfg: TrainConfig, size: int, listing: pa.Table, described: dict[str, Any]
+    cfg: TrainConfig, size: int, listing: pa.Table, *, described: dict[str, Any]
 ) -> tuple[Any, Any, pa.Table, dict[str, Any]]:
     """Decode the labelled set once on Ray Data, split it, and materialise train and val.
 
@@ -400,8 +406,6 @@ def prepare_splits(
     ``splits.parquet``) and the dataset description (``dataset.json``).
     """
     import ray
-
-    from aidetect_batch.pipeline import block_size, prepare_batch
 
     order = np.random.default_rng(cfg.seed).permutation(listing.num_rows)
     listing = listing.take(order)
@@ -416,10 +420,13 @@ def prepare_splits(
             batch_format="pyarrow",
             num_cpus=1,
             fn_kwargs={
-                "policy": cfg.preprocess,
-                "max_pixels": cfg.max_pixels,
-                "storage_options": cfg.storage_options,
-                "size": size,
+                "options": PrepareOptions(
+                    policy=cfg.preprocess,
+                    max_pixels=cfg.max_pixels,
+                    size=size,
+                    max_file_bytes=cfg.max_file_bytes,
+                    storage_options=cfg.storage_options,
+                )
             },
         )
         .materialize()
@@ -485,13 +492,11 @@ class Prepared:
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """List and decode ``cfg.dataset`` and split it once; reusable by several runs (hyperparameter trials)."""
-    import ray
 
     size = cfg.input_size or model.default_input_size(cfg.arch)
-    listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, cfg.storage_options)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-    return Prepared(*prepare_splits(cfg, size, listing, described))
+    listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
+    runtime.start_ray()
+    return Prepared(*prepare_splits(cfg, size, listing, described=described))
 
 
 def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Prepared | None = None) -> TrainResult:
@@ -512,24 +517,22 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from aidetect_batch.pipeline import versions
-
     started = datetime.now(timezone.utc)
     check_train_output(cfg)
     run_uri = join(cfg.out, schema.RUN_FILE)
     previous = read_json(run_uri, cfg.storage_options) if cfg.resume else None
     size = cfg.input_size or model.default_input_size(cfg.arch)
     torch.manual_seed(cfg.seed)
-    initial, init_record = model.initial_model(cfg.arch, 1, cfg.resolved_init, size, cfg.storage_options)
+    initial, init_record = model.initial_model(
+        cfg.arch, 1, cfg.resolved_init, input_size=size, storage_options=cfg.storage_options
+    )
     if prepared is None:
-        listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, cfg.storage_options)
+        listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
 
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-    resources = ray.cluster_resources()
+    resources = runtime.start_ray()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) >= 1
     if prepared is None:
-        prepared = Prepared(*prepare_splits(cfg, size, listing, described))
+        prepared = Prepared(*prepare_splits(cfg, size, listing, described=described))
     train_ds, val_ds, split_table, described = prepared.train, prepared.val, prepared.splits, prepared.described
     if previous is not None and previous.get("dataset", {}).get("fingerprint") != described["fingerprint"]:
         raise ConfigError(
@@ -548,7 +551,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         "config": cfg.to_json(),
         "resolved": {"input_size": size, "use_gpu": use_gpu, "init": init_record, "pos_weight": pos_weight},
         "dataset": {k: described[k] for k in ("fingerprint", "balance", "split", "statuses", "not_used")},
-        "versions": versions(),
+        "versions": runtime.versions(),
         "cluster_resources": dict(resources),
         "started": started.isoformat(),
         "resumed_from": previous.get("started") if previous else None,
@@ -636,14 +639,13 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
             "stopped_early": bool(state.get("stopped_early")),
             "train_config": cfg.to_json(),
             "init": init_record,
-            "versions": versions(),
+            "versions": runtime.versions(),
         },
         storage_options=cfg.storage_options,
     )
     write_parquet(join(cfg.out, schema.HISTORY_FILE), pa.Table.from_pylist(history), cfg.storage_options)
-    from aidetect_batch import plots
 
-    plots.history(join(cfg.out, "history.png"), history, best["epoch"], cfg.storage_options)
+    plots.history(join(cfg.out, "history.png"), history, best["epoch"], storage_options=cfg.storage_options)
     throughput = [h["images_per_s_per_worker"] for h in history]
     run.update(
         status="complete",

@@ -24,6 +24,7 @@ from typing import Any
 from aidetect_batch import schema
 from aidetect_batch.config import ConfigError, TrainConfig
 from aidetect_batch.storage import filesystem, is_remote, join, read_json
+from aidetect_batch.training import TrainResult, prepare, run_train
 
 _logger = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ def search_space(budget_epochs: int, seed: int) -> dict[str, Any]:
 def _trial(config: dict[str, Any], base: TrainConfig, prepared: Any) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from aidetect_batch.training import run_train
 
     trial = tune.get_context().get_trial_id()
     cfg = dataclasses.replace(
@@ -93,8 +92,6 @@ def tune_and_train(base: TrainConfig, trials: int, space: dict[str, Any] | None 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
-
-    from aidetect_batch.training import TrainResult, prepare
 
     require_state_api()
     prepared = prepare(base)

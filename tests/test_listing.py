@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import s3fs
-from conftest import encode, photo
+from helpers import encode, photo
 
 from aidetect_batch import benchmark, inputs, pipeline, schema, sources
 from aidetect_batch.config import ConfigError, ScanConfig
@@ -81,7 +81,7 @@ class CountingCalls:
 def stream(units, state, **kwargs):
     options = {"sample": None, "limit": None, "seed": 0, "committed": {}, "shard_rows": 4, "page_keys": 5}
     options.update(kwargs)
-    return inputs.stream_shards(None, units, EXTENSIONS, False, {}, state=state, **options)
+    return inputs.stream_shards(None, units, EXTENSIONS, all_files=False, storage_options={}, state=state, **options)
 
 
 def test_stream_shards_yields_the_first_shard_after_one_page(bucket, monkeypatch):
@@ -105,7 +105,7 @@ def test_stream_shards_select_like_the_driver_and_check_committed_shards(bucket)
     full = sources.list_sources(("s3://streamed/posts",), EXTENSIONS)
     state = ray.remote(num_cpus=0)(inputs.ListingState).remote()
     got = list(stream([("s3://streamed/posts", True)], state, sample=0.5, limit=9, seed=4))
-    want = inputs.select(full, 0.5, 9, 4).column(schema.PATH).to_pylist()
+    want = inputs.select(full, 0.5, 9, seed=4).column(schema.PATH).to_pylist()
     assert [p for t in got for p in t.column(schema.PATH).to_pylist()] == want
     assert [t.column(schema.SHARD)[0].as_py() for t in got] == [0, 1, 2]
 

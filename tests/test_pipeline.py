@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision.transforms as T
-from conftest import encode, photo, tiny_model
+from helpers import encode, photo, tiny_model
 from PIL import Image
 
 from aidetect_batch import schema
@@ -217,8 +217,9 @@ def test_each_finished_block_reaches_the_driver_before_the_next_is_done(ray_clus
 
 
 def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster, corpus, tmp_path):
+    from helpers import tiny_model
+
     from aidetect_batch.model import save_checkpoint
-    from tests.conftest import tiny_model
 
     model = tiny_model(seed=3)
     ckpt = str(tmp_path / "meta.pt")
@@ -243,12 +244,12 @@ def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster
 
 
 def test_file_vanished_after_listing_becomes_an_unreadable_row(corpus, tmp_path):
-    from aidetect_batch.pipeline import prepare_batch
+    from aidetect_batch.prepare import PrepareOptions, prepare_batch
 
     good = os.path.join(corpus["root"], "png", "rgb.png")
     gone = str(tmp_path / "deleted-after-listing.jpg")
     batch = pa.table({schema.PATH: [good, gone], schema.SOURCE: ["/", "/"]})
-    table = prepare_batch(batch, policy="resize", max_pixels=10**8, storage_options={})
+    table = prepare_batch(batch, PrepareOptions(policy="resize", max_pixels=10**8))
     rows = table.drop_columns([schema.IMAGE]).to_pylist()
     assert [r[schema.STATUS] for r in rows] == ["ok", "unreadable"]
     assert "FileNotFoundError" in rows[1][schema.ERROR] and rows[1][schema.FILE_SIZE] is None

@@ -85,7 +85,7 @@ def test_missing_s3_prefix_is_a_source_error(s3):
 
 @pytest.mark.slow
 def test_train_on_s3_dataset_writes_a_checkpoint_to_s3_that_scan_and_evaluate_load(ray_after_moto, s3, tmp_path):
-    from conftest import write_labelled_set
+    from helpers import write_labelled_set
 
     from aidetect_batch.config import EvalConfig, TrainConfig
     from aidetect_batch.evaluation import run_evaluate

@@ -14,12 +14,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, photo
+from helpers import encode, photo
 
 from aidetect_batch import inputs, schema
 from aidetect_batch.classifier import Classifier
 from aidetect_batch.config import ConfigError, ScanConfig
-from aidetect_batch.pipeline import prepare_batch, run_scan
+from aidetect_batch.pipeline import run_scan
+from aidetect_batch.prepare import PrepareOptions, prepare_batch
 from aidetect_batch.sinks import committed_shards
 
 
@@ -171,13 +172,15 @@ def test_batched_torchvision_jpeg_decode_matches_the_pil_path(tiny_checkpoint, t
     listing = pa.table({schema.PATH: paths, schema.SOURCE: [str(tmp_path)] * len(paths)})
     with open(tiny_checkpoint, "rb") as handle:
         ckpt = handle.read()
-    opts = {"policy": "resize", "max_pixels": 10**8, "size": 224, "perturbation": None}
-    raw = prepare_batch(listing, "resize", 10**8, {}, decode_later=True)
+    opts = PrepareOptions(policy="resize", max_pixels=10**8, size=224, decode_later=True)
+    raw = prepare_batch(listing, opts)
     torch_table = Classifier(ckpt, device="cpu", decode_options=opts, torch_decode=True)(raw)
     assert schema.DATA not in torch_table.column_names and schema.IMAGE not in torch_table.column_names
     torch_path = torch_table.to_pylist()
     assert torch_path[2][schema.FORMAT] == "PNG" and torch_path[2][schema.STATUS] == "ok"
-    pil_path = Classifier(ckpt, device="cpu")(prepare_batch(listing, "resize", 10**8, {})).to_pylist()
+    pil_path = Classifier(ckpt, device="cpu")(
+        prepare_batch(listing, PrepareOptions(policy="resize", max_pixels=10**8))
+    ).to_pylist()
     for got, want in zip(torch_path, pil_path, strict=True):
         assert (got[schema.STATUS], got[schema.WIDTH], got[schema.HEIGHT]) == (
             want[schema.STATUS],

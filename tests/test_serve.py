@@ -10,14 +10,14 @@ import urllib.request
 
 import pyarrow as pa
 import pytest
-from conftest import encode, free_port, photo
+from helpers import encode, free_port, photo
 from PIL import Image
 
 from aidetect_batch import schema
 from aidetect_batch.classifier import Classifier
 from aidetect_batch.cli import main
 from aidetect_batch.config import DEFAULT_MAX_PIXELS, ConfigError, ServeConfig
-from aidetect_batch.pipeline import prepare_batch
+from aidetect_batch.prepare import PrepareOptions, prepare_batch
 from aidetect_batch.serve import build_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -40,7 +40,7 @@ def scan_scores(tmp_path_factory, tiny_checkpoint) -> dict[str, float]:
     for name, data in images().items():
         (root / name).write_bytes(data)
     listing = pa.table({schema.PATH: [str(root / n) for n in images()], schema.SOURCE: [str(root)] * len(images())})
-    decoded = prepare_batch(listing, "resize", DEFAULT_MAX_PIXELS, {})
+    decoded = prepare_batch(listing, PrepareOptions(policy="resize", max_pixels=DEFAULT_MAX_PIXELS))
     with open(tiny_checkpoint, "rb") as handle:
         scored = Classifier(handle.read(), threshold=0.5)(decoded)
     paths, scores = scored[schema.PATH].to_pylist(), scored[schema.SCORE].to_pylist()

@@ -8,7 +8,7 @@ from aidetect_batch.sources import SourceError, list_sources
 
 
 def listed(*sources, all_files=False):
-    table = list_sources(tuple(sources), DEFAULT_EXTENSIONS, all_files)
+    table = list_sources(tuple(sources), DEFAULT_EXTENSIONS, all_files=all_files)
     paths = table.column(schema.PATH).to_pylist()
     assert len(paths) == len(set(paths))
     return dict(zip(paths, table.column(schema.SOURCE).to_pylist(), strict=True))
