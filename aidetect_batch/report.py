@@ -1,7 +1,8 @@
 """Aggregates computed from the scores Parquet: what a person reads first.
 
-The report streams the scores files in record batches, so memory depends on
-the number of distinct prefixes, formats and error kinds, not on the number
+The report streams the scores files in record batches and reduces each with
+Arrow's vectorised ``group_by`` (no Python loop over rows), so memory depends
+on the number of distinct prefixes, formats and error kinds, not on the number
 of rows. It writes ``OUT/report/*.parquet``, ``summary.json``, a score
 histogram plot and ``index.html`` (:mod:`aidetect_batch.html_report`), and
 can be rebuilt at any time from the scores alone (``aidetect-batch report``).
@@ -10,12 +11,11 @@ can be rebuilt at any time from the scores alone (``aidetect-batch report``).
 from __future__ import annotations
 
 import io
-import re
-from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from aidetect_batch import html_report, schema
@@ -23,7 +23,6 @@ from aidetect_batch.storage import filesystem, join, read_json, write_json, writ
 
 HISTOGRAM_BINS = 20
 TOP_ERRORS = 20
-_DIGITS = re.compile(r"\d+")
 _NO_PREFIX = "(root)"
 
 
@@ -36,115 +35,203 @@ def prefix_of(path: str, source: str | None, depth: int) -> str:
     return "/".join(parts[:depth]) or _NO_PREFIX
 
 
-def _new_prefix_row() -> dict[str, float]:
-    return {"files": 0, "ok": 0, "failed": 0, "duplicates": 0, "ai": 0, "real": 0, "score_sum": 0.0}
+_COLUMNS = [
+    schema.PATH,
+    schema.SOURCE,
+    schema.STATUS,
+    schema.ERROR,
+    schema.SCORE,
+    schema.LABEL,
+    schema.FORMAT,
+    schema.T_READ_MS,
+    schema.T_DECODE_MS,
+    schema.T_INFER_MS,
+]
+_STAGES = (("read", schema.T_READ_MS), ("decode", schema.T_DECODE_MS), ("infer", schema.T_INFER_MS))
+_PREFIX_SUMS = ("files", "ok", "failed", "duplicates", "ai", "real", "score_sum")
+
+
+class _Aggregates:
+    """Running aggregates of the scores, merged batch by batch with Arrow's vectorised ``group_by``.
+
+    Each batch is reduced to a few small tables (one row per status, label, format, prefix and error
+    kind) and merged into the running ones, so memory grows with the number of distinct keys, never
+    with the number of rows.
+    """
+
+    def __init__(self, group_depth: int) -> None:
+        self.depth = group_depth
+        self.edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+        self.histogram = {
+            k: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for k in ("all", schema.LABEL_AI, schema.LABEL_REAL)
+        }
+        self.stage_ms = dict.fromkeys((s for s, _ in _STAGES), 0.0)
+        self.stage_rows = dict.fromkeys((s for s, _ in _STAGES), 0)
+        self.counts: dict[str, pa.Table | None] = {"status": None, "label": None, "format": None}
+        self.prefixes: pa.Table | None = None
+        self.errors: pa.Table | None = None
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        table = pa.Table.from_batches([batch])
+        self._add_histograms(table)
+        self._add_stage_times(table)
+        for key, column, missing in (
+            ("status", schema.STATUS, None),
+            ("label", schema.LABEL, "none"),
+            ("format", schema.FORMAT, "unknown"),
+        ):
+            values = table.column(column) if missing is None else pc.fill_null(table.column(column), missing)
+            ones = pa.array(np.ones(len(values), np.int64))
+            self.counts[key] = _merge(self.counts[key], pa.table({"key": values, "n": ones}), ["key"], {"n": "sum"})
+        self._add_prefixes(table)
+        self._add_errors(table)
+
+    def _add_histograms(self, table: pa.Table) -> None:
+        scores = table.column(schema.SCORE).to_numpy().astype(np.float64)
+        finite = np.isfinite(scores)
+        self.histogram["all"] += np.histogram(scores[finite], bins=self.edges)[0]
+        for label in (schema.LABEL_AI, schema.LABEL_REAL):
+            is_label = pc.fill_null(pc.equal(table.column(schema.LABEL), label), False).to_numpy()
+            self.histogram[label] += np.histogram(scores[finite & is_label], bins=self.edges)[0]
+
+    def _add_stage_times(self, table: pa.Table) -> None:
+        for stage, column in _STAGES:
+            values = pc.drop_null(table.column(column))
+            values = values.filter(pc.is_finite(values))
+            self.stage_ms[stage] += float(pc.sum(values).as_py() or 0.0)
+            self.stage_rows[stage] += len(values)
+
+    def _add_prefixes(self, table: pa.Table) -> None:
+        status = table.column(schema.STATUS)
+        ok = pc.equal(status, schema.Status.OK.value)
+        duplicate = pc.equal(status, schema.Status.DUPLICATE.value)
+        label = table.column(schema.LABEL)
+        flags = pa.table(
+            {
+                "prefix": prefixes_of(table.column(schema.PATH), table.column(schema.SOURCE), self.depth),
+                "files": pa.array(np.ones(table.num_rows, np.int64)),
+                "ok": pc.cast(ok, pa.int64()),
+                "duplicates": pc.cast(duplicate, pa.int64()),
+                "failed": pc.cast(pc.invert(pc.or_(ok, duplicate)), pa.int64()),
+                "ai": pc.cast(pc.fill_null(pc.and_(ok, pc.equal(label, schema.LABEL_AI)), False), pa.int64()),
+                "real": pc.cast(pc.fill_null(pc.and_(ok, pc.equal(label, schema.LABEL_REAL)), False), pa.int64()),
+                "score_sum": pc.if_else(ok, pc.cast(table.column(schema.SCORE), pa.float64()), 0.0),
+            }
+        )
+        self.prefixes = _merge(self.prefixes, flags, ["prefix"], dict.fromkeys(_PREFIX_SUMS, "sum"))
+
+    def _add_errors(self, table: pa.Table) -> None:
+        status = table.column(schema.STATUS)
+        failed = table.filter(
+            pc.invert(pc.is_in(status, pa.array([schema.Status.OK.value, schema.Status.DUPLICATE.value])))
+        )
+        if not failed.num_rows:
+            return
+        error = pc.fill_null(failed.column(schema.ERROR), "")
+        rows = pa.table(
+            {
+                "status": failed.column(schema.STATUS),
+                "error": pc.replace_substring_regex(error, pattern=r"\d+", replacement="#"),
+                "count": pa.array(np.ones(failed.num_rows, np.int64)),
+                "example_path": failed.column(schema.PATH),
+                "example_error": failed.column(schema.ERROR),
+            }
+        )
+        how = {"count": "sum", "example_path": "first", "example_error": "first"}
+        self.errors = _merge(self.errors, rows, ["status", "error"], how)
+
+    def result(self) -> dict[str, Any]:
+        status_counts = _as_dict(self.counts["status"])
+        label_counts = _as_dict(self.counts["label"])
+        format_counts = _as_dict(self.counts["format"])
+        total = sum(status_counts.values())
+        ok = status_counts.get(schema.Status.OK.value, 0)
+        duplicates = status_counts.get(schema.Status.DUPLICATE.value, 0)
+        return {
+            "total": total,
+            "ok": ok,
+            "failed": total - ok - duplicates,
+            "duplicates": duplicates,
+            "status_counts": {s.value: status_counts.get(s.value, 0) for s in schema.Status},
+            "label_counts": {k: label_counts.get(k, 0) for k in (schema.LABEL_AI, schema.LABEL_REAL, "none")},
+            "format_counts": dict(sorted(format_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "histogram": {
+                "bin_start": self.edges[:-1].round(4).tolist(),
+                "bin_end": self.edges[1:].round(4).tolist(),
+                **{k: v.tolist() for k, v in self.histogram.items()},
+            },
+            "prefixes": self._prefix_rows(),
+            "errors": self._error_rows(),
+            "stage_images_per_s": {
+                stage: (self.stage_rows[stage] * 1000.0 / ms) if ms > 0 else None for stage, ms in self.stage_ms.items()
+            },
+        }
+
+    def _prefix_rows(self) -> list[dict[str, Any]]:
+        rows = [] if self.prefixes is None else self.prefixes.sort_by("prefix").to_pylist()
+        return [
+            {
+                "prefix": r["prefix"],
+                **{k: int(r[k]) for k in ("files", "ok", "failed", "duplicates", "ai", "real")},
+                "ai_rate": r["ai"] / r["ok"] if r["ok"] else None,
+                "mean_score": r["score_sum"] / r["ok"] if r["ok"] else None,
+            }
+            for r in rows
+        ]
+
+    def _error_rows(self) -> list[dict[str, Any]]:
+        if self.errors is None:
+            return []
+        rows = self.errors.select(["status", "error", "count", "example_path", "example_error"]).to_pylist()
+        return sorted(rows, key=lambda e: (-e["count"], e["status"], e["error"]))
+
+
+def _merge(running: pa.Table | None, new: pa.Table, keys: list[str], how: dict[str, str]) -> pa.Table:
+    """Fold a batch's rows into the running groups: sums add up, ``first`` keeps the earliest."""
+    new = new.select([*keys, *how])
+    combined = new if running is None else pa.concat_tables([running, new])
+    merged = combined.group_by(keys, use_threads=False).aggregate(list(how.items()))
+    names = {f"{column}_{function}": column for column, function in how.items()}
+    return merged.rename_columns([names.get(n, n) for n in merged.column_names]).select([*keys, *how])
+
+
+def _as_dict(table: pa.Table | None) -> dict[str, int]:
+    return (
+        {} if table is None else dict(zip(table.column("key").to_pylist(), table.column("n").to_pylist(), strict=True))
+    )
+
+
+def prefixes_of(paths: pa.ChunkedArray, sources: pa.ChunkedArray, depth: int) -> pa.Array:
+    """:func:`prefix_of` for whole columns, in Arrow compute kernels."""
+    if depth == 0:
+        return pa.array([_NO_PREFIX] * len(paths), pa.string())
+    paths = paths.combine_chunks() if isinstance(paths, pa.ChunkedArray) else paths
+    sources = sources.combine_chunks() if isinstance(sources, pa.ChunkedArray) else sources
+    relative = paths
+    for source in pc.unique(pc.drop_null(sources)).to_pylist():
+        inside = pc.fill_null(pc.and_(pc.equal(sources, source), pc.starts_with(paths, source)), False)
+        relative = pc.if_else(inside, pc.utf8_slice_codeunits(paths, len(source)), relative)
+    relative = pc.replace_substring_regex(relative, pattern="/+", replacement="/")
+    folder = pc.replace_substring_regex(pc.utf8_ltrim(relative, "/"), pattern="/?[^/]*$", replacement="")
+    first = pc.extract_regex(folder, pattern=rf"^(?P<p>[^/]+(?:/[^/]+){{0,{depth - 1}}})")
+    return pc.fill_null(pc.struct_field(first, "p"), _NO_PREFIX)
 
 
 def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Stream the scores files once and return every aggregate as plain Python data."""
     fs, root = filesystem(scores_dir, storage_options)
     dataset = pads.dataset(root, filesystem=fs, format="parquet", schema=schema.SCORES_SCHEMA)
-    status_counts: Counter[str] = Counter()
-    label_counts: Counter[str] = Counter()
-    format_counts: Counter[str] = Counter()
-    errors: dict[tuple[str, str], dict[str, Any]] = {}
-    prefixes: dict[str, dict[str, float]] = defaultdict(_new_prefix_row)
-    histogram = {lab: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for lab in ("all", schema.LABEL_AI, schema.LABEL_REAL)}
-    edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
-    stage_ms = {"read": 0.0, "decode": 0.0, "infer": 0.0}
-    stage_rows = {"read": 0, "decode": 0, "infer": 0}
-    columns = [
-        schema.PATH,
-        schema.SOURCE,
-        schema.STATUS,
-        schema.ERROR,
-        schema.SCORE,
-        schema.LABEL,
-        schema.FORMAT,
-        schema.T_READ_MS,
-        schema.T_DECODE_MS,
-        schema.T_INFER_MS,
-    ]
-    for batch in dataset.to_batches(columns=columns):
-        data = batch.to_pydict()
-        scores = batch.column(schema.SCORE).to_numpy(zero_copy_only=False).astype(np.float64)
-        labels = data[schema.LABEL]
-        finite = np.isfinite(scores)
-        histogram["all"] += np.histogram(scores[finite], bins=edges)[0]
-        for lab in (schema.LABEL_AI, schema.LABEL_REAL):
-            mask = finite & np.array([x == lab for x in labels], dtype=bool)
-            histogram[lab] += np.histogram(scores[mask], bins=edges)[0]
-        for stage, column in (("read", schema.T_READ_MS), ("decode", schema.T_DECODE_MS), ("infer", schema.T_INFER_MS)):
-            values = batch.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-            values = values[np.isfinite(values)]
-            stage_ms[stage] += float(values.sum())
-            stage_rows[stage] += int(values.size)
-        for i, path in enumerate(data[schema.PATH]):
-            status = data[schema.STATUS][i]
-            status_counts[status] += 1
-            label_counts[labels[i] or "none"] += 1
-            format_counts[data[schema.FORMAT][i] or "unknown"] += 1
-            row = prefixes[prefix_of(path, data[schema.SOURCE][i], group_depth)]
-            row["files"] += 1
-            if status == schema.Status.OK.value:
-                row["ok"] += 1
-                row["score_sum"] += float(scores[i])
-                row[labels[i]] += 1
-            elif status == schema.Status.DUPLICATE.value:
-                row["duplicates"] += 1
-            else:
-                row["failed"] += 1
-                kind = _DIGITS.sub("#", data[schema.ERROR][i] or "")
-                entry = errors.setdefault(
-                    (status, kind), {"count": 0, "example_path": path, "example_error": data[schema.ERROR][i]}
-                )
-                entry["count"] += 1
-    total = sum(status_counts.values())
-    ok = status_counts.get(schema.Status.OK.value, 0)
-    duplicates = status_counts.get(schema.Status.DUPLICATE.value, 0)
-    prefix_rows = [
-        {
-            "prefix": prefix,
-            "files": int(r["files"]),
-            "ok": int(r["ok"]),
-            "failed": int(r["failed"]),
-            "duplicates": int(r["duplicates"]),
-            "ai": int(r["ai"]),
-            "real": int(r["real"]),
-            "ai_rate": r["ai"] / r["ok"] if r["ok"] else None,
-            "mean_score": r["score_sum"] / r["ok"] if r["ok"] else None,
-        }
-        for prefix, r in sorted(prefixes.items())
-    ]
-    error_rows = sorted(
-        ({"status": s, "error": k, **v} for (s, k), v in errors.items()),
-        key=lambda e: (-e["count"], e["status"], e["error"]),
-    )
-    return {
-        "total": total,
-        "ok": ok,
-        "failed": total - ok - duplicates,
-        "duplicates": duplicates,
-        "status_counts": {s.value: status_counts.get(s.value, 0) for s in schema.Status},
-        "label_counts": {k: label_counts.get(k, 0) for k in (schema.LABEL_AI, schema.LABEL_REAL, "none")},
-        "format_counts": dict(format_counts.most_common()),
-        "histogram": {
-            "bin_start": edges[:-1].round(4).tolist(),
-            "bin_end": edges[1:].round(4).tolist(),
-            **{k: v.tolist() for k, v in histogram.items()},
-        },
-        "prefixes": prefix_rows,
-        "errors": error_rows,
-        "stage_images_per_s": {
-            stage: (stage_rows[stage] * 1000.0 / stage_ms[stage]) if stage_ms[stage] > 0 else None for stage in stage_ms
-        },
-    }
+    aggregates = _Aggregates(group_depth)
+    for batch in dataset.to_batches(columns=_COLUMNS):
+        aggregates.add(batch)
+    return aggregates.result()
 
 
 def write_report(
     out: str,
     group_depth: int = 1,
     storage_options: dict[str, Any] | None = None,
+    *,
     extra: dict[str, Any] | None = None,
     thumbnails: int = 24,
     plots_dir: str | None = None,
@@ -189,7 +276,9 @@ def write_report(
     png = _plot_histogram(summary)
     with fs.open(f"{root}/histogram.png", "wb") as handle:
         handle.write(png)
-    html_report.write_html(out, summary, png, storage_options, thumbnails, plots_dir)
+    html_report.write_html(
+        out, summary, png, storage_options=storage_options, thumbnails=thumbnails, plots_dir=plots_dir
+    )
     return summary
 
 
@@ -225,7 +314,9 @@ def rebuild(out: str, storage_options: dict[str, Any] | None = None, thumbnails:
     if "first_result_seconds" in last:
         extra["first_result_seconds"] = last["first_result_seconds"]
     group_depth = int(run.get("config", {}).get("group_depth", 1))
-    return scan_out, write_report(scan_out, group_depth, storage_options, extra, thumbnails, plots_dir)
+    return scan_out, write_report(
+        scan_out, group_depth, storage_options, extra=extra, thumbnails=thumbnails, plots_dir=plots_dir
+    )
 
 
 def _plot_histogram(summary: dict[str, Any]) -> bytes:

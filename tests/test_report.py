@@ -1,12 +1,16 @@
 import json
 import math
 import os
+import re
+from collections import Counter
 
+import numpy as np
 import pyarrow as pa
+import pytest
 
 from aidetect_batch import schema
 from aidetect_batch.config import ScanConfig, redact
-from aidetect_batch.report import closing_line, prefix_of, write_report
+from aidetect_batch.report import closing_line, prefix_of, summarise, write_report
 from aidetect_batch.sinks import ScoreWriter
 
 
@@ -98,3 +102,66 @@ def test_secrets_are_redacted_in_the_written_config():
         "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": "***"},
     }
     assert redact({}) == {}
+
+
+def _reference_summary(rows: list[dict], depth: int) -> dict:
+    """The aggregates counted one row at a time in plain Python: the reference for the vectorised report."""
+    statuses, labels, formats, prefixes, errors = Counter(), Counter(), Counter(), {}, {}
+    for r in rows:
+        statuses[r[schema.STATUS]] += 1
+        labels[r[schema.LABEL] or "none"] += 1
+        formats[r[schema.FORMAT] or "unknown"] += 1
+        p = prefixes.setdefault(prefix_of(r[schema.PATH], r[schema.SOURCE], depth), Counter())
+        p["files"] += 1
+        if r[schema.STATUS] == "ok":
+            p["ok"] += 1
+            p[r[schema.LABEL]] += 1
+            p["score_sum"] += r[schema.SCORE]
+        elif r[schema.STATUS] == "duplicate":
+            p["duplicates"] += 1
+        else:
+            p["failed"] += 1
+            key = (r[schema.STATUS], re.sub(r"\d+", "#", r[schema.ERROR] or ""))
+            errors.setdefault(key, [0, r[schema.PATH]])[0] += 1
+    return {"status": statuses, "label": labels, "format": formats, "prefixes": prefixes, "errors": errors}
+
+
+def test_vectorised_aggregates_match_a_row_by_row_count(tmp_path):
+    """Several files (so batches are merged), two sources, nested folders, odd slashes, numbered errors."""
+    rng = np.random.default_rng(7)
+    kinds = ["ok", "ok", "ok", "duplicate", "undecodable", "unreadable"]
+    writer = ScoreWriter(str(tmp_path / schema.SCORES_DIR), rows_per_file=700)
+    rows = []
+    for i in range(3000):
+        status = kinds[int(rng.integers(len(kinds)))]
+        source = "/dump" if i % 3 else "s3://b/x"
+        path = f"{source}/u{i % 11}//y{i % 4}/{i}.jpg" if i % 5 else f"{source}/{i}.jpg"
+        score = float(rng.random()) if status == "ok" else math.nan
+        rows.append(
+            {
+                schema.PATH: path,
+                schema.SOURCE: source,
+                schema.STATUS: status,
+                schema.ERROR: None if status in ("ok", "duplicate") else f"OSError: errno {i % 3} at {i}",
+                schema.SCORE: score,
+                schema.LABEL: ("ai" if score >= 0.5 else "real") if status == "ok" else None,
+                schema.FORMAT: ("JPEG", "PNG", None)[i % 3],
+            }
+        )
+    full = [{name: None for name in schema.SCORE_COLUMNS} | row for row in rows]
+    writer.write(pa.Table.from_pylist(full, schema=schema.SCORES_SCHEMA))
+    writer.close()
+    for depth in (0, 1, 2):
+        got = summarise(str(tmp_path / schema.SCORES_DIR), depth)
+        want = _reference_summary(rows, depth)
+        assert {k: v for k, v in got["status_counts"].items() if v} == dict(want["status"])
+        assert {k: v for k, v in got["label_counts"].items() if v} == dict(want["label"])
+        assert got["format_counts"] == dict(want["format"])
+        assert [p["prefix"] for p in got["prefixes"]] == sorted(want["prefixes"])
+        for p in got["prefixes"]:
+            ref = want["prefixes"][p["prefix"]]
+            assert {k: p[k] for k in ("files", "ok", "failed", "duplicates", "ai", "real")} == {
+                k: ref[k] for k in ("files", "ok", "failed", "duplicates", "ai", "real")
+            }
+            assert p["mean_score"] == pytest.approx(ref["score_sum"] / ref["ok"] if ref["ok"] else None)
+        assert {(e["status"], e["error"]): [e["count"], e["example_path"]] for e in got["errors"]} == want["errors"]
