@@ -14,15 +14,20 @@ Suites:
   (b) decode + preprocess images/s on one core for realistic JPEGs
   (1080-2048 px), against PIL full decode + torchvision
   ``Resize(256)``/``CenterCrop(224)``; (c) end-to-end scan images/s on the
-  same files, for the whole run and at scale: a second scan of the first
-  half of the same manifest gives the marginal rate (half the images over
-  the difference in wall time) and the fixed start-up cost (Ray worker and
-  model start, the first batch); the half scan runs second, so it finds
-  warm worker processes and page cache, which makes the marginal rate
-  lower, not higher; (d) the ratios (c)/(a) and (b)/baseline; (e) peak RSS of the
+  same files, for the whole run and at scale: the steady-state rate between
+  20% and 90% of the rows, from the times result blocks reached the driver
+  (one run, so no second scan's warm caches or drift enter it), its spread
+  over the passes through the photographs inside that window, and the fixed
+  start-up cost this implies (Ray workers, model load, the first batch);
+  (d) the ratios (c)/(a) and (b)/baseline; (e) peak RSS of the
   driver and of the largest Ray worker while scanning 2,000 and then 20,000
   small images with the 32 px CIFAKE CNN (so the run takes minutes, not
   hours, on a CPU). Linux only for (e): it reads ``/proc``.
+- ``report``: the report's aggregation over 10 million synthetic score rows
+  (``--report-rows``) in a fresh interpreter: time and peak RSS.
+- ``gpu``: one GPU's ceiling (eager and compiled), and end-to-end scans with CPU decoding, GPU
+  decoding and a compiled model, each long enough for 60 s of steady state
+  (:mod:`aidetect_batch.gpu_suite`); refuses to run without CUDA.
 - ``listing``: for one ``s3://`` prefix (``--listing-prefix``), the time to
   list it on the driver against the time until a streamed scan's listing
   stage hands on its first input block, and how many keys that block holds,
@@ -37,31 +42,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
 
-def machine() -> dict[str, Any]:
-    """CPU count, GPU name and library versions of this machine."""
-    import torch
-
-    from aidetect_batch.pipeline import versions
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpus": os.cpu_count(), "gpu": gpu, "processor": platform.processor(), "versions": versions()}
+from aidetect_batch import gpu_suite, inputs, measure, pipeline, runtime, schema, sources
+from aidetect_batch.config import ScanConfig, TrainConfig
+from aidetect_batch.demo import run_demo, write_labelled_corpus
+from aidetect_batch.model import build_model, save_checkpoint
+from aidetect_batch.pipeline import plan_classifier, run_scan
+from aidetect_batch.training import run_train
 
 
 def training(
-    archs: tuple[str, ...], per_class: int, epochs: int, workers: int, batch_size: int
+    archs: tuple[str, ...], per_class: int, epochs: int, *, workers: int, batch_size: int
 ) -> list[dict[str, Any]]:
     """Train each architecture on a generated set; return per-architecture throughput rows."""
-    from aidetect_batch.config import TrainConfig
-    from aidetect_batch.demo import write_labelled_corpus
-    from aidetect_batch.training import run_train
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,187 +108,21 @@ def training(
     return rows
 
 
-PHOTO_SIZES = ((1080, 1350), (1920, 1080), (2048, 1536), (1440, 1080))
-
-
-def write_jpegs(root: str, count: int, sizes: tuple[tuple[int, int], ...], seed: int = 0) -> list[str]:
-    """Photo-like JPEGs (smooth fields plus sensor-like noise, quality 90) of the given sizes."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
-    paths = []
-    for i in range(count):
-        width, height = sizes[i % len(sizes)]
-        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-        phase = rng.uniform(0, 6.28, 3)
-        base = np.stack([128 + 90 * np.sin(x / (40 + 9 * c) + y / (70 + 5 * c) + phase[c]) for c in range(3)], -1)
-        pixels = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
-        path = os.path.join(root, f"photo_{i:05d}.jpg")
-        Image.fromarray(pixels).save(path, "JPEG", quality=90)
-        paths.append(path)
-    return paths
-
-
-def model_ceiling(arch: str, batch_size: int, threads: int, precision: str, batches: int = 6) -> dict[str, Any]:
-    """Forward images/s of the bare model on this process's device, as the Classifier runs it:
-    channels_last and autocast on CUDA, chunks of ``cpu_chunk`` images on CPU."""
-    import torch
-
-    from aidetect_batch.classifier import cpu_chunk
-    from aidetect_batch.model import build_model
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        torch.set_num_threads(threads)
-    net = build_model(arch, 1).eval().to(device)
-    x = torch.randn(batch_size, 3, 224, 224, device=device)
-    if cuda:
-        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cuda else None
-    chunk = batch_size if cuda else cpu_chunk(224)
-
-    def step() -> None:
-        with torch.inference_mode():
-            for part in x.split(chunk):
-                if dtype is not None:
-                    with torch.autocast("cuda", dtype=dtype):
-                        net(part)
-                else:
-                    net(part)
-        if cuda:
-            torch.cuda.synchronize()
-
-    step()
-    start = time.perf_counter()
-    for _ in range(batches):
-        step()
-    seconds = time.perf_counter() - start
-    return {
-        "arch": arch,
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "threads": None if cuda else threads,
-        "precision": precision if cuda else "fp32",
-        "batch_size": batch_size,
-        "forward_chunk": chunk,
-        "images_per_s": batches * batch_size / seconds,
-    }
-
-
-def decode_speed(paths: list[str], policy: str = "resize") -> dict[str, Any]:
-    """Decode + preprocess images/s on one core: this project's path against PIL + torchvision."""
-    import torch
-    from PIL import Image
-    from torchvision import transforms
-
-    from aidetect_batch.config import DEFAULT_MAX_PIXELS
-    from aidetect_batch.preprocess import decode_and_preprocess
-
-    torch.set_num_threads(1)
-    baseline = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
-    data = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            data.append(handle.read())
-
-    def ours() -> None:
-        for blob in data:
-            decode_and_preprocess(blob, policy, DEFAULT_MAX_PIXELS)
-
-    def plain() -> None:
-        import io
-
-        for blob in data:
-            img = Image.open(io.BytesIO(blob)).convert("RGB")
-            baseline(img).tobytes()
-
-    timings = {}
-    for name, fn in (("ours", ours), ("baseline", plain)):
-        start = time.perf_counter()
-        fn()
-        timings[name] = len(data) / (time.perf_counter() - start)
-    return {
-        "policy": policy,
-        "files": len(data),
-        "images_per_s_per_core": timings["ours"],
-        "baseline_images_per_s_per_core": timings["baseline"],
-        "speedup": timings["ours"] / timings["baseline"],
-    }
-
-
-class RssSampler:
-    """Peak resident memory of this (driver) process and of Ray worker processes while it runs.
-
-    Sampled from ``/proc`` twice a second, so each scan gets its own peak
-    (``ru_maxrss`` is the process's peak since it started, which earlier
-    work in the same benchmark would dominate).
-    """
-
-    def __init__(self) -> None:
-        self.peak_worker_bytes = 0
-        self.peak_driver_bytes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = str(os.getpid())
-        while not self._stop.is_set():
-            self.peak_driver_bytes = max(self.peak_driver_bytes, _rss(me))
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                        if not handle.read(200).startswith(b"ray::"):
-                            continue
-                except OSError:
-                    continue
-                self.peak_worker_bytes = max(self.peak_worker_bytes, _rss(pid))
-            self._stop.wait(0.5)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _rss(pid: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
-    except (OSError, StopIteration, ValueError):
-        return 0
-
-
 def scan(
-    arch: str, batch_size: int, precision: str, photos: int, repeats: int, small: tuple[int, int]
+    arch: str, batch_size: int, precision: str, *, photos: int, repeats: int, small: tuple[int, int]
 ) -> dict[str, Any]:
     """The scan suite (module docstring): ceiling, decode, end to end, ratios and memory at two corpus sizes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-    import torch
-
-    from aidetect_batch.config import ScanConfig
-    from aidetect_batch.model import build_model, save_checkpoint
-    from aidetect_batch.pipeline import plan_classifier, run_scan
 
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         ckpt = os.path.join(tmp, f"{arch}.pt")
         save_checkpoint(ckpt, build_model(arch, 1), arch, info={"untrained": True, "purpose": "benchmark"})
-        paths = write_jpegs(os.path.join(tmp, "photos"), photos, PHOTO_SIZES)
-        result["decode"] = decode_speed(paths)
+        paths = measure.write_jpegs(os.path.join(tmp, "photos"), photos, measure.PHOTO_SIZES)
+        result["decode"] = measure.decode_speed(paths)
         manifest = os.path.join(tmp, "photos.parquet")
         pq.write_table(pa.table({"path": paths * repeats}), manifest)
-        if not ray.is_initialized():
-            ray.init(logging_level="WARNING")
+        runtime.start_ray()
         base = ScanConfig(
             sources=(),
             manifest=manifest,
@@ -293,18 +132,17 @@ def scan(
             precision=precision,
         )
         plan = plan_classifier(base, ray.cluster_resources())
-        result["ceiling"] = model_ceiling(arch, batch_size, plan["cpu_threads"] or 1, precision)
+        result["ceiling"] = measure.model_ceiling(arch, batch_size, plan["cpu_threads"] or 1, precision=precision)
         result["ceiling"]["actors"] = plan["actors"][1]
         run = run_scan(base)
-        after = model_ceiling(arch, batch_size, plan["cpu_threads"] or 1, precision)["images_per_s"]
+        after = measure.model_ceiling(arch, batch_size, plan["cpu_threads"] or 1, precision=precision)["images_per_s"]
         result["ceiling"]["measured_images_per_s"] = [result["ceiling"]["images_per_s"], after]
         result["ceiling"]["images_per_s"] = max(result["ceiling"]["images_per_s"], after)
         total = len(paths) * repeats
-        half = run_scan(dataclasses.replace(base, limit=total // 2, out=os.path.join(tmp, "e2e_half")))
         e2e = run.summary["images_per_s"]
         ceiling = result["ceiling"]["images_per_s"] * plan["actors"][1]
-        added = total - total // 2
-        marginal = added / max(run.summary["wall_seconds"] - half.summary["wall_seconds"], 1e-9)
+        steady = measure.steady_rate(run.deliveries)
+        passes = measure.pass_rates(run.deliveries, len(paths))
         result["end_to_end"] = {
             "images": total,
             "images_per_s": e2e,
@@ -312,22 +150,21 @@ def scan(
             "wall_seconds": run.summary["wall_seconds"],
             "first_result_seconds": run.summary["first_result_seconds"],
             "infer_stage_images_per_s": run.summary["stage_images_per_s"]["infer"],
-            "half_images": total // 2,
-            "half_wall_seconds": half.summary["wall_seconds"],
-            "marginal_images_per_s": marginal,
-            "marginal_fraction_of_ceiling": marginal / ceiling,
-            "startup_seconds": run.summary["wall_seconds"] - total / marginal,
+            "steady_images_per_s": steady,
+            "steady_fraction_of_ceiling": steady / ceiling,
+            "steady_pass_images_per_s": passes,
+            "startup_seconds": run.summary["wall_seconds"] - total / steady,
             "decode_speedup_over_baseline": result["decode"]["speedup"],
         }
         small_ckpt = os.path.join(tmp, "cifake.pt")
         save_checkpoint(small_ckpt, build_model("cifake_cnn", 1), "cifake_cnn", preprocess="center-crop")
         small_root = os.path.join(tmp, "small")
-        small_paths = write_jpegs(small_root, max(small), ((96, 96), (128, 96)), seed=1)
+        small_paths = measure.write_jpegs(small_root, max(small), ((96, 96), (128, 96)), seed=1)
         small_manifest = os.path.join(tmp, "small.parquet")
         pq.write_table(pa.table({"path": small_paths}), small_manifest)
         memory = []
         for count in sorted(small):
-            with RssSampler() as sampler:
+            with measure.RssSampler() as sampler:
                 start = time.monotonic()
                 run_scan(
                     dataclasses.replace(
@@ -363,23 +200,20 @@ def listing(prefix: str, storage_options: dict[str, Any] | None = None, rounds: 
     Both block sizes are measured ``rounds`` times, alternating, because the first streamed
     listing also pays for starting its Ray worker.
     """
-    import ray
-
-    from aidetect_batch import inputs, pipeline, sources
-    from aidetect_batch.config import ScanConfig
 
     options = storage_options or {}
     cfg = ScanConfig(sources=(prefix,), out="unused", checkpoint="unused", storage_options=options)
     start = time.monotonic()
-    keys = sources.list_sources(cfg.sources, cfg.extensions, options).num_rows
+    keys = sources.list_sources(cfg.sources, cfg.extensions, storage_options=options).num_rows
     result: dict[str, Any] = {"prefix": prefix, "keys": keys, "driver_listing_seconds": time.monotonic() - start}
     units = sources.listing_units(cfg.sources, options)
-    if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
+    runtime.start_ray()
     streamed = []
     for block_bytes in (pipeline.STREAM_BLOCK_BYTES, 4 << 20) * rounds:
         state = ray.remote(num_cpus=0)(inputs.ListingState).remote()
-        ds = pipeline.streamed_inputs(cfg, units, pipeline.STREAM_SHARD_ROWS, {}, state, block_bytes)
+        ds = pipeline.streamed_inputs(
+            cfg, units, shard_rows=pipeline.STREAM_SHARD_ROWS, done={}, state=state, block_bytes=block_bytes
+        )
         start = time.monotonic()
         row: dict[str, Any] = {"block_bytes": block_bytes, "blocks": 0, "keys": 0}
         for batch in pipeline.delivered(ds):
@@ -394,9 +228,88 @@ def listing(prefix: str, storage_options: dict[str, Any] | None = None, rounds: 
     return result
 
 
+REPORT_SOURCES = ("/dump", "s3://bucket/posts")
+REPORT_STATUSES = ("ok",) * 8 + ("undecodable", "unreadable", "truncated", "duplicate", "too_large")
+
+
+def synthetic_scores(directory: str, rows: int, *, files: int = 10, seed: int = 0) -> None:
+    """Write ``rows`` score rows in the scores schema: 2 sources, 1,000 users, statuses, errors and
+    labels in realistic shares, ``files`` Parquet files, as the report reads a real scan's output."""
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    per_file = rows // files
+    for f in range(files):
+        n = per_file + (rows - per_file * files if f == files - 1 else 0)
+        status = np.array(REPORT_STATUSES)[rng.integers(0, len(REPORT_STATUSES), n)]
+        ok = status == "ok"
+        score = np.where(ok, rng.random(n), np.nan).astype(np.float32)
+        source = np.array(REPORT_SOURCES)[rng.integers(0, 2, n)]
+        folder = np.char.add(np.char.add("/u", rng.integers(0, 1000, n).astype(str)), "/")
+        name = np.char.add(np.char.add("img", np.arange(f * per_file, f * per_file + n).astype(str)), ".jpg")
+        failed = ~ok & (status != "duplicate")
+        error = np.char.add("OSError: [Errno ", np.char.add(rng.integers(1, 6, n).astype(str), "] failed"))
+        columns = {
+            schema.PATH: pa.array(np.char.add(np.char.add(source, folder), name)),
+            schema.SOURCE: pa.array(source),
+            schema.STATUS: pa.array(status),
+            schema.ERROR: pa.array(error, mask=~failed),
+            schema.SCORE: pa.array(score),
+            schema.LABEL: pa.array(np.where(score >= 0.5, "ai", "real"), mask=~ok),
+            schema.FORMAT: pa.array(np.where(rng.random(n) < 0.7, "JPEG", "PNG"), mask=~ok),
+            schema.T_READ_MS: pa.array(rng.random(n).astype(np.float32)),
+            schema.T_DECODE_MS: pa.array(rng.random(n).astype(np.float32), mask=~ok),
+            schema.T_INFER_MS: pa.array(rng.random(n).astype(np.float32), mask=~ok),
+        }
+        table = pa.table(
+            {
+                field.name: columns[field.name].cast(field.type) if field.name in columns else pa.nulls(n, field.type)
+                for field in schema.SCORES_SCHEMA
+            },
+            schema=schema.SCORES_SCHEMA,
+        )
+        pq.write_table(table, os.path.join(directory, f"part-bench-{f:05d}.parquet"), compression="zstd")
+
+
+# Peak RSS is read from VmHWM: ru_maxrss of a child started by fork and exec keeps the parent's peak.
+_PEAK_RSS_MB = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
+_SUMMARISE = f"""
+import json, sys, time
+from aidetect_batch.report import summarise
+start = time.monotonic()
+summary = summarise(sys.argv[1], 1)
+print(json.dumps({{"seconds": time.monotonic() - start, "rows": summary["total"],
+                  "prefixes": len(summary["prefixes"]), "peak_rss_mb": {_PEAK_RSS_MB}}}))
+"""
+_IMPORT_ONLY = f"""
+import json
+import aidetect_batch.report
+print(json.dumps({{"peak_rss_mb": {_PEAK_RSS_MB}}}))
+"""
+
+
+def report_aggregation(rows: int = 10_000_000) -> dict[str, Any]:
+    """The report's aggregation (``report.summarise``, group depth 1) over ``rows`` synthetic score rows,
+    in a fresh interpreter: wall time and peak RSS, next to the RSS of that interpreter after imports.
+    Linux only: it reads ``/proc``."""
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.monotonic()
+        synthetic_scores(tmp, rows)
+        written = time.monotonic() - start
+        run = subprocess.run([sys.executable, "-c", _SUMMARISE, tmp], capture_output=True, text=True, check=True)
+        imports = subprocess.run([sys.executable, "-c", _IMPORT_ONLY], capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result.update(
+        rows_per_s=result["rows"] / result["seconds"],
+        import_only_rss_mb=json.loads(imports.stdout.strip().splitlines()[-1])["peak_rss_mb"],
+        write_seconds=written,
+    )
+    return result
+
+
 def demo() -> dict[str, Any]:
     """Run the whole demo once and time it."""
-    from aidetect_batch.demo import run_demo
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.monotonic()
@@ -408,27 +321,34 @@ def run_benchmark(
     suite: str,
     archs: tuple[str, ...],
     per_class: int,
+    *,
     epochs: int,
     workers: int,
     batch_size: int,
     out: str | None,
     scan_options: dict[str, Any] | None = None,
     listing_options: dict[str, Any] | None = None,
+    report_rows: int = 10_000_000,
+    gpu_options: gpu_suite.GpuSuiteOptions | None = None,
 ) -> dict[str, Any]:
     """Run a suite, print its table, and write the JSON to ``out`` when given."""
     result: dict[str, Any] = {
         "suite": suite,
-        "machine": machine(),
+        "machine": measure.machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if suite in ("training", "all"):
-        result["training"] = training(archs, per_class, epochs, workers, batch_size)
+        result["training"] = training(archs, per_class, epochs, workers=workers, batch_size=batch_size)
     if suite in ("demo", "all"):
         result["demo"] = demo()
     if suite in ("scan", "all"):
         result["scan"] = scan(**(scan_options or {}))
     if suite == "listing":
         result["listing"] = listing(**(listing_options or {}))
+    if suite == "report":
+        result["report"] = report_aggregation(report_rows)
+    if suite == "gpu":
+        result["gpu"] = gpu_suite.run_gpu_suite(gpu_options)
     lines = [f"machine: {result['machine']['cpus']} CPUs, GPU {result['machine']['gpu'] or 'none'}"]
     for row in result.get("training", []):
         lines.append(
@@ -443,6 +363,15 @@ def run_benchmark(
         lines += scan_lines(result["scan"])
     if "listing" in result:
         lines += listing_lines(result["listing"])
+    if "gpu" in result:
+        lines += gpu_suite.gpu_lines(result["gpu"])
+    if "report" in result:
+        r = result["report"]
+        lines.append(
+            f"report aggregation: {r['rows']:,} rows in {r['seconds']:.1f} s ({r['rows_per_s']:,.0f} rows/s), "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['import_only_rss_mb']:.0f} MB after imports), "
+            f"{r['prefixes']} prefixes"
+        )
     print("\n".join(lines), flush=True)
     if out:
         with open(out, "w") as handle:
@@ -461,11 +390,10 @@ def scan_lines(scan: dict[str, Any]) -> list[str]:
         f"{d['baseline_images_per_s_per_core']:.1f} ({d['speedup']:.2f}x), {d['files']} JPEGs 1080-2048 px",
         f"(c) end to end     {e['images_per_s']:.1f} img/s over {e['images']} images; first result after "
         f"{e['first_result_seconds']:.1f} s; forward passes in the actors {e['infer_stage_images_per_s']:.1f} img/s",
-        f"(c) at scale       {e['marginal_images_per_s']:.1f} img/s marginal "
-        f"({e['images'] - e['half_images']} more images took {e['wall_seconds'] - e['half_wall_seconds']:.1f} s more); "
-        f"fixed start-up {e['startup_seconds']:.1f} s",
+        f"(c) at scale       {e['steady_images_per_s']:.1f} img/s steady (20-90% of rows); passes "
+        f"{_spread(e['steady_pass_images_per_s'])}; fixed start-up {e['startup_seconds']:.1f} s",
         f"(d) ratios         end to end / ceiling {e['fraction_of_ceiling']:.0%} (whole run), "
-        f"{e['marginal_fraction_of_ceiling']:.0%} (at scale); decode speed-up {d['speedup']:.2f}x",
+        f"{e['steady_fraction_of_ceiling']:.0%} (at scale); decode speed-up {d['speedup']:.2f}x",
     ]
     for row in scan["memory"]:
         lines.append(
@@ -475,6 +403,12 @@ def scan_lines(scan: dict[str, Any]) -> list[str]:
     growth = scan["memory_growth"]
     lines.append(f"    growth: driver {growth['driver']:+.0%}, worker {growth['worker']:+.0%}")
     return lines
+
+
+def _spread(rates: list[float]) -> str:
+    if not rates:
+        return "none inside the window"
+    return f"median {statistics.median(rates):.1f}, {min(rates):.1f}-{max(rates):.1f} img/s over {len(rates)}"
 
 
 def listing_lines(listing: dict[str, Any]) -> list[str]:

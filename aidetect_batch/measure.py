@@ -1,0 +1,215 @@
+"""Measurements the benchmark suites share: the machine, test photographs, the bare model's ceiling,
+decode speed, peak memory, and the steady-state rate of a scan from its delivery timestamps."""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from aidetect_batch.classifier import cpu_chunk
+from aidetect_batch.config import DEFAULT_MAX_PIXELS
+from aidetect_batch.model import build_model
+from aidetect_batch.preprocess import decode_and_preprocess
+from aidetect_batch.runtime import versions
+
+STEADY_WINDOW = (0.2, 0.9)
+
+
+def machine() -> dict[str, Any]:
+    """CPU count, GPU name and library versions of this machine."""
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpus": os.cpu_count(), "gpu": gpu, "processor": platform.processor(), "versions": versions()}
+
+
+PHOTO_SIZES = ((1080, 1350), (1920, 1080), (2048, 1536), (1440, 1080))
+
+
+def write_jpegs(root: str, count: int, sizes: tuple[tuple[int, int], ...], *, seed: int = 0) -> list[str]:
+    """Photo-like JPEGs (smooth fields plus sensor-like noise, quality 90) of the given sizes."""
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    paths = []
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        phase = rng.uniform(0, 6.28, 3)
+        base = np.stack([128 + 90 * np.sin(x / (40 + 9 * c) + y / (70 + 5 * c) + phase[c]) for c in range(3)], -1)
+        pixels = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        path = os.path.join(root, f"photo_{i:05d}.jpg")
+        Image.fromarray(pixels).save(path, "JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def model_ceiling(
+    arch: str, batch_size: int, threads: int, *, precision: str, batches: int = 6, compile: bool = False
+) -> dict[str, Any]:
+    """Forward images/s of the bare model on this process's device, as the Classifier runs it:
+    channels_last and autocast on CUDA, chunks of ``cpu_chunk`` images on CPU, ``torch.compile``d
+    when asked (the first passes, which compile, are not timed)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(threads)
+    net = build_model(arch, 1).eval().to(device)
+    x = torch.randn(batch_size, 3, 224, 224, device=device)
+    if cuda:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cuda else None
+    chunk = batch_size if cuda else cpu_chunk(224)
+    if compile:
+        net = torch.compile(net)
+
+    def step() -> None:
+        with torch.inference_mode():
+            for part in x.split(chunk):
+                if dtype is not None:
+                    with torch.autocast("cuda", dtype=dtype):
+                        net(part)
+                else:
+                    net(part)
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(3 if compile else 1):
+        step()
+    start = time.perf_counter()
+    for _ in range(batches):
+        step()
+    seconds = time.perf_counter() - start
+    return {
+        "arch": arch,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "threads": None if cuda else threads,
+        "precision": precision if cuda else "fp32",
+        "batch_size": batch_size,
+        "forward_chunk": chunk,
+        "compiled": compile,
+        "images_per_s": batches * batch_size / seconds,
+    }
+
+
+def decode_speed(paths: list[str], policy: str = "resize") -> dict[str, Any]:
+    """Decode + preprocess images/s on one core: this project's path against PIL + torchvision."""
+
+    torch.set_num_threads(1)
+    baseline = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    data = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            data.append(handle.read())
+
+    def ours() -> None:
+        for blob in data:
+            decode_and_preprocess(blob, policy, DEFAULT_MAX_PIXELS)
+
+    def plain() -> None:
+
+        for blob in data:
+            img = Image.open(io.BytesIO(blob)).convert("RGB")
+            baseline(img).tobytes()
+
+    timings = {}
+    for name, fn in (("ours", ours), ("baseline", plain)):
+        start = time.perf_counter()
+        fn()
+        timings[name] = len(data) / (time.perf_counter() - start)
+    return {
+        "policy": policy,
+        "files": len(data),
+        "images_per_s_per_core": timings["ours"],
+        "baseline_images_per_s_per_core": timings["baseline"],
+        "speedup": timings["ours"] / timings["baseline"],
+    }
+
+
+class RssSampler:
+    """Peak resident memory of this (driver) process and of Ray worker processes while it runs.
+
+    Sampled from ``/proc`` twice a second, so each scan gets its own peak
+    (``ru_maxrss`` is the process's peak since it started, which earlier
+    work in the same benchmark would dominate).
+    """
+
+    def __init__(self) -> None:
+        self.peak_worker_bytes = 0
+        self.peak_driver_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = str(os.getpid())
+        while not self._stop.is_set():
+            self.peak_driver_bytes = max(self.peak_driver_bytes, _rss(me))
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                        if not handle.read(200).startswith(b"ray::"):
+                            continue
+                except OSError:
+                    continue
+                self.peak_worker_bytes = max(self.peak_worker_bytes, _rss(pid))
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _rss(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def steady_rate(deliveries: list[tuple[float, int]], window: tuple[float, float] = STEADY_WINDOW) -> float:
+    """Rows per second between two fractions of a scan's rows, from its ``(seconds, rows so far)`` deliveries.
+
+    Start-up (Ray workers, model load, the first batch) and the tail (the last partial batches) fall outside
+    the window, so this is the rate a longer scan would keep."""
+    total = deliveries[-1][1]
+    start, end = (_time_at(deliveries, fraction * total) for fraction in window)
+    return (window[1] - window[0]) * total / max(end - start, 1e-9)
+
+
+def pass_rates(
+    deliveries: list[tuple[float, int]], pass_rows: int, window: tuple[float, float] = STEADY_WINDOW
+) -> list[float]:
+    """Rows per second of each full pass through the photographs that lies inside the steady window."""
+    total = deliveries[-1][1]
+    rates = []
+    for first in range(0, total, pass_rows):
+        last = first + pass_rows
+        if first >= window[0] * total and last <= window[1] * total:
+            rates.append(pass_rows / max(_time_at(deliveries, last) - _time_at(deliveries, first), 1e-9))
+    return rates
+
+
+def _time_at(deliveries: list[tuple[float, int]], rows: float) -> float:
+    """When the ``rows``-th row reached the driver, interpolated between deliveries."""
+    before = (0.0, 0)
+    for seconds, done in deliveries:
+        if done >= rows:
+            share = (rows - before[1]) / max(done - before[1], 1)
+            return before[0] + share * (seconds - before[0])
+        before = (seconds, done)
+    return deliveries[-1][0]
