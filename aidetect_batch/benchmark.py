@@ -60,6 +60,7 @@ from aidetect_batch.config import ScanConfig, TrainConfig
 from aidetect_batch.demo import run_demo, write_labelled_corpus
 from aidetect_batch.model import build_model, save_checkpoint
 from aidetect_batch.pipeline import plan_classifier, run_scan
+from aidetect_batch.sinks import ROW_GROUP_ROWS
 from aidetect_batch.training import run_train
 
 
@@ -232,21 +233,20 @@ REPORT_SOURCES = ("/dump", "s3://bucket/posts")
 REPORT_STATUSES = ("ok",) * 8 + ("undecodable", "unreadable", "truncated", "duplicate", "too_large")
 
 
-def synthetic_scores(directory: str, rows: int, *, files: int = 10, seed: int = 0) -> None:
-    """Write ``rows`` score rows in the scores schema: 2 sources, 1,000 users, statuses, errors and
-    labels in realistic shares, ``files`` Parquet files, as the report reads a real scan's output."""
+def synthetic_scores(directory: str, rows: int, *, rows_per_file: int = 250_000, seed: int = 0) -> None:
+    """Write ``rows`` score rows as a scan writes them (the scores schema, files of 250,000 rows in
+    16,384-row groups, zstd): 2 sources, 1,000 users, and statuses, errors and labels in realistic shares."""
 
     rng = np.random.default_rng(seed)
     os.makedirs(directory, exist_ok=True)
-    per_file = rows // files
-    for f in range(files):
-        n = per_file + (rows - per_file * files if f == files - 1 else 0)
+    for f, first in enumerate(range(0, rows, rows_per_file)):
+        n = min(rows_per_file, rows - first)
         status = np.array(REPORT_STATUSES)[rng.integers(0, len(REPORT_STATUSES), n)]
         ok = status == "ok"
         score = np.where(ok, rng.random(n), np.nan).astype(np.float32)
         source = np.array(REPORT_SOURCES)[rng.integers(0, 2, n)]
         folder = np.char.add(np.char.add("/u", rng.integers(0, 1000, n).astype(str)), "/")
-        name = np.char.add(np.char.add("img", np.arange(f * per_file, f * per_file + n).astype(str)), ".jpg")
+        name = np.char.add(np.char.add("img", np.arange(first, first + n).astype(str)), ".jpg")
         failed = ~ok & (status != "duplicate")
         error = np.char.add("OSError: [Errno ", np.char.add(rng.integers(1, 6, n).astype(str), "] failed"))
         columns = {
@@ -268,7 +268,8 @@ def synthetic_scores(directory: str, rows: int, *, files: int = 10, seed: int = 
             },
             schema=schema.SCORES_SCHEMA,
         )
-        pq.write_table(table, os.path.join(directory, f"part-bench-{f:05d}.parquet"), compression="zstd")
+        path = os.path.join(directory, f"part-bench-{f:05d}.parquet")
+        pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
 
 
 # Peak RSS is read from VmHWM: ru_maxrss of a child started by fork and exec keeps the parent's peak.

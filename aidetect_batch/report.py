@@ -218,12 +218,16 @@ def prefixes_of(paths: pa.ChunkedArray, sources: pa.ChunkedArray, depth: int) ->
 
 
 def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Stream the scores files once and return every aggregate as plain Python data."""
+    """Stream the scores files once and return every aggregate as plain Python data.
+
+    Files are read one after the other without threads: the dataset-wide scanner read ahead of the
+    aggregation and held up to 850 MB of decoded batches at 10 million rows (BENCHMARKS.md)."""
     fs, root = filesystem(scores_dir, storage_options)
     dataset = pads.dataset(root, filesystem=fs, format="parquet", schema=schema.SCORES_SCHEMA)
     aggregates = _Aggregates(group_depth)
-    for batch in dataset.to_batches(columns=_COLUMNS):
-        aggregates.add(batch)
+    for fragment in dataset.get_fragments():
+        for batch in fragment.to_batches(columns=_COLUMNS, schema=schema.SCORES_SCHEMA, use_threads=False):
+            aggregates.add(batch)
     return aggregates.result()
 
 
