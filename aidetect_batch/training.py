@@ -9,21 +9,20 @@ uses (:func:`aidetect_batch.prepare.prepare_batch`), at the checkpoint's
 input size and preprocess policy, so training, evaluation and deployment see
 identical pixels. Augmentations run on each worker, after that stage.
 
-Every epoch each worker reports train/val loss, accuracy and validation
-ROC-AUC, and rank 0 saves a Ray Train checkpoint (weights, optimiser,
-scheduler, early-stopping state, history). A worker failure restarts the
-group from it (``--max-failures``); a killed job continues with ``--resume``,
-which reopens the same Ray Train run in ``OUT/ray_train``.
+The workers' loop is :mod:`aidetect_batch.train_worker`. Every epoch rank 0
+reports a Ray Train checkpoint; Ray Train keeps the one with the lowest
+validation loss (it becomes ``model.pt``) and the latest. A worker failure
+restarts the group from the latest (``--max-failures``); a killed job
+continues with ``--resume``, which reopens the same Ray Train run in
+``OUT/ray_train``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
 import os
-import tempfile
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -31,8 +30,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import ray
+import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from aidetect_batch import datasets, metrics, model, plots, runtime, schema
+from aidetect_batch import datasets, metrics, model, plots, runtime, schema, train_worker
 from aidetect_batch.config import ConfigError, TrainConfig, parse_threshold_rule
 from aidetect_batch.inputs import block_size
 from aidetect_batch.prepare import PrepareOptions, prepare_batch
@@ -50,8 +54,6 @@ from aidetect_batch.storage import (
 _logger = logging.getLogger(__name__)
 
 RUN_NAME = "run"
-STATE_FILE = "state.pt"
-PROGRESS_EVERY_S = 10.0
 _OWN_ENTRIES = (
     schema.MODEL_FILE,
     schema.SPLITS_FILE,
@@ -75,285 +77,15 @@ class TrainResult:
     run: dict[str, Any]
 
 
-def build_augment(names: tuple[str, ...], size: int) -> Any:
-    """The training augmentations as a torchvision v2 transform on one uint8 CHW tensor.
-
-    From the fine-tuning studies: horizontal flip, rotation ±10°, colour
-    jitter 0.2, affine translation 5%. From the detector literature
-    (CNNDetection's blur+JPEG, each with probability 0.5): JPEG re-encoding at
-    quality 30-100 and Gaussian blur with sigma 0.1-3.
-    """
-    import torchvision.transforms.v2 as T
-
-    steps: list[Any] = []
-    if "flip" in names:
-        steps.append(T.RandomHorizontalFlip())
-    if "rotate" in names:
-        steps.append(T.RandomRotation(10))
-    if "color" in names:
-        steps.append(T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
-    if "translate" in names:
-        steps.append(T.RandomAffine(degrees=0, translate=(0.05, 0.05)))
-    if "jpeg" in names:
-        steps.append(T.RandomApply([T.JPEG((30, 100))], p=0.5))
-    if "blur" in names:
-        kernel = min(19, (size // 2) * 2 - 1)
-        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 3.0))], p=0.5))
-    return T.Compose(steps) if steps else None
-
-
 def select_split_batch(batch: pa.Table, split: str, assignment: Any) -> pa.Table:
     """Keep the decoded rows assigned to ``split``, as ``image`` and float ``target`` (1 = AI)."""
     if not isinstance(assignment, dict):
-        import ray
-
         assignment = ray.get(assignment)
     paths = batch.column(schema.PATH).to_pylist()
     keep = [i for i, p in enumerate(paths) if assignment.get(p) == split]
     rows = batch.take(pa.array(keep, pa.int64()))
     target = pc.cast(pc.equal(rows.column(schema.TRUE_LABEL), schema.LABEL_AI), pa.float32())
     return pa.table({schema.IMAGE: rows.column(schema.IMAGE), "target": target})
-
-
-def _gather(values: list[Any], world: int) -> list[Any]:
-    if world == 1:
-        return values
-    import torch.distributed as dist
-
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
-
-
-def _sum(values: list[float], world: int) -> list[float]:
-    if world == 1:
-        return values
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _val_row(loss: float, scores: list[float], targets: list[int]) -> dict[str, float]:
-    y, s = np.asarray(targets), np.asarray(scores)
-    return {
-        "val_loss": loss,
-        "val_accuracy": float(np.mean((s >= 0.5) == (y == 1))) if len(y) else math.nan,
-        "val_auc": metrics.roc_auc(y, s),
-        "val_ap": metrics.average_precision(y, s),
-    }
-
-
-def _best(epoch: int, loss: float, net: Any, *, scores: list[float], targets: list[int]) -> dict[str, Any]:
-    return {
-        "epoch": epoch,
-        "val_loss": loss,
-        "state_dict": copy.deepcopy(net.state_dict()),
-        "val_scores": scores,
-        "val_targets": targets,
-    }
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop: data-parallel fine-tuning with per-epoch checkpoints."""
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-    from torch import nn
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(config["cpus_per_worker"])
-
-    initial_weights = ray.get(config["initial_weights"])
-    net = model.conform(model.build_model(config["arch"], 1, config["input_size"]), initial_weights)
-    net.load_state_dict(initial_weights)
-    if config["freeze_backbone"]:
-        head = {id(p) for p in model.head_parameters(net, config["arch"])}
-        for p in net.parameters():
-            p.requires_grad_(id(p) in head)
-    net = ray.train.torch.prepare_model(net)
-    plain = net.module if hasattr(net, "module") else net
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    masks = [(p, p.detach() != 0) for p in trainable if p.dim() > 1] if config.get("keep_zeros") else []
-    optimiser_class = torch.optim.AdamW if config["optimizer"] == "adamw" else torch.optim.Adam
-    optimiser = optimiser_class(trainable, lr=config["lr"], weight_decay=config["weight_decay"])
-    epochs = config["epochs"]
-    if config["schedule"] == "cosine":
-        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
-    elif config["schedule"] == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimiser, step_size=max(1, epochs // 3), gamma=0.1)
-    else:
-        scheduler = None
-    pos_weight = torch.tensor([config["pos_weight"]], device=device) if config["pos_weight"] else None
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    mean = torch.tensor(model.IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(model.IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
-    augment = build_augment(tuple(config["augment"]), config["input_size"])
-
-    start_epoch, history, best, bad_epochs = 0, [], None, 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-        plain.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history, best, bad_epochs = (
-            state["epoch"] + 1,
-            state["history"],
-            state["best"],
-            state["bad_epochs"],
-        )
-        if rank == 0:
-            _logger.info("resuming from the checkpoint of epoch %d", state["epoch"] + 1)
-
-    def to_input(images: torch.Tensor, train: bool) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2)
-        if train and augment is not None:
-            x = torch.stack([augment(img) for img in x])
-        x = x.to(device, non_blocking=True).float()
-        return (x - mean) / std
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    per_worker = max(1, math.ceil(config["n_train"] / world))
-
-    def validate() -> tuple[list[float], list[int], float]:
-        net.eval()
-        scores, targets, loss_sum = [], [], 0.0
-        with torch.inference_mode():
-            for batch in val_shard.iter_torch_batches(batch_size=max(config["batch_size"], 64), device="cpu"):
-                logits = plain(to_input(batch[schema.IMAGE], train=False))[:, 0]
-                y = batch["target"].to(device)
-                loss_sum += float(loss_fn(logits, y)) * len(y)
-                scores += torch.sigmoid(logits.float()).cpu().tolist()
-                targets += batch["target"].int().tolist()
-        scores, targets = _gather(scores, world), _gather(targets, world)
-        (loss_sum,) = _sum([loss_sum], world)
-        return scores, targets, loss_sum / max(len(targets), 1)
-
-    if config.get("validate_first") and restored is None:
-        scores, targets, val_loss = validate()
-        nan = math.nan
-        history.append(
-            {
-                "epoch": 0,
-                "train_loss": nan,
-                "train_accuracy": nan,
-                **_val_row(val_loss, scores, targets),
-                "lr": nan,
-                "images_per_s_per_worker": nan,
-                "seconds": 0.0,
-            }
-        )
-        best = _best(0, val_loss, plain, scores=scores, targets=targets)
-        if rank == 0:
-            _logger.info(
-                "before training: val loss %.4f acc %.3f AUC %.3f",
-                val_loss,
-                history[0]["val_accuracy"],
-                history[0]["val_auc"],
-            )
-    for epoch in range(start_epoch, epochs):
-        torch.manual_seed(config["seed"] * 100_003 + epoch * 101 + rank)
-        net.train()
-        loss_sum, correct, seen, t0, last_log = 0.0, 0, 0, time.monotonic(), time.monotonic()
-        for batch in train_shard.iter_torch_batches(
-            batch_size=config["batch_size"],
-            device="cpu",
-            local_shuffle_buffer_size=min(2048, max(config["n_train"], 1)),
-            local_shuffle_seed=config["seed"] + epoch,
-        ):
-            x = to_input(batch[schema.IMAGE], train=True)
-            y = batch["target"].to(device)
-            logits = net(x)[:, 0]
-            loss = loss_fn(logits, y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if masks:
-                with torch.no_grad():
-                    for parameter, mask in masks:
-                        parameter.mul_(mask)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int(((logits.detach() >= 0) == (y >= 0.5)).sum())
-            seen += len(y)
-            now = time.monotonic()
-            if rank == 0 and now - last_log >= PROGRESS_EVERY_S:
-                last_log = now
-                _logger.info(
-                    "epoch %d/%d: %d/~%d images on this worker, loss %.4f, %.1f img/s",
-                    epoch + 1,
-                    epochs,
-                    seen,
-                    per_worker,
-                    loss_sum / seen,
-                    seen / (now - t0),
-                )
-        train_seconds = time.monotonic() - t0
-        if scheduler is not None:
-            scheduler.step()
-
-        scores, targets, val_loss = validate()
-        loss_sum, correct, seen, train_seconds_sum = _sum([loss_sum, correct, seen, train_seconds], world)
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            **_val_row(val_loss, scores, targets),
-            "lr": optimiser.param_groups[0]["lr"],
-            "images_per_s_per_worker": seen / max(train_seconds_sum, 1e-9),
-            "seconds": train_seconds_sum / world,
-        }
-        history.append(row)
-        improved = best is None or row["val_loss"] < best["val_loss"] - 1e-6
-        if improved:
-            best = _best(epoch + 1, row["val_loss"], plain, scores=scores, targets=targets)
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        stop = bad_epochs >= config["patience"]
-        if rank == 0:
-            _logger.info(
-                "epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f AUC %.3f | %.1f img/s/worker%s",
-                epoch + 1,
-                epochs,
-                row["train_loss"],
-                row["train_accuracy"],
-                row["val_loss"],
-                row["val_accuracy"],
-                row["val_auc"],
-                row["images_per_s_per_worker"],
-                f" | early stop: no better val loss for {bad_epochs} epochs" if stop else "",
-            )
-        state = {
-            "epoch": epoch,
-            "model": plain.state_dict(),
-            "optimizer": optimiser.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "history": history,
-            "best": best,
-            "bad_epochs": bad_epochs,
-            "stopped_early": stop,
-        }
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if rank == 0:
-                torch.save(state, os.path.join(directory, STATE_FILE))
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(dict(row), checkpoint=checkpoint)
-        if config["crash_after_epoch"] == epoch + 1 and restored is None:
-            raise RuntimeError(f"fault injection: crash after epoch {epoch + 1} (crash_after_epoch)")
-        if stop:
-            break
 
 
 def check_train_output(cfg: TrainConfig) -> None:
@@ -380,8 +112,6 @@ def _storage(cfg: TrainConfig) -> tuple[str, Any]:
     uri = join(cfg.out, schema.TRAIN_STATE_DIR)
     if not is_remote(uri):
         return filesystem(uri)[1], None
-    import pyarrow.fs as pafs
-
     fs, path = filesystem(uri, cfg.storage_options)
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
@@ -405,8 +135,6 @@ def prepare_splits(
     Returns the train and val datasets, the per-file split table (written as
     ``splits.parquet``) and the dataset description (``dataset.json``).
     """
-    import ray
-
     order = np.random.default_rng(cfg.seed).permutation(listing.num_rows)
     listing = listing.take(order)
     _logger.info("dataset %s: %d labelled files %s", cfg.dataset, listing.num_rows, described["labels"])
@@ -512,54 +240,106 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         model.CheckpointError: ``--init`` weights that cannot be had (offline ImageNet, bad file).
         ray.train.TrainingFailedError: training failed (after ``--max-failures`` restarts).
     """
-    import ray
-    import torch
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     started = datetime.now(timezone.utc)
     check_train_output(cfg)
-    run_uri = join(cfg.out, schema.RUN_FILE)
-    previous = read_json(run_uri, cfg.storage_options) if cfg.resume else None
+    previous = read_json(join(cfg.out, schema.RUN_FILE), cfg.storage_options) if cfg.resume else None
     size = cfg.input_size or model.default_input_size(cfg.arch)
     torch.manual_seed(cfg.seed)
     initial, init_record = model.initial_model(
         cfg.arch, 1, cfg.resolved_init, input_size=size, storage_options=cfg.storage_options
     )
-    if prepared is None:
-        listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
-
+    listing = (
+        None
+        if prepared is not None
+        else datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
+    )
     resources = runtime.start_ray()
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) >= 1
     if prepared is None:
-        prepared = Prepared(*prepare_splits(cfg, size, listing, described=described))
-    train_ds, val_ds, split_table, described = prepared.train, prepared.val, prepared.splits, prepared.described
-    if previous is not None and previous.get("dataset", {}).get("fingerprint") != described["fingerprint"]:
-        raise ConfigError(
-            "--resume: the dataset changed since this run started (its content fingerprint differs); "
-            "start a new run in a new --out"
-        )
-    fs, root = filesystem(cfg.out, cfg.storage_options)
-    fs.makedirs(root, exist_ok=True)
-    write_parquet(join(cfg.out, schema.SPLITS_FILE), split_table, cfg.storage_options)
-    write_json(join(cfg.out, schema.DATASET_FILE), described, cfg.storage_options)
-    n_train = described["balance"]["train"]["real"] + described["balance"]["train"]["ai"]
-    train_counts = described["balance"]["train"]
-    pos_weight = train_counts["real"] / max(train_counts["ai"], 1) if cfg.class_weights else None
-    run: dict[str, Any] = {
+        assert listing is not None
+        prepared = Prepared(*prepare_splits(cfg, size, listing[0], described=listing[1]))
+    _check_same_dataset(previous, prepared.described)
+    _write_dataset_files(cfg, prepared)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) >= 1
+    pos_weight = _pos_weight(cfg, prepared.described)
+    run = {
         "status": "running",
         "config": cfg.to_json(),
         "resolved": {"input_size": size, "use_gpu": use_gpu, "init": init_record, "pos_weight": pos_weight},
-        "dataset": {k: described[k] for k in ("fingerprint", "balance", "split", "statuses", "not_used")},
+        "dataset": {k: prepared.described[k] for k in ("fingerprint", "balance", "split", "statuses", "not_used")},
         "versions": runtime.versions(),
         "cluster_resources": dict(resources),
         "started": started.isoformat(),
         "resumed_from": previous.get("started") if previous else None,
     }
-    write_json(run_uri, run, cfg.storage_options)
+    write_json(join(cfg.out, schema.RUN_FILE), run, cfg.storage_options)
+    loop_config = _loop_config(cfg, size=size, initial=initial, pos_weight=pos_weight, described=prepared.described)
+    t0 = time.monotonic()
+    result = _trainer(cfg, loop_config, prepared=prepared, use_gpu=use_gpu, callbacks=callbacks).fit()
+    wall = time.monotonic() - t0
+    kept = _kept_epoch(result)
+    threshold = choose_threshold(cfg.threshold_rule, kept.targets, kept.scores)
+    val_metrics = {
+        **metrics.summary(kept.targets, kept.scores),
+        "at_threshold": metrics.at_threshold(kept.targets, kept.scores, threshold),
+        "at_0.5": metrics.at_threshold(kept.targets, kept.scores, 0.5),
+        "epoch": kept.epoch,
+        "val_loss": kept.val_loss,
+    }
+    checkpoint_uri = _save_model(
+        cfg,
+        kept,
+        size=size,
+        threshold=threshold,
+        val_metrics=val_metrics,
+        init_record=init_record,
+        described=prepared.described,
+    )
+    write_parquet(join(cfg.out, schema.HISTORY_FILE), pa.Table.from_pylist(kept.history), cfg.storage_options)
+    plots.history(join(cfg.out, "history.png"), kept.history, kept.epoch, storage_options=cfg.storage_options)
+    throughput = [h["images_per_s_per_worker"] for h in kept.history]
+    run.update(
+        status="complete",
+        finished=datetime.now(timezone.utc).isoformat(),
+        wall_seconds=wall,
+        checkpoint=checkpoint_uri,
+        threshold=threshold,
+        val_metrics=val_metrics,
+        best_epoch=kept.epoch,
+        epochs_run=len(kept.history),
+        images_per_s_per_worker=float(np.median(throughput)) if throughput else None,
+        workers=cfg.workers,
+    )
+    write_json(join(cfg.out, schema.RUN_FILE), run, cfg.storage_options)
+    return TrainResult(cfg.out, checkpoint_uri, kept.history, val_metrics, threshold, run)
 
-    storage_path, storage_fs = _storage(cfg)
-    loop_config = {
+
+def _check_same_dataset(previous: dict[str, Any] | None, described: dict[str, Any]) -> None:
+    if previous is not None and previous.get("dataset", {}).get("fingerprint") != described["fingerprint"]:
+        raise ConfigError(
+            "--resume: the dataset changed since this run started (its content fingerprint differs); "
+            "start a new run in a new --out"
+        )
+
+
+def _write_dataset_files(cfg: TrainConfig, prepared: Prepared) -> None:
+    fs, root = filesystem(cfg.out, cfg.storage_options)
+    fs.makedirs(root, exist_ok=True)
+    write_parquet(join(cfg.out, schema.SPLITS_FILE), prepared.splits, cfg.storage_options)
+    write_json(join(cfg.out, schema.DATASET_FILE), prepared.described, cfg.storage_options)
+
+
+def _pos_weight(cfg: TrainConfig, described: dict[str, Any]) -> float | None:
+    """``--class-weights``: the loss weight of the AI class, real over AI training images."""
+    train = described["balance"]["train"]
+    return train["real"] / max(train["ai"], 1) if cfg.class_weights else None
+
+
+def _loop_config(
+    cfg: TrainConfig, *, size: int, initial: Any, pos_weight: float | None, described: dict[str, Any]
+) -> dict[str, Any]:
+    """What every worker's loop reads (:class:`aidetect_batch.train_worker.WorkerLoop`)."""
+    train = described["balance"]["train"]
+    return {
         "arch": cfg.arch,
         "input_size": size,
         "initial_weights": ray.put(initial.state_dict()),
@@ -574,14 +354,23 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         "seed": cfg.seed,
         "augment": list(cfg.augment),
         "pos_weight": pos_weight,
-        "n_train": n_train,
+        "n_train": train["real"] + train["ai"],
         "cpus_per_worker": cfg.cpus_per_worker,
         "crash_after_epoch": cfg.crash_after_epoch,
         "validate_first": cfg.validate_first,
         "keep_zeros": cfg.keep_zeros,
     }
-    trainer = TorchTrainer(
-        train_loop,
+
+
+def _trainer(
+    cfg: TrainConfig, loop_config: dict[str, Any], *, prepared: Prepared, use_gpu: bool, callbacks: list[Any] | None
+) -> TorchTrainer:
+    """The TorchTrainer of this run. Ray Train keeps the lowest-validation-loss checkpoint and the latest
+    (which it never deletes), so the best epoch needs no second copy of the weights and a resume continues
+    from the latest."""
+    storage_path, storage_fs = _storage(cfg)
+    return TorchTrainer(
+        train_worker.train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
@@ -591,35 +380,72 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1,
+                checkpoint_score_attribute=train_worker.SCORE_ATTRIBUTE,
+                checkpoint_score_order="min",
+            ),
             callbacks=callbacks,
         ),
-        datasets={"train": train_ds, "val": val_ds},
+        datasets={"train": prepared.train, "val": prepared.val},
         dataset_config=DataConfig(datasets_to_split="all"),
     )
-    t0 = time.monotonic()
-    result = trainer.fit()
-    wall = time.monotonic() - t0
+
+
+@dataclasses.dataclass
+class _KeptEpoch:
+    """The epoch whose weights become ``model.pt``, and the history of the whole run."""
+
+    epoch: int
+    val_loss: float
+    weights: dict[str, Any]
+    scores: np.ndarray
+    targets: np.ndarray
+    history: list[dict[str, Any]]
+    stopped_early: bool
+
+
+def _kept_epoch(result: Any) -> _KeptEpoch:
+    """The lowest-validation-loss checkpoint Ray Train kept (the earliest of equals), with the history of
+    the latest one."""
     if result.checkpoint is None:
         raise RuntimeError("training reported no checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-    best = state["best"]
-    y_val, s_val = np.asarray(best["val_targets"]), np.asarray(best["val_scores"], dtype=np.float64)
-    threshold = choose_threshold(cfg.threshold_rule, y_val, s_val)
-    val_metrics = {
-        **metrics.summary(y_val, s_val),
-        "at_threshold": metrics.at_threshold(y_val, s_val, threshold),
-        "at_0.5": metrics.at_threshold(y_val, s_val, 0.5),
-        "epoch": best["epoch"],
-        "val_loss": best["val_loss"],
-    }
-    final = model.conform(model.build_model(cfg.arch, 1, size), best["state_dict"])
-    final.load_state_dict(best["state_dict"])
-    history = state["history"]
-    checkpoint_uri = join(cfg.out, schema.MODEL_FILE)
+    latest = _load_state(result.checkpoint)
+    candidates = result.best_checkpoints or [(result.checkpoint, latest["history"][-1])]
+    chosen, row = min(candidates, key=lambda c: (c[1][train_worker.SCORE_ATTRIBUTE], c[1]["epoch"]))
+    best = latest if chosen.path == result.checkpoint.path else _load_state(chosen)
+    return _KeptEpoch(
+        epoch=int(row["epoch"]),
+        val_loss=float(row[train_worker.SCORE_ATTRIBUTE]),
+        weights=best["model"],
+        scores=np.asarray(best["val_scores"], dtype=np.float64),
+        targets=np.asarray(best["val_targets"]),
+        history=latest["history"],
+        stopped_early=bool(latest.get("stopped_early")),
+    )
+
+
+def _load_state(checkpoint: Any) -> dict[str, Any]:
+    with checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, train_worker.STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def _save_model(
+    cfg: TrainConfig,
+    kept: _KeptEpoch,
+    *,
+    size: int,
+    threshold: float,
+    val_metrics: dict[str, Any],
+    init_record: dict[str, Any],
+    described: dict[str, Any],
+) -> str:
+    """Write the kept epoch as the scan-ready ``model.pt``; returns its URI."""
+    final = model.conform(model.build_model(cfg.arch, 1, size), kept.weights)
+    final.load_state_dict(kept.weights)
+    uri = join(cfg.out, schema.MODEL_FILE)
     model.save_checkpoint(
-        checkpoint_uri,
+        uri,
         final,
         cfg.arch,
         num_logits=1,
@@ -634,30 +460,13 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
             "balance": described["balance"],
             "threshold_rule": cfg.threshold_rule,
             "val_metrics": val_metrics,
-            "best_epoch": best["epoch"],
-            "epochs_run": len(history),
-            "stopped_early": bool(state.get("stopped_early")),
+            "best_epoch": kept.epoch,
+            "epochs_run": len(kept.history),
+            "stopped_early": kept.stopped_early,
             "train_config": cfg.to_json(),
             "init": init_record,
             "versions": runtime.versions(),
         },
         storage_options=cfg.storage_options,
     )
-    write_parquet(join(cfg.out, schema.HISTORY_FILE), pa.Table.from_pylist(history), cfg.storage_options)
-
-    plots.history(join(cfg.out, "history.png"), history, best["epoch"], storage_options=cfg.storage_options)
-    throughput = [h["images_per_s_per_worker"] for h in history]
-    run.update(
-        status="complete",
-        finished=datetime.now(timezone.utc).isoformat(),
-        wall_seconds=wall,
-        checkpoint=checkpoint_uri,
-        threshold=threshold,
-        val_metrics=val_metrics,
-        best_epoch=best["epoch"],
-        epochs_run=len(history),
-        images_per_s_per_worker=float(np.median(throughput)) if throughput else None,
-        workers=cfg.workers,
-    )
-    write_json(run_uri, run, cfg.storage_options)
-    return TrainResult(cfg.out, checkpoint_uri, history, val_metrics, threshold, run)
+    return uri

@@ -15,7 +15,8 @@ from aidetect_batch import model, schema
 from aidetect_batch.config import EvalConfig, ScanConfig, TrainConfig
 from aidetect_batch.evaluation import run_evaluate
 from aidetect_batch.pipeline import run_scan
-from aidetect_batch.training import STATE_FILE, build_augment, run_train, select_split_batch
+from aidetect_batch.train_worker import STATE_FILE, build_augment
+from aidetect_batch.training import run_train, select_split_batch
 
 FAST = dict(
     arch="cifake_cnn",
