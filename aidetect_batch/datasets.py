@@ -26,19 +26,16 @@ the model only ever sees pixels: a corpus labelled by file name needs a manifest
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from aidetect_batch import schema, sources
+from aidetect_batch import inputs, schema, sources
 from aidetect_batch.config import DEFAULT_EXTENSIONS
-from aidetect_batch.storage import filesystem, is_remote, join, to_uri
+from aidetect_batch.storage import filesystem, to_uri
 
 _logger = logging.getLogger(__name__)
 
@@ -112,37 +109,14 @@ def _list_tree(
 
 
 def _read_manifest(uri: str, storage_options: dict[str, Any]) -> pa.Table:
-    fs, path = filesystem(uri, storage_options)
-    try:
-        with fs.open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise sources.SourceError(f"manifest {uri!r} does not exist") from None
-    if uri.lower().endswith((".parquet", ".pq")):
-        table = pq.read_table(io.BytesIO(data))
-    else:
-        delimiter = "\t" if uri.lower().endswith(".tsv") else ","
-        table = pacsv.read_csv(
-            io.BytesIO(data),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            convert_options=pacsv.ConvertOptions(column_types={"label": pa.string(), schema.GROUP: pa.string()}),
-        )
+    """A labelled manifest, read by the scan's manifest reader (same formats, same rule for relative paths),
+    then checked: a ``label`` (or ``true_label``) on every row, and known split names."""
+    table = inputs.read_manifest(uri, storage_options)
     label_column = "label" if "label" in table.column_names else schema.TRUE_LABEL
-    missing = [c for c in (schema.PATH, label_column) if c not in table.column_names]
-    if missing:
+    if label_column not in table.column_names:
         raise sources.SourceError(
-            f"manifest {uri!r} lacks the column(s) {missing}; it needs path,label[,group][,split]"
+            f"manifest {uri!r} lacks the column(s) {[label_column]}; it needs path,label[,group][,split]"
         )
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    paths = []
-    for value in table.column(schema.PATH).to_pylist():
-        if value is None:
-            raise sources.SourceError(f"manifest {uri!r} has an empty path")
-        if is_remote(value) or value.startswith("/"):
-            paths.append(value)
-        else:
-            resolved = join(base, value)
-            paths.append(resolved if is_remote(resolved) else filesystem(resolved)[1])
     labels = []
     for row, value in enumerate(table.column(label_column).cast(pa.string()).to_pylist(), start=1):
         label = LABEL_VALUES.get(str(value).strip().lower()) if value is not None else None
@@ -159,9 +133,10 @@ def _read_manifest(uri: str, storage_options: dict[str, Any]) -> pa.Table:
     bad = sorted({s for s in splits if s is not None and s not in schema.SPLITS})
     if bad:
         raise sources.SourceError(f"manifest {uri!r}: unknown split value(s) {bad}; use train, val, test")
+    base = inputs.manifest_folder(uri, storage_options)
     return pa.table(
         {
-            schema.PATH: pa.array(paths, pa.string()),
+            schema.PATH: table.column(schema.PATH),
             schema.SOURCE: pa.array([base] * table.num_rows, pa.string()),
             schema.TRUE_LABEL: pa.array(labels, pa.string()),
             schema.GROUP: optional(schema.GROUP),

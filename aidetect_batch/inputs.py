@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from aidetect_batch import schema, sources
 from aidetect_batch.sources import SourceError
-from aidetect_batch.storage import filesystem, to_uri
+from aidetect_batch.storage import filesystem, is_remote, to_uri
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 DELIMITED = {".csv": ",", ".tsv": "\t"}
@@ -91,10 +92,8 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
     paths = table.column(schema.PATH).cast(pa.string()).combine_chunks()
     if paths.null_count or pc.any(pc.equal(pc.utf8_length(paths), 0)).as_py():
         raise SourceError(f"manifest {uri!r} has an empty path")
-    base = to_uri(fs, inner.rsplit("/", 1)[0]) if "/" in inner else "."
-    relative = pc.invert(pc.match_substring_regex(paths, _ABSOLUTE))
-    if pc.any(relative).as_py():
-        paths = pc.if_else(relative, pc.binary_join_element_wise(base.rstrip("/"), paths, "/"), paths)
+    base = manifest_folder(uri, storage_options)
+    paths = _resolve(paths, base)
     source = (
         table.column(schema.SOURCE).cast(pa.string())
         if schema.SOURCE in table.column_names
@@ -105,6 +104,24 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         if name not in columns:
             columns[name] = table.column(name)
     return pa.table(columns)
+
+
+def manifest_folder(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The folder a manifest's relative paths are relative to: its own, absolute."""
+    fs, inner = filesystem(uri, storage_options)
+    return to_uri(fs, inner.rsplit("/", 1)[0]) if "/" in inner else "."
+
+
+def _resolve(paths: pa.Array, base: str) -> pa.Array:
+    """The one rule for relative paths in manifests (scan and train): joined to the manifest's folder,
+    and for local files normalised (``./a`` and ``x/../a`` become ``a``); absolute paths and URIs stay."""
+    relative = pc.invert(pc.match_substring_regex(paths, _ABSOLUTE))
+    if not pc.any(relative).as_py():
+        return paths
+    joined = pc.binary_join_element_wise(base.rstrip("/"), paths, "/")
+    if not is_remote(base):
+        joined = pa.array([posixpath.normpath(p) for p in joined.to_pylist()], pa.string())
+    return pc.if_else(relative, joined, paths)
 
 
 def _uniform(n: int, seed: int, start: int = 0) -> np.ndarray:

@@ -176,3 +176,15 @@ def test_fingerprint_follows_content_not_names():
         base.schema.get_field_index(schema.TRUE_LABEL), schema.TRUE_LABEL, pa.array(["ai", "ai"])
     )
     assert datasets.fingerprint(base) == datasets.fingerprint(renamed) != datasets.fingerprint(relabelled)
+
+
+def test_scan_and_training_resolve_a_manifests_relative_paths_by_one_rule(tmp_path):
+    """``./a`` and ``x/../a`` are joined to the manifest's folder and normalised, the same for both readers."""
+    from aidetect_batch import inputs
+
+    (tmp_path / "m").mkdir()
+    manifest = tmp_path / "m" / "labels.csv"
+    manifest.write_text("path,label\n./real/a.png,real\nsub/../ai/b.png,ai\n/abs/c.png,real\n")
+    want = [str(tmp_path / "m" / "real" / "a.png"), str(tmp_path / "m" / "ai" / "b.png"), "/abs/c.png"]
+    assert inputs.read_manifest(str(manifest)).column(schema.PATH).to_pylist() == want
+    assert datasets._read_manifest(str(manifest), {}).column(schema.PATH).to_pylist() == want
