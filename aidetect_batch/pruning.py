@@ -37,7 +37,7 @@ from torch import nn
 from aidetect_batch import archs, model, plots, schema
 from aidetect_batch.config import ConfigError, PruneConfig, TrainConfig
 from aidetect_batch.storage import claim_output, filesystem, join, write_json, write_parquet
-from aidetect_batch.training import run_train
+from aidetect_batch.training import TrainResult, run_train
 from aidetect_batch.tuning import tune_and_train
 
 _logger = logging.getLogger(__name__)
@@ -210,7 +210,6 @@ def run_prune(cfg: PruneConfig) -> PruneResult:
         ConfigError: bad arguments, an unsupported architecture, or a non-empty OUT.
         model.CheckpointError: an unusable checkpoint.
     """
-
     claim_output(
         cfg.out,
         _OWN_ENTRIES + tuple(_amount_dir(a) for a in cfg.all_amounts),
@@ -224,85 +223,115 @@ def run_prune(cfg: PruneConfig) -> PruneResult:
     rows: list[dict[str, Any]] = []
     finals: list[nn.Module] = []
     for amount in cfg.all_amounts:
-        if cfg.method == "structured":
-            pruned = prune_structured(base, ckpt.arch, amount)
-        else:
-            pruned = prune_unstructured(base, amount)
-        params, nonzero = count_parameters(pruned)
-        record = {"method": cfg.method if amount else "none", "amount": amount, "source": cfg.checkpoint}
-        start_uri = join(cfg.out, "pruned", f"{_amount_dir(amount)}.pt")
-        model.save_checkpoint(
-            start_uri,
-            pruned,
-            ckpt.arch,
-            preprocess=ckpt.preprocess or "resize",
-            threshold=ckpt.threshold,
-            input_size=ckpt.input_size,
-            pruning=record,
-            info={"pruned_from": cfg.checkpoint, "params": params, "nonzero": nonzero},
-            storage_options=cfg.storage_options,
-        )
-        _logger.info(
-            "amount %.0f%% (%s): %d parameters, %d non-zero; fine-tuning", 100 * amount, cfg.method, params, nonzero
-        )
-        train_cfg = TrainConfig(
-            dataset=cfg.dataset,
-            out=join(cfg.out, _amount_dir(amount)),
-            arch=ckpt.arch,
-            init=start_uri,
-            input_size=ckpt.input_size,
-            preprocess=ckpt.preprocess or "resize",
-            epochs=cfg.epochs,
-            patience=cfg.epochs,
-            lr=cfg.lr,
-            batch_size=cfg.batch_size,
-            storage_options=cfg.storage_options,
-            validate_first=True,
-            keep_zeros=cfg.method == "unstructured" and amount > 0,
-            **cfg.train_options,
-        )
-        if cfg.tune:
-            result, tuned = tune_and_train(train_cfg, cfg.tune_trials)
-            kept = join(train_cfg.out, schema.MODEL_FILE)
-            fs, target = filesystem(kept, cfg.storage_options)
-            fs.copy(filesystem(result.checkpoint, cfg.storage_options)[1], target)
-            result = dataclasses.replace(result, checkpoint=kept)
-        else:
-            result, tuned = run_train(train_cfg), None
-        before = result.history[0]
-        kept = next(h for h in result.history if h["epoch"] == result.val_metrics["epoch"])
-        final_ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(result.checkpoint, cfg.storage_options))
-        final = final_ckpt.build()
+        start_uri, record = _save_pruned(cfg, ckpt, base, amount)
+        result, tuned = _fine_tune(cfg, ckpt, amount, start_uri=start_uri)
+        final = model.parse_checkpoint(model.read_checkpoint_bytes(result.checkpoint, cfg.storage_options)).build()
         finals.append(final)
-        final_params, final_nonzero = count_parameters(final)
-        rows.append(
-            {
-                "amount": amount,
-                "method": record["method"],
-                "params": final_params,
-                "nonzero": final_nonzero,
-                "file_bytes": _file_size(result.checkpoint, cfg.storage_options),
-                "val_accuracy_before": before["val_accuracy"],
-                "val_ap_before": before["val_ap"],
-                "val_auc_before": before["val_auc"],
-                "val_accuracy_after": kept["val_accuracy"],
-                "val_ap_after": kept["val_ap"],
-                "val_auc_after": kept["val_auc"],
-                "kept_epoch": result.val_metrics["epoch"],
-                "threshold": result.threshold,
-                "checkpoint": result.checkpoint,
-                "tuned": tuned,
-            }
-        )
+        rows.append(_row(cfg, result, final=final, record=record, tuned=tuned))
+    device = _measure_throughput(cfg, rows, finals=finals, input_size=ckpt.input_size)
+    text = markdown_table(rows, device)
+    _write_report(cfg, rows, text=text, device=device, arch=ckpt.arch)
+    return PruneResult(cfg.out, rows, text)
+
+
+def _save_pruned(
+    cfg: PruneConfig, ckpt: model.Checkpoint, base: nn.Module, amount: float
+) -> tuple[str, dict[str, Any]]:
+    """Prune ``base`` by ``amount`` and save it as the starting point of its fine-tuning."""
+    if cfg.method == "structured":
+        pruned = prune_structured(base, ckpt.arch, amount)
+    else:
+        pruned = prune_unstructured(base, amount)
+    params, nonzero = count_parameters(pruned)
+    record = {"method": cfg.method if amount else "none", "amount": amount, "source": cfg.checkpoint}
+    start_uri = join(cfg.out, "pruned", f"{_amount_dir(amount)}.pt")
+    model.save_checkpoint(
+        start_uri,
+        pruned,
+        ckpt.arch,
+        preprocess=ckpt.preprocess or "resize",
+        threshold=ckpt.threshold,
+        input_size=ckpt.input_size,
+        pruning=record,
+        info={"pruned_from": cfg.checkpoint, "params": params, "nonzero": nonzero},
+        storage_options=cfg.storage_options,
+    )
+    _logger.info(
+        "amount %.0f%% (%s): %d parameters, %d non-zero; fine-tuning", 100 * amount, cfg.method, params, nonzero
+    )
+    return start_uri, record
+
+
+def _fine_tune(
+    cfg: PruneConfig, ckpt: model.Checkpoint, amount: float, *, start_uri: str
+) -> tuple[TrainResult, dict[str, Any] | None]:
+    """Fine-tune the pruned model with the training job (or a Ray Tune search over it)."""
+    train_cfg = TrainConfig(
+        dataset=cfg.dataset,
+        out=join(cfg.out, _amount_dir(amount)),
+        arch=ckpt.arch,
+        init=start_uri,
+        input_size=ckpt.input_size,
+        preprocess=ckpt.preprocess or "resize",
+        epochs=cfg.epochs,
+        patience=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        storage_options=cfg.storage_options,
+        validate_first=True,
+        keep_zeros=cfg.method == "unstructured" and amount > 0,
+        **cfg.train_options,
+    )
+    if not cfg.tune:
+        return run_train(train_cfg), None
+    result, tuned = tune_and_train(train_cfg, cfg.tune_trials)
+    kept = join(train_cfg.out, schema.MODEL_FILE)
+    fs, target = filesystem(kept, cfg.storage_options)
+    fs.copy(filesystem(result.checkpoint, cfg.storage_options)[1], target)
+    return dataclasses.replace(result, checkpoint=kept), tuned
+
+
+def _row(
+    cfg: PruneConfig, result: TrainResult, *, final: nn.Module, record: dict[str, Any], tuned: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One amount's report row: size, validation before and after fine-tuning, the kept checkpoint."""
+    before = result.history[0]
+    kept = next(h for h in result.history if h["epoch"] == result.val_metrics["epoch"])
+    params, nonzero = count_parameters(final)
+    return {
+        "amount": record["amount"],
+        "method": record["method"],
+        "params": params,
+        "nonzero": nonzero,
+        "file_bytes": _file_size(result.checkpoint, cfg.storage_options),
+        "val_accuracy_before": before["val_accuracy"],
+        "val_ap_before": before["val_ap"],
+        "val_auc_before": before["val_auc"],
+        "val_accuracy_after": kept["val_accuracy"],
+        "val_ap_after": kept["val_ap"],
+        "val_auc_after": kept["val_auc"],
+        "kept_epoch": result.val_metrics["epoch"],
+        "threshold": result.threshold,
+        "checkpoint": result.checkpoint,
+        "tuned": tuned,
+    }
+
+
+def _measure_throughput(
+    cfg: PruneConfig, rows: list[dict[str, Any]], *, finals: list[nn.Module], input_size: int
+) -> str:
+    """Every fine-tuned model's bare forward rate in one run, and ratios to the unpruned one; the device."""
     threads = torch.get_num_threads()
     _logger.info("measuring inference throughput at batch %d on CPU (%d threads)", cfg.bench_batch_size, threads)
     for row, final in zip(rows, finals, strict=True):
-        row["images_per_s"] = throughput(final, ckpt.input_size, cfg.bench_batch_size, batches=cfg.bench_batches)
+        row["images_per_s"] = throughput(final, input_size, cfg.bench_batch_size, batches=cfg.bench_batches)
     for row in rows:
         row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
         row["params_fraction"] = row["params"] / rows[0]["params"]
-    device = f"CPU, {threads} threads, batch {cfg.bench_batch_size}"
-    text = markdown_table(rows, device)
+    return f"CPU, {threads} threads, batch {cfg.bench_batch_size}"
+
+
+def _write_report(cfg: PruneConfig, rows: list[dict[str, Any]], *, text: str, device: str, arch: str) -> None:
     write_parquet(
         join(cfg.out, "prune.parquet"),
         [{k: v for k, v in r.items() if k != "tuned"} for r in rows],
@@ -313,9 +342,8 @@ def run_prune(cfg: PruneConfig) -> PruneResult:
     )
     fs, path = filesystem(join(cfg.out, "prune.md"), cfg.storage_options)
     with fs.open(path, "w") as handle:
-        handle.write(f"# Pruning {ckpt.arch} ({cfg.method})\n\nThroughput: bare model, {device}.\n\n{text}")
+        handle.write(f"# Pruning {arch} ({cfg.method})\n\nThroughput: bare model, {device}.\n\n{text}")
     plots.pruning(join(cfg.out, "prune.png"), rows, cfg.storage_options)
-    return PruneResult(cfg.out, rows, text)
 
 
 def _amount_dir(amount: float) -> str:
