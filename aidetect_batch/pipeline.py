@@ -28,7 +28,7 @@ from aidetect_batch.config import ScanConfig
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.inputs import block_size
 from aidetect_batch.sinks import ScoreWriter, committed_shards
-from aidetect_batch.storage import claim_output, filesystem, join, read_json, write_json
+from aidetect_batch.storage import claim_output, join
 
 _logger = logging.getLogger(__name__)
 
@@ -178,10 +178,10 @@ def list_inputs(cfg: ScanConfig) -> pa.Table:
 
 def previous_run(cfg: ScanConfig) -> dict[str, Any]:
     """The ``_run.json`` of the scan to resume; raises :class:`ConfigError` when there is none."""
-    try:
-        return read_json(join(cfg.out, schema.RUN_FILE), cfg.storage_options)
-    except FileNotFoundError:
-        raise ConfigError(f"--resume: {cfg.out} holds no scan to resume (no {schema.RUN_FILE})") from None
+    previous = runtime.RunRecord.previous(cfg.out, cfg.storage_options)
+    if previous is None:
+        raise ConfigError(f"--resume: {cfg.out} holds no scan to resume (no {schema.RUN_FILE})")
+    return previous
 
 
 def check_resumable(previous: dict[str, Any], identity: dict[str, Any]) -> None:
@@ -222,10 +222,9 @@ class _Inputs:
 
 @dataclasses.dataclass
 class _Run:
-    """This attempt's record: ``_run.json`` as written, and the committed work a resume keeps."""
+    """This attempt's ``_run.json``, and the committed work a resume keeps."""
 
-    uri: str
-    record: dict[str, Any]
+    record: runtime.RunRecord
     attempt: dict[str, Any]
     shard_rows: int
     done: dict[int, str]
@@ -233,9 +232,8 @@ class _Run:
     old_files: list[str]
     previous_inputs: str | None = None
 
-    def save(self, cfg: ScanConfig, **changes: Any) -> None:
-        self.record.update(changes)
-        write_json(self.uri, self.record, cfg.storage_options)
+    def save(self, **changes: Any) -> None:
+        self.record.save(**changes)
 
 
 def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
@@ -376,11 +374,17 @@ def _open_run(
         started=record.get("started", started.isoformat()),
         attempts=[*record.get("attempts", []), attempt],
     )
-    fs, root = filesystem(cfg.out, cfg.storage_options)
-    fs.makedirs(root, exist_ok=True)
     previous_inputs = (previous or {}).get("identity", {}).get("inputs")
-    run = _Run(join(cfg.out, schema.RUN_FILE), record, attempt, shard_rows, done, done_rows, old_files, previous_inputs)
-    run.save(cfg)
+    run = _Run(
+        runtime.RunRecord(cfg.out, record, cfg.storage_options),
+        attempt,
+        shard_rows,
+        done,
+        done_rows,
+        old_files,
+        previous_inputs,
+    )
+    run.save()
     return run
 
 
@@ -425,14 +429,13 @@ def _score_and_report(
         rows_scored=writer.rows_written, wall_seconds=timing.wall, first_result_seconds=timing.first_result
     )
     run.save(
-        cfg,
         status="complete",
         finished=datetime.now(timezone.utc).isoformat(),
         wall_seconds=timing.wall,
         outputs={"scores": all_files, "rows": total},
         counts={"status": summary["status_counts"], "label": summary["label_counts"]},
     )
-    return ScanResult(cfg.out, all_files, summary, run.record, timing.deliveries)
+    return ScanResult(cfg.out, all_files, summary, run.record.data, timing.deliveries)
 
 
 def _input_dataset(cfg: ScanConfig, scan_inputs: _Inputs, run: _Run, *, state: Any) -> tuple[Any, dict[int, int]]:
@@ -476,7 +479,7 @@ def _drain(cfg: ScanConfig, results: Any, *, writer: Any, progress: _Progress, r
         stopped = runtime.as_stopped(exc)
         writer.commit_finished()
         kept = run.done_rows + writer.rows_written
-        run.save(cfg, status="stopped", stopped=datetime.now(timezone.utc).isoformat(), rows_kept=kept)
+        run.save(status="stopped", stopped=datetime.now(timezone.utc).isoformat(), rows_kept=kept)
         stopped.kept = (
             f"kept {kept} scored row(s) of {progress.total if progress.listed_all else 'a listing not finished'} "
             f"in {len(run.old_files) + len(writer.files)} committed file(s) under {join(cfg.out, schema.SCORES_DIR)}"
@@ -553,11 +556,11 @@ def _finish_listing(cfg: ScanConfig, finished: dict[str, Any] | None, run: _Run)
         )
     if finished["rows"] == 0:
         raise sources.SourceError(f"no files found in {', '.join(cfg.sources)}")
-    identity = run.record["identity"]
+    identity = run.record.data["identity"]
     if run.previous_inputs and run.previous_inputs != finished["fingerprint"]:
         _logger.warning("the listing changed since the stopped scan after its committed shards; new files were scanned")
     identity.update(inputs=finished["fingerprint"], input_rows=finished["rows"])
-    run.save(cfg, identity=identity, inputs=finished["rows"])
+    run.save(identity=identity, inputs=finished["rows"])
     return int(finished["rows"])
 
 

@@ -1,4 +1,4 @@
-"""How a job lives in its process: starting Ray, stopping on SIGINT/SIGTERM, and what ``_run.json`` records.
+"""How a job lives in its process: starting Ray, stopping on SIGINT/SIGTERM, and its ``_run.json``.
 
 One helper starts Ray (:func:`start_ray`) for every job. A signal becomes a
 :class:`Stopped` exception in the main thread, so a job unwinds through its
@@ -9,6 +9,7 @@ handler (``sys.exit``), so :func:`start_ray` puts ours back afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
 import logging
 import platform
@@ -17,6 +18,9 @@ import sys
 import threading
 from types import FrameType
 from typing import Any
+
+from aidetect_batch import schema
+from aidetect_batch.storage import filesystem, join, read_json, write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -95,3 +99,28 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             found[name] = "missing"
     return found
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """A job's ``OUT/_run.json``: written when the job starts and again as its status changes. Scans and
+    training runs write it only through this class."""
+
+    out: str
+    data: dict[str, Any]
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def previous(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The record a stopped job left in ``out``, or ``None`` when there is none."""
+        try:
+            return read_json(join(out, schema.RUN_FILE), storage_options)
+        except FileNotFoundError:
+            return None
+
+    def save(self, **changes: Any) -> None:
+        """Apply ``changes`` and write the whole record (creating ``out`` if needed)."""
+        self.data.update(changes)
+        fs, root = filesystem(self.out, self.storage_options)
+        fs.makedirs(root, exist_ok=True)
+        write_json(join(self.out, schema.RUN_FILE), self.data, self.storage_options)

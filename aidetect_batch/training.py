@@ -46,7 +46,6 @@ from aidetect_batch.storage import (
     is_remote,
     join,
     output_entries,
-    read_json,
     write_json,
     write_parquet,
 )
@@ -242,7 +241,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     """
     started = datetime.now(timezone.utc)
     check_train_output(cfg)
-    previous = read_json(join(cfg.out, schema.RUN_FILE), cfg.storage_options) if cfg.resume else None
+    previous = runtime.RunRecord.previous(cfg.out, cfg.storage_options) if cfg.resume else None
     size = cfg.input_size or model.default_input_size(cfg.arch)
     torch.manual_seed(cfg.seed)
     initial, init_record = model.initial_model(
@@ -261,20 +260,22 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     _write_dataset_files(cfg, prepared)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) >= 1
     pos_weight = _pos_weight(cfg, prepared.described)
-    run = {
-        "status": "running",
-        "config": cfg.to_json(),
-        "resolved": {"input_size": size, "use_gpu": use_gpu, "init": init_record, "pos_weight": pos_weight},
-        "dataset": {k: prepared.described[k] for k in ("fingerprint", "balance", "split", "statuses", "not_used")},
-        "versions": runtime.versions(),
-        "cluster_resources": dict(resources),
-        "started": started.isoformat(),
-        "resumed_from": previous.get("started") if previous else None,
-    }
-    write_json(join(cfg.out, schema.RUN_FILE), run, cfg.storage_options)
+    run = runtime.RunRecord(cfg.out, {}, cfg.storage_options)
+    run.save(
+        **{
+            "status": "running",
+            "config": cfg.to_json(),
+            "resolved": {"input_size": size, "use_gpu": use_gpu, "init": init_record, "pos_weight": pos_weight},
+            "dataset": {k: prepared.described[k] for k in ("fingerprint", "balance", "split", "statuses", "not_used")},
+            "versions": runtime.versions(),
+            "cluster_resources": dict(resources),
+            "started": started.isoformat(),
+            "resumed_from": previous.get("started") if previous else None,
+        }
+    )
     loop_config = _loop_config(cfg, size=size, initial=initial, pos_weight=pos_weight, described=prepared.described)
     t0 = time.monotonic()
-    result = _trainer(cfg, loop_config, prepared=prepared, use_gpu=use_gpu, callbacks=callbacks).fit()
+    result = _fit(_trainer(cfg, loop_config, prepared=prepared, use_gpu=use_gpu, callbacks=callbacks), cfg, run)
     wall = time.monotonic() - t0
     kept = _kept_epoch(result)
     threshold = choose_threshold(cfg.threshold_rule, kept.targets, kept.scores)
@@ -297,7 +298,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     write_parquet(join(cfg.out, schema.HISTORY_FILE), pa.Table.from_pylist(kept.history), cfg.storage_options)
     plots.history(join(cfg.out, "history.png"), kept.history, kept.epoch, storage_options=cfg.storage_options)
     throughput = [h["images_per_s_per_worker"] for h in kept.history]
-    run.update(
+    run.save(
         status="complete",
         finished=datetime.now(timezone.utc).isoformat(),
         wall_seconds=wall,
@@ -309,8 +310,19 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         images_per_s_per_worker=float(np.median(throughput)) if throughput else None,
         workers=cfg.workers,
     )
-    write_json(join(cfg.out, schema.RUN_FILE), run, cfg.storage_options)
-    return TrainResult(cfg.out, checkpoint_uri, kept.history, val_metrics, threshold, run)
+    return TrainResult(cfg.out, checkpoint_uri, kept.history, val_metrics, threshold, run.data)
+
+
+def _fit(trainer: TorchTrainer, cfg: TrainConfig, run: runtime.RunRecord) -> Any:
+    """``trainer.fit()``; on SIGINT/SIGTERM the run is recorded as stopped and the checkpoints of the
+    finished epochs stay in ``OUT/ray_train``, where ``--resume`` continues from the latest."""
+    try:
+        return trainer.fit()
+    except (KeyboardInterrupt, runtime.Stopped) as exc:
+        stopped = runtime.as_stopped(exc)
+        run.save(status="stopped", stopped=datetime.now(timezone.utc).isoformat())
+        stopped.kept = f"the checkpoints of finished epochs are kept in {join(cfg.out, schema.TRAIN_STATE_DIR)}"
+        raise stopped from None
 
 
 def _check_same_dataset(previous: dict[str, Any] | None, described: dict[str, Any]) -> None:
