@@ -8,18 +8,12 @@ pinned memory with a non-blocking copy, under bf16/fp16 autocast when asked.
 Rows that failed earlier pass through with a NaN score and a null label.
 
 With ``--gpu-decode`` the decode stage only reads bytes, and the actor
-decodes: baseline JPEGs in one batched ``torchvision.io.decode_jpeg`` call
-on the GPU (nvJPEG), resized and cropped there with torchvision's
-antialiased bilinear resize, and fed to the model without leaving the GPU;
-everything else (other formats, CMYK, files
-without an end marker, images over ``max_pixels``, perturbation sweeps, a
-batch nvJPEG rejects, and every file when no GPU is visible) per file on
-the CPU with the decode stage's own code, so statuses are the same.
+decodes them with :class:`aidetect_batch.device_decode.DeviceDecoder`;
+images it decoded on the GPU are fed to the model without leaving it.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Any
@@ -29,13 +23,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as F
 
-from aidetect_batch import perturb, preprocess, schema
+from aidetect_batch import schema
+from aidetect_batch.device_decode import DeviceDecoder, OnDevice
 from aidetect_batch.model import parse_checkpoint, scores_from_logits
-from aidetect_batch.prepare import PrepareOptions, decode_into
+from aidetect_batch.prepare import PrepareOptions
 
 _logger = logging.getLogger(__name__)
 
@@ -54,11 +46,6 @@ def cpu_chunk(size: int) -> int:
     """Images per forward pass on CPU for ``size`` px inputs: the activations of ``CPU_CHUNK_224``
     images at 224 px, so they stay under glibc's mmap threshold."""
     return max(1, round(CPU_CHUNK_224 * (224 / size) ** 2))
-
-
-def _plain_jpeg(data: bytes) -> bool:
-    """A JPEG that ends with its end-of-image marker; truncated ones go to the CPU path, which flags them."""
-    return data[:3] == b"\xff\xd8\xff" and data.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 class Classifier:
@@ -107,8 +94,10 @@ class Classifier:
             self.model = self.model.to(memory_format=torch.channels_last)
         if compile:
             self.model = torch.compile(self.model)
-        self.decode_options = decode_options
-        self.torch_decode = self.cuda if torch_decode is None else torch_decode
+        self.decoder = None
+        if decode_options is not None:
+            on_device = self.cuda if torch_decode is None else torch_decode
+            self.decoder = DeviceDecoder(decode_options, self.device, torch_decode=on_device)
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(ckpt.mean, device=self.device).view(shape) * 255.0
         self.std = torch.tensor(ckpt.std, device=self.device).view(shape) * 255.0
@@ -142,9 +131,7 @@ class Classifier:
                 scores.append(scores_from_logits(logits, self.ai_class_index).cpu().numpy())
         return np.concatenate(scores).astype(np.float32) if scores else np.empty(0, np.float32)
 
-    def _predict_mixed(
-        self, images: np.ndarray, ok: np.ndarray, on_device: tuple[list[int], torch.Tensor]
-    ) -> np.ndarray:
+    def _predict_mixed(self, images: np.ndarray, ok: np.ndarray, on_device: OnDevice) -> np.ndarray:
         """P(AI) of the ``ok`` rows when some were decoded on the device (``--gpu-decode``): those stay
         there, and only the rows decoded on the CPU are copied over."""
         rows, crops = on_device
@@ -161,80 +148,11 @@ class Classifier:
             x[host] = chunk.permute(0, 3, 1, 2)
         return self._forward(x[torch.from_numpy(ok).to(self.device)])
 
-    def _decode(self, batch: pa.Table) -> tuple[pa.Table, np.ndarray, tuple[list[int], torch.Tensor]]:
-        """Decode the ``_data`` bytes (``--gpu-decode``): the batch with its decode columns filled, the
-        CPU-decoded images, and the rows decoded on the device with their ``(K, 3, S, S)`` crops there."""
-        opts = self.decode_options
-        assert opts is not None, "a batch with _data needs decode_options"
-        size = opts.size
-        data = batch.column(schema.DATA).to_pylist()
-        n = len(data)
-        cols = {c: batch.column(c).to_pylist() for c in schema.DECODED_COLUMNS}
-        images = np.zeros((n, size, size, 3), dtype=np.uint8)
-        pending = [i for i in range(n) if data[i] is not None]
-        on_device: tuple[list[int], torch.Tensor] = ([], torch.empty(0))
-        if self.torch_decode and not opts.perturbation:
-            on_device = self._torch_decode([i for i in pending if _plain_jpeg(data[i])], data, cols)
-        change = perturb.parse(opts.perturbation) if opts.perturbation else None
-        done = set(on_device[0])
-        for i in pending:
-            if i in done:
-                continue
-            decode_into(cols, i, data[i], images=images, options=opts, change=change)
-        out = batch.drop_columns([schema.DATA])
-        for name, values in cols.items():
-            out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, out.schema.field(name).type))
-        return out, images, on_device
-
-    def _torch_decode(
-        self, idx: list[int], data: list[Any], cols: dict[str, list[Any]]
-    ) -> tuple[list[int], torch.Tensor]:
-        """Batch-decode baseline JPEGs with torchvision on this actor's device: the rows it handled and
-        their preprocessed ``(K, 3, S, S)`` uint8 crops, left on the device."""
-        opts = self.decode_options
-        assert opts is not None
-        size, policy = opts.size, opts.policy
-        chosen, tensors, headers = [], [], []
-        for i in idx:
-            try:
-                header = Image.open(io.BytesIO(data[i]))
-            except (OSError, ValueError):
-                continue
-            width, height = header.size
-            if width * height > opts.max_pixels or header.mode not in ("RGB", "L"):
-                continue
-            chosen.append(i)
-            headers.append((header.mode, width, height))
-            tensors.append(torch.frombuffer(bytearray(data[i]), dtype=torch.uint8))
-        if not tensors:
-            return [], torch.empty(0)
-        start = time.perf_counter()
-        try:
-            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
-        except RuntimeError as exc:
-            _logger.warning("batched JPEG decode failed (%s); decoding these %d files on the CPU", exc, len(tensors))
-            return [], torch.empty(0)
-        short = preprocess.resize_short_side(size)
-        crops = []
-        for img in decoded:
-            if policy == "resize":
-                img = F.resize(img, [short], antialias=True)
-            crops.append(F.center_crop(img, [size, size]))
-        stacked = torch.stack(crops)
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        each_ms = (time.perf_counter() - start) * 1000.0 / len(chosen)
-        for i, (mode, width, height) in zip(chosen, headers, strict=True):
-            cols[schema.FORMAT][i], cols[schema.MODE][i] = "JPEG", mode
-            cols[schema.WIDTH][i], cols[schema.HEIGHT][i] = width, height
-            cols[schema.STATUS][i], cols[schema.ERROR][i] = schema.Status.OK.value, None
-            cols[schema.T_DECODE_MS][i] = each_ms
-        return chosen, stacked
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         on_device = None
         if schema.DATA in batch.column_names:
-            batch, images, on_device = self._decode(batch)
+            assert self.decoder is not None, "a batch with _data needs decode_options"
+            batch, images, on_device = self.decoder.decode(batch)
         ok = np.asarray(pc.equal(batch.column(schema.STATUS), schema.Status.OK.value).to_numpy(zero_copy_only=False))
         n = len(ok)
         scores = np.full(n, np.nan, dtype=np.float32)
