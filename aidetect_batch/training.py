@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -315,14 +316,32 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
 
 def _fit(trainer: TorchTrainer, cfg: TrainConfig, run: runtime.RunRecord) -> Any:
     """``trainer.fit()``; on SIGINT/SIGTERM the run is recorded as stopped and the checkpoints of the
-    finished epochs stay in ``OUT/ray_train``, where ``--resume`` continues from the latest."""
+    finished epochs stay in ``OUT/ray_train``, where ``--resume`` continues from the latest.
+
+    ``fit`` runs in a thread: in the main thread Ray Train replaces the SIGINT handler with its own,
+    which aborts the run and exits the process with status 1 and no word of what was kept. The
+    workers go on until Ray shuts down, which the CLI does right after its message."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread as it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
     try:
-        return trainer.fit()
+        while thread.is_alive():
+            thread.join(timeout=0.2)
     except (KeyboardInterrupt, runtime.Stopped) as exc:
         stopped = runtime.as_stopped(exc)
         run.save(status="stopped", stopped=datetime.now(timezone.utc).isoformat())
         stopped.kept = f"the checkpoints of finished epochs are kept in {join(cfg.out, schema.TRAIN_STATE_DIR)}"
         raise stopped from None
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _check_same_dataset(previous: dict[str, Any] | None, described: dict[str, Any]) -> None:

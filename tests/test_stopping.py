@@ -4,6 +4,7 @@ Ray process outlives a run. Each job runs in its own interpreter, as a user's wo
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shlex
 import signal
@@ -129,3 +130,29 @@ def test_no_ray_process_outlives_an_in_process_training_run(tmp_path):
     while (left := _ray_orphans() - before) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"Ray processes outlived the run: {left}"
+
+
+@pytest.mark.slow
+def test_sigint_stops_training_and_names_the_kept_checkpoints(tmp_path):
+    """Ray Train's own SIGINT handler would abort the run and exit 1 without a word; ours keeps the
+    finished epochs and prints the --resume command."""
+    write_labelled_set(str(tmp_path / "data"), per_class=40, side=32)
+    out = str(tmp_path / "run")
+    args = ["train", str(tmp_path / "data"), "--out", out, "--arch", "cifake_cnn", "--epochs", "50"]
+    args += ["--batch-size", "8"]
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 240
+    checkpoints = os.path.join(out, schema.TRAIN_STATE_DIR, "run", "checkpoint_*")
+    while not glob.glob(checkpoints) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, "training ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert time.monotonic() - sent < STOP_WITHIN_S and "Traceback" not in stderr
+    line = next(line for line in stderr.splitlines() if "train stopped by SIGINT" in line)
+    assert os.path.join(out, schema.TRAIN_STATE_DIR) in line
+    assert shlex.split(line.split("Continue with: ", 1)[1]) == ["aidetect-batch", *args, "--resume"]
+    with open(os.path.join(out, schema.RUN_FILE)) as handle:
+        assert json.load(handle)["status"] == "stopped"
