@@ -169,26 +169,35 @@ def _entry_kind(entry: os.DirEntry[str]) -> str:
 
 
 def _walk(fs: Any, root: str, extensions: tuple[str, ...], *, all_files: bool) -> list[tuple[str, str]]:
+    """``(path, root)`` of every file to scan under a folder or prefix."""
     root = root.rstrip("/")
     root_uri = to_uri(fs, root)
-    if not is_remote(root_uri):
-        walk = walk_local(root, extensions, all_files)
-        if walk.skipped:
-            _logger.warning(
-                "source %s: skipped %s", escape_path(root)[0], ", ".join(f"{n} {k}(s)" for k, n in walk.skipped.items())
-            )
-        rows = [(path, root_uri) for path in walk.files]
-    else:
-        rows = []
-        for path, info in sorted(fs.find(root, detail=True).items()):
-            if info.get("type") == "directory" or (path.endswith("/") and not info.get("size")):
-                continue
-            relative = path[len(root) :].lstrip("/")
-            if _wanted(relative, extensions, all_files):
-                rows.append((to_uri(fs, path), root_uri))
-    if not rows:
+    paths = (
+        _walk_remote(fs, root, extensions, all_files)
+        if is_remote(root_uri)
+        else _walk_folder(root, extensions, all_files)
+    )
+    if not paths:
         _logger.warning("source %s holds no %sfiles", root_uri, "" if all_files else "image ")
-    return rows
+    return [(path, root_uri) for path in paths]
+
+
+def _walk_folder(root: str, extensions: tuple[str, ...], all_files: bool) -> list[str]:
+    walk = walk_local(root, extensions, all_files)
+    if walk.skipped:
+        skipped = ", ".join(f"{n} {kind}(s)" for kind, n in walk.skipped.items())
+        _logger.warning("source %s: skipped %s", escape_path(root)[0], skipped)
+    return walk.files
+
+
+def _walk_remote(fs: Any, root: str, extensions: tuple[str, ...], all_files: bool) -> list[str]:
+    paths = []
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        if info.get("type") == "directory" or (path.endswith("/") and not info.get("size")):
+            continue
+        if _wanted(path[len(root) :].lstrip("/"), extensions, all_files):
+            paths.append(to_uri(fs, path))
+    return paths
 
 
 def list_sources(

@@ -248,31 +248,27 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     initial, init_record = model.initial_model(
         cfg.arch, 1, cfg.resolved_init, input_size=size, storage_options=cfg.storage_options
     )
-    listing = (
-        None
-        if prepared is not None
-        else datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
-    )
-    resources = runtime.start_ray()
+    listed = None
     if prepared is None:
-        assert listing is not None
-        prepared = Prepared(*prepare_splits(cfg, size, listing[0], described=listing[1]))
+        listed = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
+    resources = runtime.start_ray()
+    if listed is not None:
+        prepared = Prepared(*prepare_splits(cfg, size, listed[0], described=listed[1]))
+    assert prepared is not None
     _check_same_dataset(previous, prepared.described)
     _write_dataset_files(cfg, prepared)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else resources.get("GPU", 0) >= 1
     pos_weight = _pos_weight(cfg, prepared.described)
     run = runtime.RunRecord(cfg.out, {}, cfg.storage_options)
     run.save(
-        **{
-            "status": "running",
-            "config": cfg.to_json(),
-            "resolved": {"input_size": size, "use_gpu": use_gpu, "init": init_record, "pos_weight": pos_weight},
-            "dataset": {k: prepared.described[k] for k in ("fingerprint", "balance", "split", "statuses", "not_used")},
-            "versions": runtime.versions(),
-            "cluster_resources": dict(resources),
-            "started": started.isoformat(),
-            "resumed_from": previous.get("started") if previous else None,
-        }
+        status="running",
+        config=cfg.to_json(),
+        resolved={"input_size": size, "use_gpu": use_gpu, "init": init_record, "pos_weight": pos_weight},
+        dataset={k: prepared.described[k] for k in ("fingerprint", "balance", "split", "statuses", "not_used")},
+        versions=runtime.versions(),
+        cluster_resources=dict(resources),
+        started=started.isoformat(),
+        resumed_from=previous.get("started") if previous else None,
     )
     loop_config = _loop_config(cfg, size=size, initial=initial, pos_weight=pos_weight, described=prepared.described)
     t0 = time.monotonic()
@@ -280,13 +276,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     wall = time.monotonic() - t0
     kept = _kept_epoch(result)
     threshold = choose_threshold(cfg.threshold_rule, kept.targets, kept.scores)
-    val_metrics = {
-        **metrics.summary(kept.targets, kept.scores),
-        "at_threshold": metrics.at_threshold(kept.targets, kept.scores, threshold),
-        "at_0.5": metrics.at_threshold(kept.targets, kept.scores, 0.5),
-        "epoch": kept.epoch,
-        "val_loss": kept.val_loss,
-    }
+    val_metrics = _val_metrics(kept, threshold)
     checkpoint_uri = _save_model(
         cfg,
         kept,
@@ -312,6 +302,17 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         workers=cfg.workers,
     )
     return TrainResult(cfg.out, checkpoint_uri, kept.history, val_metrics, threshold, run.data)
+
+
+def _val_metrics(kept: _KeptEpoch, threshold: float) -> dict[str, Any]:
+    """The kept epoch's validation metrics: threshold-free ones, at the chosen threshold and at 0.5."""
+    return {
+        **metrics.summary(kept.targets, kept.scores),
+        "at_threshold": metrics.at_threshold(kept.targets, kept.scores, threshold),
+        "at_0.5": metrics.at_threshold(kept.targets, kept.scores, 0.5),
+        "epoch": kept.epoch,
+        "val_loss": kept.val_loss,
+    }
 
 
 def _fit(trainer: TorchTrainer, cfg: TrainConfig, run: runtime.RunRecord) -> Any:
