@@ -33,6 +33,7 @@ def test_steady_rate_leaves_start_up_and_tail_out():
     assert measure.pass_rates(deliveries, pass_rows=100) == pytest.approx([100.0] * 6)
 
 
+@pytest.mark.slow
 def test_the_suite_runs_its_scans_on_cpu(ray_cluster):
     options = GpuSuiteOptions(
         arch="resnet_tiny",

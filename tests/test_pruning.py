@@ -115,6 +115,7 @@ def test_prune_unstructured_reports_measured_size_and_speed(ray_cluster, labelle
     assert not (half["val_auc_before"] != half["val_auc_before"]), "validation before fine-tuning is measured"
 
 
+@pytest.mark.slow
 def test_prune_structured_fine_tunes_a_smaller_model(ray_cluster, labelled, cifake_checkpoint, tmp_path):
     cfg = PruneConfig(
         checkpoint=cifake_checkpoint,
