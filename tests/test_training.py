@@ -164,6 +164,7 @@ def test_a_crashed_run_resumes_from_its_last_epoch(ray_cluster, labelled, tmp_pa
     assert resumed.run["resumed_from"] is not None
 
 
+@pytest.mark.slow
 def test_restarted_worker_group_continues_and_early_stopping_ends_the_run(ray_cluster, labelled, tmp_path):
     """A worker failure restarts from the last epoch within one run; a flat validation loss stops training."""
     cfg = TrainConfig(
