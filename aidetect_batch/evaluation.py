@@ -187,34 +187,12 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     nested, rows = measure(y, score, groups, thresholds=thresholds)
     ece, reliability = metrics.calibration(y, score)
 
-    plots_dir = join(cfg.out, schema.PLOTS_DIR)
     so = cfg.storage_options
-    plots.roc(join(plots_dir, "roc.png"), y, score, marks=thresholds, storage_options=so)
-    plots.precision_recall(join(plots_dir, "pr.png"), y, score, storage_options=so)
     at_checkpoint = nested["overall"]["thresholds"]["checkpoint"]
-    plots.confusion(join(plots_dir, "confusion.png"), at_checkpoint, ckpt.threshold, storage_options=so)
-    plots.score_histograms(join(plots_dir, "histograms.png"), y, score, threshold=ckpt.threshold, storage_options=so)
-    plots.reliability(join(plots_dir, "reliability.png"), reliability, ece, storage_options=so)
-
-    robustness = [_robust_row("none", y, score, thresholds=thresholds)]
-    for item in sweep:
-        out = join(cfg.out, schema.PERTURBED_DIR, item.name.replace(":", "_"))
-        _logger.info("robustness: rescoring under %s", item.name)
-        run_scan(_scan_config(cfg, out, item.name), listing=listing)
-        py, pscore, _ = _vectors(_labelled_scores(join(out, schema.SCORES_DIR), so))
-        robustness.append(_robust_row(item.name, py, pscore, thresholds=thresholds))
-    if sweep:
-        plots.robustness(join(plots_dir, "robustness.png"), robustness, so)
-
-    curve = metrics.roc_curve(y, score)
-    write_parquet(join(cfg.out, "roc_curve.parquet"), pa.table({k: curve[k] for k in ("fpr", "tpr", "threshold")}), so)
-    curve = metrics.pr_curve(y, score)
-    write_parquet(
-        join(cfg.out, "pr_curve.parquet"), pa.table({k: curve[k] for k in ("precision", "recall", "threshold")}), so
-    )
-    write_parquet(join(cfg.out, "metrics.parquet"), rows, so)
-    write_parquet(join(cfg.out, "reliability.parquet"), reliability, so)
-    write_parquet(join(cfg.out, "robustness.parquet"), robustness, so)
+    _plot(cfg, y, score, thresholds=thresholds, at_checkpoint=at_checkpoint, threshold=ckpt.threshold)
+    plots.reliability(join(cfg.out, schema.PLOTS_DIR, "reliability.png"), reliability, ece, storage_options=so)
+    robustness = _robustness(cfg, listing, y, score, thresholds=thresholds, sweep=sweep)
+    _write_tables(cfg, y, score, rows=rows, reliability=reliability, robustness=robustness)
 
     statuses = clean.summary["status_counts"]
     result = {
@@ -240,6 +218,68 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     write_json(join(cfg.out, schema.METRICS_FILE), result, so)
     report.rebuild(cfg.out, so)
     return EvalResult(cfg.out, result, pa.Table.from_pylist(rows))
+
+
+def _plot(
+    cfg: EvalConfig,
+    y: np.ndarray,
+    score: np.ndarray,
+    *,
+    thresholds: dict[str, float],
+    at_checkpoint: dict[str, Any],
+    threshold: float,
+) -> None:
+    """ROC with the thresholds marked, precision-recall, confusion at the checkpoint's threshold, histograms."""
+    plots_dir, so = join(cfg.out, schema.PLOTS_DIR), cfg.storage_options
+    plots.roc(join(plots_dir, "roc.png"), y, score, marks=thresholds, storage_options=so)
+    plots.precision_recall(join(plots_dir, "pr.png"), y, score, storage_options=so)
+    plots.confusion(join(plots_dir, "confusion.png"), at_checkpoint, threshold, storage_options=so)
+    plots.score_histograms(join(plots_dir, "histograms.png"), y, score, threshold=threshold, storage_options=so)
+
+
+def _robustness(
+    cfg: EvalConfig,
+    listing: pa.Table,
+    y: np.ndarray,
+    score: np.ndarray,
+    *,
+    thresholds: dict[str, float],
+    sweep: list[Any],
+) -> list[dict[str, Any]]:
+    """The clean row, then one scan of the same files per perturbation, at the clean run's thresholds."""
+    so = cfg.storage_options
+    robustness = [_robust_row("none", y, score, thresholds=thresholds)]
+    for item in sweep:
+        out = join(cfg.out, schema.PERTURBED_DIR, item.name.replace(":", "_"))
+        _logger.info("robustness: rescoring under %s", item.name)
+        run_scan(_scan_config(cfg, out, item.name), listing=listing)
+        py, pscore, _ = _vectors(_labelled_scores(join(out, schema.SCORES_DIR), so))
+        robustness.append(_robust_row(item.name, py, pscore, thresholds=thresholds))
+    if sweep:
+        plots.robustness(join(cfg.out, schema.PLOTS_DIR, "robustness.png"), robustness, so)
+    return robustness
+
+
+def _write_tables(
+    cfg: EvalConfig,
+    y: np.ndarray,
+    score: np.ndarray,
+    *,
+    rows: list[dict[str, Any]],
+    reliability: Any,
+    robustness: list[dict[str, Any]],
+) -> None:
+    """The curves and tables as Parquet next to metrics.json."""
+    so = cfg.storage_options
+    curve = metrics.roc_curve(y, score)
+    write_parquet(join(cfg.out, "roc_curve.parquet"), pa.table({k: curve[k] for k in ("fpr", "tpr", "threshold")}), so)
+    curve = metrics.pr_curve(y, score)
+    write_parquet(
+        join(cfg.out, "pr_curve.parquet"), pa.table({k: curve[k] for k in ("precision", "recall", "threshold")}), so
+    )
+    write_parquet(join(cfg.out, "metrics.parquet"), rows, so)
+    write_parquet(join(cfg.out, "reliability.parquet"), reliability, so)
+    write_parquet(join(cfg.out, "robustness.parquet"), robustness, so)
 
 
 def _robust_row(name: str, y: np.ndarray, score: np.ndarray, *, thresholds: dict[str, float]) -> dict[str, Any]:
