@@ -183,7 +183,7 @@ def list_labelled(
             dataset,
             unlabelled[0],
         )
-    table = table.cast(schema.LABELLED_SCHEMA)
+    table = _labelled(table)
     describe = {
         "dataset": dataset,
         "layout": layout,
@@ -195,6 +195,15 @@ def list_labelled(
         "own_splits": counts(table.column(schema.SPLIT)),
     }
     return table, describe
+
+
+def _labelled(table: pa.Table) -> pa.Table:
+    """The listing in :data:`schema.LABELLED_SCHEMA`, keeping the hidden raw bytes of names that are not
+    UTF-8 so the CPU stage can still read those files."""
+    labelled = table.select(schema.LABELLED_SCHEMA.names).cast(schema.LABELLED_SCHEMA)
+    if schema.RAW_PATH not in table.column_names:
+        return labelled
+    return labelled.append_column(pa.field(schema.RAW_PATH, pa.binary()), table.column(schema.RAW_PATH))
 
 
 def counts(column: pa.ChunkedArray | pa.Array) -> dict[str, int]:

@@ -141,3 +141,19 @@ def test_a_stalled_s3_read_fails_over_within_its_timeout():
     assert len(held) >= 2, "the client retried nothing"
     assert elapsed < 30, f"a stalled read took {elapsed:.0f}s with a 0.5s timeout"
     listener.close()
+
+
+def test_a_labelled_file_whose_name_is_not_utf8_is_listed_and_read(tmp_path):
+    """Training lists datasets with the same walk: such a file keeps its label and is decoded, not dropped."""
+    from aidetect_batch import datasets
+
+    good = encode(photo(64, 64, seed=4), "PNG")
+    for label, name in (("real", LATIN1_NAME.replace(b".jpg", b".png")), ("ai", b"plain.png")):
+        os.makedirs(tmp_path / label)
+        with open(os.path.join(os.fsencode(tmp_path / label), name), "wb") as handle:
+            handle.write(good)
+    listing, _ = datasets.list_labelled(str(tmp_path))
+    assert sorted(listing.column(schema.TRUE_LABEL).to_pylist()) == ["ai", "real"]
+    table = prepare_batch(listing, PrepareOptions(policy="resize", max_pixels=10**8))
+    assert table.column(schema.STATUS).to_pylist() == ["ok", "ok"]
+    assert schema.RAW_PATH not in table.column_names
