@@ -157,42 +157,46 @@ def scan(
             "startup_seconds": run.summary["wall_seconds"] - total / steady,
             "decode_speedup_over_baseline": result["decode"]["speedup"],
         }
-        small_ckpt = os.path.join(tmp, "cifake.pt")
-        save_checkpoint(small_ckpt, build_model("cifake_cnn", 1), "cifake_cnn", preprocess="center-crop")
-        small_root = os.path.join(tmp, "small")
-        small_paths = measure.write_jpegs(small_root, max(small), ((96, 96), (128, 96)), seed=1)
-        small_manifest = os.path.join(tmp, "small.parquet")
-        pq.write_table(pa.table({"path": small_paths}), small_manifest)
-        memory = []
-        for count in sorted(small):
-            with measure.RssSampler() as sampler:
-                start = time.monotonic()
-                run_scan(
-                    dataclasses.replace(
-                        base,
-                        manifest=small_manifest,
-                        limit=count,
-                        checkpoint=small_ckpt,
-                        batch_size=256,
-                        decode_batch_size=64,
-                        out=os.path.join(tmp, f"mem{count}"),
-                    )
-                )
-            memory.append(
-                {
-                    "images": count,
-                    "driver_peak_rss_mb": sampler.peak_driver_bytes / 2**20,
-                    "worker_peak_rss_mb": sampler.peak_worker_bytes / 2**20,
-                    "wall_seconds": time.monotonic() - start,
-                }
-            )
-        result["memory"] = memory
-        first, last = memory[0], memory[-1]
+        result["memory"] = memory_runs(base, tmp, small)
+        first, last = result["memory"][0], result["memory"][-1]
         result["memory_growth"] = {
             "driver": last["driver_peak_rss_mb"] / first["driver_peak_rss_mb"] - 1,
             "worker": last["worker_peak_rss_mb"] / max(first["worker_peak_rss_mb"], 1e-9) - 1,
         }
     return result
+
+
+def memory_runs(base: ScanConfig, tmp: str, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Peak RSS of the driver and the largest Ray worker while scanning each number of small images
+    with the 32 px CIFAKE CNN: memory that grows with the scan's length shows between the sizes."""
+    checkpoint = os.path.join(tmp, "cifake.pt")
+    save_checkpoint(checkpoint, build_model("cifake_cnn", 1), "cifake_cnn", preprocess="center-crop")
+    paths = measure.write_jpegs(os.path.join(tmp, "small"), max(sizes), ((96, 96), (128, 96)), seed=1)
+    manifest = os.path.join(tmp, "small.parquet")
+    pq.write_table(pa.table({"path": paths}), manifest)
+    memory = []
+    for count in sorted(sizes):
+        cfg = dataclasses.replace(
+            base,
+            manifest=manifest,
+            limit=count,
+            checkpoint=checkpoint,
+            batch_size=256,
+            decode_batch_size=64,
+            out=os.path.join(tmp, f"mem{count}"),
+        )
+        with measure.RssSampler() as sampler:
+            start = time.monotonic()
+            run_scan(cfg)
+        memory.append(
+            {
+                "images": count,
+                "driver_peak_rss_mb": sampler.peak_driver_bytes / 2**20,
+                "worker_peak_rss_mb": sampler.peak_worker_bytes / 2**20,
+                "wall_seconds": time.monotonic() - start,
+            }
+        )
+    return memory
 
 
 def listing(prefix: str, storage_options: dict[str, Any] | None = None, rounds: int = 2) -> dict[str, Any]:
