@@ -140,7 +140,7 @@ def scan(
         result["ceiling"]["measured_images_per_s"] = [result["ceiling"]["images_per_s"], after]
         result["ceiling"]["images_per_s"] = max(result["ceiling"]["images_per_s"], after)
         total = len(paths) * repeats
-        e2e = run.summary["images_per_s"]
+        e2e = run.summary.facts.images_per_s
         ceiling = result["ceiling"]["images_per_s"] * plan["actors"][1]
         steady = measure.steady_rate(run.deliveries)
         passes = measure.pass_rates(run.deliveries, len(paths))
@@ -148,13 +148,13 @@ def scan(
             "images": total,
             "images_per_s": e2e,
             "fraction_of_ceiling": e2e / ceiling,
-            "wall_seconds": run.summary["wall_seconds"],
-            "first_result_seconds": run.summary["first_result_seconds"],
-            "infer_stage_images_per_s": run.summary["stage_images_per_s"]["infer"],
+            "wall_seconds": run.summary.facts.wall_seconds,
+            "first_result_seconds": run.summary.facts.first_result_seconds,
+            "infer_stage_images_per_s": run.summary.stage_images_per_s["infer"],
             "steady_images_per_s": steady,
             "steady_fraction_of_ceiling": steady / ceiling,
             "steady_pass_images_per_s": passes,
-            "startup_seconds": run.summary["wall_seconds"] - total / steady,
+            "startup_seconds": run.summary.facts.wall_seconds - total / steady,
             "decode_speedup_over_baseline": result["decode"]["speedup"],
         }
         result["memory"] = memory_runs(base, tmp, small)
@@ -283,8 +283,8 @@ import json, sys, time
 from aidetect_batch.report import summarise
 start = time.monotonic()
 summary = summarise(sys.argv[1], 1)
-print(json.dumps({{"seconds": time.monotonic() - start, "rows": summary["total"],
-                  "prefixes": len(summary["prefixes"]), "peak_rss_mb": {_PEAK_RSS_MB}}}))
+print(json.dumps({{"seconds": time.monotonic() - start, "rows": summary.total,
+                  "prefixes": len(summary.prefixes), "peak_rss_mb": {_PEAK_RSS_MB}}}))
 """
 _IMPORT_ONLY = f"""
 import json

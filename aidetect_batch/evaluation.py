@@ -194,7 +194,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     robustness = _robustness(cfg, listing, y, score, thresholds=thresholds, sweep=sweep)
     _write_tables(cfg, y, score, rows=rows, reliability=reliability, robustness=robustness)
 
-    statuses = clean.summary["status_counts"]
+    statuses = clean.summary.status_counts
     result = {
         "dataset": cfg.dataset,
         "split": split,

@@ -157,10 +157,10 @@ def _measured_scan(
     run = _scan(cfg, tmp, name)
     steady = measure.steady_rate(run.deliveries)
     passes = measure.pass_rates(run.deliveries, options.photos)
-    window = (measure.STEADY_WINDOW[1] - measure.STEADY_WINDOW[0]) * run.summary["total"]
+    window = (measure.STEADY_WINDOW[1] - measure.STEADY_WINDOW[0]) * run.summary.total
     return {
-        "images": run.summary["total"],
-        "images_per_s": run.summary["images_per_s"],
+        "images": run.summary.total,
+        "images_per_s": run.summary.facts.images_per_s,
         "steady_images_per_s": steady,
         "steady_seconds": window / steady,
         "steady_pass_images_per_s": {
@@ -169,8 +169,8 @@ def _measured_scan(
             "max": max(passes, default=None),
             "passes": len(passes),
         },
-        "first_result_seconds": run.summary["first_result_seconds"],
-        "wall_seconds": run.summary["wall_seconds"],
+        "first_result_seconds": run.summary.facts.first_result_seconds,
+        "wall_seconds": run.summary.facts.wall_seconds,
         "ceiling_images_per_s": ceiling,
         "steady_share_of_ceiling": steady / ceiling,
     }

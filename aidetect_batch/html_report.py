@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from aidetect_batch import decode, schema, sources
+from aidetect_batch.schema import Summary
 from aidetect_batch.storage import filesystem, join
 
 _logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ window.addEventListener('load', function () {
 
 
 def render(
-    summary: dict[str, Any],
+    summary: Summary,
     picks: dict[str, list[dict[str, Any]]],
     histogram_png: bytes,
     *,
@@ -170,31 +171,27 @@ def render(
     title: str = "aidetect-batch scan report",
 ) -> str:
     """The whole page as one HTML string."""
-    threshold = summary.get("threshold")
-    statuses = [{"status": s, "files": c} for s, c in summary["status_counts"].items() if c]
-    formats = [{"format": f, "files": c} for f, c in summary["format_counts"].items()]
-    errors = summary["errors"][:20]
-    untrained = summary.get("untrained_model")
+    facts = summary.facts
+    statuses = [{"status": s, "files": c} for s, c in summary.status_counts.items() if c]
+    formats = [{"format": f, "files": c} for f, c in summary.format_counts.items()]
+    errors = summary.errors[:20]
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>model {html.escape(str(summary.get('model_id', '?')))}, preprocess "
-        f"{html.escape(str(summary.get('preprocess', '?')))}, threshold {threshold}</p>",
-        "<p class='warn'>UNTRAINED MODEL: these scores mean nothing.</p>" if untrained else "",
+        f"<p>model {html.escape(str(facts.model_id or '?'))}, preprocess "
+        f"{html.escape(str(facts.preprocess or '?'))}, threshold {facts.threshold}</p>",
+        "<p class='warn'>UNTRAINED MODEL: these scores mean nothing.</p>" if facts.untrained_model else "",
         "<div class='totals'>"
-        + "".join(
-            f"<span>{k} <b>{summary[k]:,}</b></span>" if k in summary else ""
-            for k in ("total", "ok", "failed", "duplicates")
-        )
-        + f"<span>flagged ai <b>{summary['label_counts'].get(schema.LABEL_AI, 0):,}</b></span></div>",
+        + "".join(f"<span>{k} <b>{getattr(summary, k):,}</b></span>" for k in ("total", "ok", "failed", "duplicates"))
+        + f"<span>flagged ai <b>{summary.label_counts.get(schema.LABEL_AI, 0):,}</b></span></div>",
         "<h2>Scores</h2>",
         f'<img id="histogram" src="{_png_uri(histogram_png)}" alt="score histogram">',
         "<h2>Statuses</h2>",
         _table(statuses, ["status", "files"]),
         "<h2>By prefix</h2><p>Click a column to sort.</p>",
         _table(
-            summary["prefixes"],
+            summary.prefixes,
             ["prefix", "files", "ok", "failed", "duplicates", "ai", "real", "ai_rate", "mean_score"],
             "prefixes",
             sortable=True,
@@ -217,7 +214,7 @@ def render(
 
 def write_html(
     out: str,
-    summary: dict[str, Any],
+    summary: Summary,
     histogram_png: bytes,
     *,
     storage_options: dict[str, Any] | None = None,
@@ -225,7 +222,7 @@ def write_html(
     plots_dir: str | None = None,
 ) -> str:
     """Write ``out/report/index.html`` and return its URI. ``plots_dir``: an evaluation's plots to include."""
-    threshold = summary.get("threshold")
+    threshold = summary.facts.threshold
     picks = pick_rows(
         join(out, schema.SCORES_DIR),
         thumbnails,

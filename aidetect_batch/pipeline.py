@@ -69,7 +69,7 @@ class ScanResult:
 
     out: str
     files: list[str]
-    summary: dict[str, Any]
+    summary: schema.Summary
     run: dict[str, Any]
     deliveries: list[tuple[float, int]] = dataclasses.field(default_factory=list)
 
@@ -414,16 +414,16 @@ def _score_and_report(
         raise RuntimeError(
             f"invariant broken: {total} inputs but {run.done_rows} kept + {writer.rows_written} new rows written"
         )
-    extra = {
-        "wall_seconds": timing.wall,
-        "images_per_s": writer.rows_written / timing.wall if timing.wall > 0 else None,
-        "first_result_seconds": timing.first_result,
-        "threshold": detector.threshold,
-        "preprocess": detector.policy,
-        "model_id": detector.ckpt.model_id,
-        "untrained_model": bool(detector.ckpt.info.get("untrained")),
-    }
-    summary = report.write_report(cfg.out, cfg.group_depth, cfg.storage_options, extra=extra)
+    facts = schema.RunFacts(
+        wall_seconds=timing.wall,
+        images_per_s=writer.rows_written / timing.wall if timing.wall > 0 else None,
+        first_result_seconds=timing.first_result,
+        threshold=detector.threshold,
+        preprocess=detector.policy,
+        model_id=detector.ckpt.model_id,
+        untrained_model=bool(detector.ckpt.info.get("untrained")),
+    )
+    summary = report.write_report(cfg.out, cfg.group_depth, cfg.storage_options, facts=facts)
     all_files = sorted([*run.old_files, *writer.files])
     run.attempt.update(
         rows_scored=writer.rows_written, wall_seconds=timing.wall, first_result_seconds=timing.first_result
@@ -433,7 +433,7 @@ def _score_and_report(
         finished=datetime.now(timezone.utc).isoformat(),
         wall_seconds=timing.wall,
         outputs={"scores": all_files, "rows": total},
-        counts={"status": summary["status_counts"], "label": summary["label_counts"]},
+        counts={"status": summary.status_counts, "label": summary.label_counts},
     )
     return ScanResult(cfg.out, all_files, summary, run.record.data, timing.deliveries)
 

@@ -10,6 +10,7 @@ can be rebuilt at any time from the scores alone (``aidetect-batch report``).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from typing import Any
 
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from aidetect_batch import html_report, schema
+from aidetect_batch.schema import RunFacts, Summary
 from aidetect_batch.storage import filesystem, join, read_json, write_json, write_parquet
 
 HISTOGRAM_BINS = 20
@@ -140,32 +142,32 @@ class _Aggregates:
         how = {"count": "sum", "example_path": "first", "example_error": "first"}
         self.errors = _merge(self.errors, rows, ["status", "error"], how)
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> Summary:
         status_counts = _as_dict(self.counts["status"])
         label_counts = _as_dict(self.counts["label"])
         format_counts = _as_dict(self.counts["format"])
         total = sum(status_counts.values())
         ok = status_counts.get(schema.Status.OK.value, 0)
         duplicates = status_counts.get(schema.Status.DUPLICATE.value, 0)
-        return {
-            "total": total,
-            "ok": ok,
-            "failed": total - ok - duplicates,
-            "duplicates": duplicates,
-            "status_counts": {s.value: status_counts.get(s.value, 0) for s in schema.Status},
-            "label_counts": {k: label_counts.get(k, 0) for k in (schema.LABEL_AI, schema.LABEL_REAL, "none")},
-            "format_counts": dict(sorted(format_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "histogram": {
+        return Summary(
+            total=total,
+            ok=ok,
+            failed=total - ok - duplicates,
+            duplicates=duplicates,
+            status_counts={s.value: status_counts.get(s.value, 0) for s in schema.Status},
+            label_counts={k: label_counts.get(k, 0) for k in (schema.LABEL_AI, schema.LABEL_REAL, "none")},
+            format_counts=dict(sorted(format_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+            histogram={
                 "bin_start": self.edges[:-1].round(4).tolist(),
                 "bin_end": self.edges[1:].round(4).tolist(),
                 **{k: v.tolist() for k, v in self.histogram.items()},
             },
-            "prefixes": self._prefix_rows(),
-            "errors": self._error_rows(),
-            "stage_images_per_s": {
+            prefixes=self._prefix_rows(),
+            errors=self._error_rows(),
+            stage_images_per_s={
                 stage: (self.stage_rows[stage] * 1000.0 / ms) if ms > 0 else None for stage, ms in self.stage_ms.items()
             },
-        }
+        )
 
     def _prefix_rows(self) -> list[dict[str, Any]]:
         rows = [] if self.prefixes is None else self.prefixes.sort_by("prefix").to_pylist()
@@ -217,8 +219,8 @@ def prefixes_of(paths: pa.ChunkedArray, sources: pa.ChunkedArray, depth: int) ->
     return pc.fill_null(pc.struct_field(first, "p"), _NO_PREFIX)
 
 
-def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Stream the scores files once and return every aggregate as plain Python data.
+def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, Any] | None = None) -> Summary:
+    """Stream the scores files once and return every aggregate.
 
     Files are read one after the other without threads: the dataset-wide scanner read ahead of the
     aggregation and held up to 850 MB of decoded batches at 10 million rows (BENCHMARKS.md)."""
@@ -236,47 +238,47 @@ def write_report(
     group_depth: int = 1,
     storage_options: dict[str, Any] | None = None,
     *,
-    extra: dict[str, Any] | None = None,
+    facts: RunFacts | None = None,
     thumbnails: int = 24,
     plots_dir: str | None = None,
-) -> dict[str, Any]:
+) -> Summary:
     """Compute the aggregates of ``out/scores`` and write them under ``out/report``, ``index.html`` included.
 
     Args:
         out: The scan's output directory.
         group_depth: Path components below the source root for the prefix breakdown.
         storage_options: fsspec options for a remote ``out``.
-        extra: Run-level facts to merge into ``summary.json`` (wall time, throughput, threshold).
+        facts: Run-level facts to show beside the aggregates (wall time, throughput, threshold).
         thumbnails: Images per thumbnail grid of the HTML page.
         plots_dir: An evaluation's plots folder, whose plots the HTML page includes.
 
     Returns:
-        The summary as written to ``summary.json`` (prefixes and errors truncated there).
+        The summary; ``summary.json`` holds it with the prefixes and errors truncated.
     """
-    summary = summarise(join(out, schema.SCORES_DIR), group_depth, storage_options)
-    summary.update(extra or {})
+    summary = dataclasses.replace(
+        summarise(join(out, schema.SCORES_DIR), group_depth, storage_options), facts=facts or RunFacts()
+    )
     report_dir = join(out, schema.REPORT_DIR)
     fs, root = filesystem(report_dir, storage_options)
     fs.makedirs(root, exist_ok=True)
     for name, key, counts in (
-        ("status", "status", summary["status_counts"]),
-        ("labels", "label", summary["label_counts"]),
-        ("formats", "format", summary["format_counts"]),
+        ("status", "status", summary.status_counts),
+        ("labels", "label", summary.label_counts),
+        ("formats", "format", summary.format_counts),
     ):
         write_parquet(
             join(report_dir, f"{name}.parquet"), {key: list(counts), "count": list(counts.values())}, storage_options
         )
-    write_parquet(join(report_dir, "histogram.parquet"), summary["histogram"], storage_options)
-    if summary["prefixes"]:
-        write_parquet(join(report_dir, "prefixes.parquet"), summary["prefixes"], storage_options)
+    write_parquet(join(report_dir, "histogram.parquet"), summary.histogram, storage_options)
+    if summary.prefixes:
+        write_parquet(join(report_dir, "prefixes.parquet"), summary.prefixes, storage_options)
     no_errors = {
         "status": pa.array([], pa.string()),
         "error": pa.array([], pa.string()),
         "count": pa.array([], pa.int64()),
     }
-    write_parquet(join(report_dir, "errors.parquet"), summary["errors"] or no_errors, storage_options)
-    short = dict(summary, prefixes=summary["prefixes"][:100], errors=summary["errors"][:TOP_ERRORS])
-    write_json(join(report_dir, schema.SUMMARY_FILE), short, storage_options)
+    write_parquet(join(report_dir, "errors.parquet"), summary.errors or no_errors, storage_options)
+    write_json(join(report_dir, schema.SUMMARY_FILE), summary.to_json(prefixes=100, errors=TOP_ERRORS), storage_options)
     png = _plot_histogram(summary)
     with fs.open(f"{root}/histogram.png", "wb") as handle:
         handle.write(png)
@@ -286,7 +288,7 @@ def write_report(
     return summary
 
 
-def rebuild(out: str, storage_options: dict[str, Any] | None = None, thumbnails: int = 24) -> tuple[str, dict]:
+def rebuild(out: str, storage_options: dict[str, Any] | None = None, thumbnails: int = 24) -> tuple[str, Summary]:
     """Re-create a scan's report (aggregates and ``index.html``) from its scores and ``_run.json``.
 
     ``out`` is a scan's output, or an evaluation's, whose scan is in ``scan/`` and whose plots in
@@ -303,30 +305,32 @@ def rebuild(out: str, storage_options: dict[str, Any] | None = None, thumbnails:
         run = read_json(join(scan_out, schema.RUN_FILE), storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"{out} holds no scan (no {schema.RUN_FILE}) and no evaluation") from None
-    resolved = run.get("resolved", {})
-    extra = {
-        "threshold": resolved.get("threshold"),
-        "preprocess": resolved.get("preprocess"),
-        "model_id": run.get("model_id"),
-        "untrained_model": bool(run.get("model", {}).get("info", {}).get("untrained")),
-        "wall_seconds": run.get("wall_seconds"),
-    }
-    last = (run.get("attempts") or [{}])[-1]
-    scored = last.get("rows_scored")
-    if scored and run.get("wall_seconds"):
-        extra["images_per_s"] = scored / run["wall_seconds"]
-    if "first_result_seconds" in last:
-        extra["first_result_seconds"] = last["first_result_seconds"]
     group_depth = int(run.get("config", {}).get("group_depth", 1))
     return scan_out, write_report(
-        scan_out, group_depth, storage_options, extra=extra, thumbnails=thumbnails, plots_dir=plots_dir
+        scan_out, group_depth, storage_options, facts=_recorded_facts(run), thumbnails=thumbnails, plots_dir=plots_dir
     )
 
 
-def _plot_histogram(summary: dict[str, Any]) -> bytes:
+def _recorded_facts(run: dict[str, Any]) -> RunFacts:
+    """The run-level facts a scan's ``_run.json`` recorded."""
+    resolved = run.get("resolved", {})
+    last = (run.get("attempts") or [{}])[-1]
+    scored, wall = last.get("rows_scored"), run.get("wall_seconds")
+    return RunFacts(
+        threshold=resolved.get("threshold"),
+        preprocess=resolved.get("preprocess"),
+        model_id=run.get("model_id"),
+        untrained_model=bool(run.get("model", {}).get("info", {}).get("untrained")),
+        wall_seconds=wall,
+        images_per_s=scored / wall if scored and wall else None,
+        first_result_seconds=last.get("first_result_seconds"),
+    )
+
+
+def _plot_histogram(summary: Summary) -> bytes:
     from matplotlib.figure import Figure
 
-    hist = summary["histogram"]
+    hist = summary.histogram
     starts = np.array(hist["bin_start"])
     width = starts[1] - starts[0] if len(starts) > 1 else 1.0
     fig = Figure(figsize=(7, 3.5), dpi=100)
@@ -341,14 +345,14 @@ def _plot_histogram(summary: dict[str, Any]) -> bytes:
         color="#dd8452",
         label="ai",
     )
-    threshold = summary.get("threshold")
+    threshold = summary.facts.threshold
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
     ax.set_xlim(0, 1)
     ax.set_xlabel("score = P(AI-generated)")
     ax.set_ylabel("images")
-    title = f"{summary['ok']} scored images ({summary['failed']} failed)"
-    if summary.get("untrained_model"):
+    title = f"{summary.ok} scored images ({summary.failed} failed)"
+    if summary.facts.untrained_model:
         title += " - UNTRAINED MODEL: scores mean nothing"
     ax.set_title(title)
     ax.legend()
@@ -358,13 +362,13 @@ def _plot_histogram(summary: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def closing_line(summary: dict[str, Any]) -> str:
+def closing_line(summary: Summary) -> str:
     """The one-line result the CLI prints last."""
-    reasons = [f"{s} {c}" for s, c in summary["status_counts"].items() if s != schema.Status.OK.value and c]
+    reasons = [f"{s} {c}" for s, c in summary.status_counts.items() if s != schema.Status.OK.value and c]
     why = f" ({', '.join(reasons)})" if reasons else ""
-    rate = summary.get("images_per_s")
+    rate = summary.facts.images_per_s
     rate_text = f", {rate:.1f} img/s" if rate is not None else ""
     return (
-        f"scanned {summary['total']} files: ok {summary['ok']}, failed {summary['failed']}{why}, "
-        f"flagged {summary['label_counts'][schema.LABEL_AI]} as ai{rate_text}"
+        f"scanned {summary.total} files: ok {summary.ok}, failed {summary.failed}{why}, "
+        f"flagged {summary.label_counts[schema.LABEL_AI]} as ai{rate_text}"
     )

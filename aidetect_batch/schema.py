@@ -6,7 +6,9 @@ import names from here instead of spelling strings.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from typing import Any
 
 import pyarrow as pa
 
@@ -133,3 +135,44 @@ METRICS_FILE = "metrics.json"
 EVAL_SCAN_DIR = "scan"
 PERTURBED_DIR = "perturbed"
 PLOTS_DIR = "plots"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFacts:
+    """A scan's run-level facts, shown beside its aggregates (``summary.json``, the HTML page, the CLI)."""
+
+    threshold: float | None = None
+    preprocess: str | None = None
+    model_id: str | None = None
+    untrained_model: bool = False
+    wall_seconds: float | None = None
+    images_per_s: float | None = None
+    first_result_seconds: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """A scan's aggregates over its scores, as ``report/summary.json`` holds them.
+
+    ``histogram`` is columnar (``bin_start``, ``bin_end``, ``all``, ``ai``, ``real``); ``prefixes`` and
+    ``errors`` are the rows of ``prefixes.parquet`` and ``errors.parquet``.
+    """
+
+    total: int
+    ok: int
+    failed: int
+    duplicates: int
+    status_counts: dict[str, int]
+    label_counts: dict[str, int]
+    format_counts: dict[str, int]
+    histogram: dict[str, list[float]]
+    prefixes: list[dict[str, Any]]
+    errors: list[dict[str, Any]]
+    stage_images_per_s: dict[str, float | None]
+    facts: RunFacts = RunFacts()
+
+    def to_json(self, *, prefixes: int, errors: int) -> dict[str, Any]:
+        """The flat document of ``summary.json``, with at most ``prefixes`` and ``errors`` rows."""
+        document = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "facts"}
+        document.update(prefixes=self.prefixes[:prefixes], errors=self.errors[:errors])
+        return {**document, **dataclasses.asdict(self.facts)}

@@ -67,7 +67,7 @@ def test_a_killed_classifier_actor_is_replaced_and_no_row_is_lost(ray_with_state
     assert killed and killed[0][1] < finished, "an actor was killed while the scan ran"
     table = pq.read_table(os.path.join(cfg.out, schema.SCORES_DIR))
     assert sorted(table.column(schema.PATH).to_pylist()) == sorted(paths)
-    assert result.summary["ok"] == len(paths)
+    assert result.summary.ok == len(paths)
 
 
 class FaultyS3Proxy(http.server.ThreadingHTTPServer):
@@ -167,5 +167,5 @@ def test_transient_s3_errors_are_retried_and_a_missing_object_is_a_row(
     assert all(rows[f"s3://{k}"][schema.STATUS] == "ok" for k in keys)
     missing = rows["s3://flaky/d/missing.jpg"]
     assert missing[schema.STATUS] == "unreadable" and "FileNotFoundError" in missing[schema.ERROR]
-    assert result.summary["ok"] == len(keys)
+    assert result.summary.ok == len(keys)
     assert all(proxy.injected[fault] >= len(keys) for fault in FaultyS3Proxy.FAULTS), proxy.injected

@@ -96,7 +96,7 @@ def test_hostile_dump_scans_to_one_row_per_listed_file(ray_cluster, dump, tiny_c
     assert "FileNotFoundError" in rows[os.path.join(dump["root"], "dangling.jpg")][schema.ERROR]
     latin1 = rows[sources.escape_path(dump["latin1"])[0]]
     assert latin1[schema.SHA256] == rows[os.path.join(dump["root"], "plain.jpg")][schema.SHA256]
-    assert result.summary["total"] == len(dump["rows"])
+    assert result.summary.total == len(dump["rows"])
 
 
 def test_special_and_oversized_files_named_directly_are_rows_and_never_read(dump):

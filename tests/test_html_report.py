@@ -51,7 +51,7 @@ def test_page_is_self_contained_and_complete(scanned):
     assert max(len(t) for t in thumbs) < 40_000, "thumbnails are capped, the 900 px photo included"
     assert "broken.jpg" in page and "undecodable" in page, "top errors name the failure and an example"
     assert page.count("<tr>") >= 2 + 2 and 'class="sortable"' in page
-    assert f"total <b>{result.summary['total']}</b>" in page
+    assert f"total <b>{result.summary.total}</b>" in page
 
 
 def test_pick_rows_are_the_top_scores_and_nearest_the_threshold(scanned):

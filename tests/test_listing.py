@@ -160,7 +160,7 @@ def test_streamed_scan_matches_a_listed_scan_and_resumes(bucket, tmp_path, tiny_
     identity = streamed.run["identity"]
     assert identity["inputs"] == listed_scan.run["identity"]["inputs"] == inputs.fingerprint(full)
     assert identity["input_rows"] == 31 and streamed.run["inputs"] == 31
-    assert streamed.summary["status_counts"]["ok"] == 30
+    assert streamed.summary.status_counts["ok"] == 30
 
     scores_dir = os.path.join(base.out, schema.SCORES_DIR)
     done, _, files = committed_shards(scores_dir)

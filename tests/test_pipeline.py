@@ -101,15 +101,15 @@ def test_golden_center_crop_scores_match_direct_model(ray_cluster, corpus, tiny_
 def test_report_and_run_record(corpus_scan, corpus):
     result, cfg = corpus_scan
     summary = result.summary
-    assert summary["total"] == len(corpus["all_files"])
+    assert summary.total == len(corpus["all_files"])
     expected_failed = sum(1 for s in corpus["all_files"].values() if s.value != "ok")
-    assert summary["failed"] == expected_failed
-    assert summary["status_counts"]["too_large"] == 2
-    assert sum(summary["histogram"]["all"]) == summary["ok"]
-    assert summary["label_counts"]["ai"] + summary["label_counts"]["real"] == summary["ok"]
-    prefixes = {p["prefix"]: p for p in summary["prefixes"]}
+    assert summary.failed == expected_failed
+    assert summary.status_counts["too_large"] == 2
+    assert sum(summary.histogram["all"]) == summary.ok
+    assert summary.label_counts["ai"] + summary.label_counts["real"] == summary.ok
+    prefixes = {p["prefix"]: p for p in summary.prefixes}
     assert prefixes["broken"]["failed"] == prefixes["broken"]["files"]
-    assert sum(p["files"] for p in prefixes.values()) == summary["total"]
+    assert sum(p["files"] for p in prefixes.values()) == summary.total
     report_dir = os.path.join(cfg.out, schema.REPORT_DIR)
     for name in ("status", "labels", "formats", "histogram", "prefixes", "errors"):
         assert pq.read_table(os.path.join(report_dir, f"{name}.parquet")).num_rows > 0
@@ -117,12 +117,12 @@ def test_report_and_run_record(corpus_scan, corpus):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(cfg.out, schema.RUN_FILE)) as handle:
         run = json.load(handle)
-    assert run["status"] == "complete" and run["inputs"] == summary["total"]
+    assert run["status"] == "complete" and run["inputs"] == summary.total
     assert run["resolved"]["preprocess"] == "resize" and run["model_id"] == result_model_id(cfg)
     assert run["versions"]["torch"] and run["cluster_resources"]["CPU"] == 2
-    assert summary["images_per_s"] > 0
-    assert 0 < summary["first_result_seconds"] < summary["wall_seconds"]
-    assert run["attempts"][-1]["first_result_seconds"] == summary["first_result_seconds"]
+    assert summary.facts.images_per_s > 0
+    assert 0 < summary.facts.first_result_seconds < summary.facts.wall_seconds
+    assert run["attempts"][-1]["first_result_seconds"] == summary.facts.first_result_seconds
 
 
 def test_plan_uses_gpus_when_present_and_leaves_cpus_for_decode(tiny_checkpoint):
@@ -240,7 +240,7 @@ def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster
     assert abs(rows[path][schema.SCORE] - expected) < 1e-4
 
     override = ScanConfig(sources=(path,), out=str(tmp_path / "b"), checkpoint=ckpt, threshold=0.0)
-    assert run_scan(override).summary["label_counts"]["ai"] == 1
+    assert run_scan(override).summary.label_counts["ai"] == 1
 
 
 def test_file_vanished_after_listing_becomes_an_unreadable_row(corpus, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from aidetect_batch import schema
 from aidetect_batch.config import ScanConfig, redact
-from aidetect_batch.report import closing_line, prefix_of, summarise, write_report
+from aidetect_batch.report import RunFacts, closing_line, prefix_of, summarise, write_report
 from aidetect_batch.sinks import ScoreWriter
 
 
@@ -55,13 +55,13 @@ def test_report_aggregates(tmp_path):
         )
     )
     writer.close()
-    summary = write_report(out, extra={"threshold": 0.5, "images_per_s": 12.5})
-    assert summary["total"] == 6 and summary["ok"] == 3 and summary["failed"] == 3
-    assert summary["status_counts"]["truncated"] == 2 and summary["status_counts"]["unreadable"] == 0
-    assert summary["label_counts"] == {"ai": 2, "real": 1, "none": 3}
-    assert summary["histogram"]["ai"][18] == 1 and summary["histogram"]["ai"][19] == 1
-    assert summary["histogram"]["real"][4] == 1 and sum(summary["histogram"]["all"]) == 3
-    by_prefix = {p["prefix"]: p for p in summary["prefixes"]}
+    summary = write_report(out, facts=RunFacts(threshold=0.5, images_per_s=12.5))
+    assert summary.total == 6 and summary.ok == 3 and summary.failed == 3
+    assert summary.status_counts["truncated"] == 2 and summary.status_counts["unreadable"] == 0
+    assert summary.label_counts == {"ai": 2, "real": 1, "none": 3}
+    assert summary.histogram["ai"][18] == 1 and summary.histogram["ai"][19] == 1
+    assert summary.histogram["real"][4] == 1 and sum(summary.histogram["all"]) == 3
+    by_prefix = {p["prefix"]: p for p in summary.prefixes}
     assert by_prefix["alice"] == {
         "prefix": "alice",
         "files": 2,
@@ -75,11 +75,15 @@ def test_report_aggregates(tmp_path):
     }
     assert abs(by_prefix["alice"]["mean_score"] - 0.56) < 1e-6
     assert by_prefix["bob"]["failed"] == 2 and by_prefix["(root)"]["files"] == 1
-    top = summary["errors"][0]
+    top = summary.errors[0]
     assert top["status"] == "truncated" and top["count"] == 2 and "#" in top["error"]
-    assert summary["stage_images_per_s"]["decode"] == 100.0 and summary["stage_images_per_s"]["infer"] == 200.0
+    assert summary.stage_images_per_s["decode"] == 100.0 and summary.stage_images_per_s["infer"] == 200.0
     with open(os.path.join(out, schema.REPORT_DIR, schema.SUMMARY_FILE)) as handle:
         assert json.load(handle)["total"] == 6
+    with open(os.path.join(out, schema.REPORT_DIR, schema.SUMMARY_FILE)) as handle:
+        document = json.load(handle)
+    assert document["images_per_s"] == 12.5 and document["threshold"] == 0.5, "summary.json stays one flat document"
+    assert document["errors"][0] == top and document["prefixes"] == summary.prefixes
     line = closing_line(summary)
     assert line == "scanned 6 files: ok 3, failed 3 (empty 1, truncated 2), flagged 2 as ai, 12.5 img/s"
 
@@ -154,14 +158,14 @@ def test_vectorised_aggregates_match_a_row_by_row_count(tmp_path):
     for depth in (0, 1, 2):
         got = summarise(str(tmp_path / schema.SCORES_DIR), depth)
         want = _reference_summary(rows, depth)
-        assert {k: v for k, v in got["status_counts"].items() if v} == dict(want["status"])
-        assert {k: v for k, v in got["label_counts"].items() if v} == dict(want["label"])
-        assert got["format_counts"] == dict(want["format"])
-        assert [p["prefix"] for p in got["prefixes"]] == sorted(want["prefixes"])
-        for p in got["prefixes"]:
+        assert {k: v for k, v in got.status_counts.items() if v} == dict(want["status"])
+        assert {k: v for k, v in got.label_counts.items() if v} == dict(want["label"])
+        assert got.format_counts == dict(want["format"])
+        assert [p["prefix"] for p in got.prefixes] == sorted(want["prefixes"])
+        for p in got.prefixes:
             ref = want["prefixes"][p["prefix"]]
             assert {k: p[k] for k in ("files", "ok", "failed", "duplicates", "ai", "real")} == {
                 k: ref[k] for k in ("files", "ok", "failed", "duplicates", "ai", "real")
             }
             assert p["mean_score"] == pytest.approx(ref["score_sum"] / ref["ok"] if ref["ok"] else None)
-        assert {(e["status"], e["error"]): [e["count"], e["example_path"]] for e in got["errors"]} == want["errors"]
+        assert {(e["status"], e["error"]): [e["count"], e["example_path"]] for e in got.errors} == want["errors"]

@@ -50,13 +50,13 @@ def test_scan_reads_and_writes_s3_via_aws_endpoint_url(ray_after_moto, s3, corpu
         assert row[schema.STATUS] == expected
         assert (0 <= row[schema.SCORE] <= 1) if expected == "ok" else math.isnan(row[schema.SCORE])
         assert row[schema.SOURCE] == "s3://dump/2026"
-    assert result.summary["total"] == len(UPLOAD)
+    assert result.summary.total == len(UPLOAD)
     run = json.loads(s3.cat_file("results/run1/_run.json"))
     assert run["status"] == "complete"
     assert s3.exists("results/run1/report/summary.json") and s3.exists("results/run1/report/histogram.png")
     page = s3.cat_file("results/run1/report/index.html").decode()
-    assert page.count('class="thumb" src="data:image/jpeg;base64,') == 2 * result.summary["ok"], "thumbnails from S3"
-    prefixes = {p["prefix"] for p in result.summary["prefixes"]}
+    assert page.count('class="thumb" src="data:image/jpeg;base64,') == 2 * result.summary.ok, "thumbnails from S3"
+    prefixes = {p["prefix"] for p in result.summary.prefixes}
     assert prefixes == {"jpeg", "png", "other", "broken"}
 
 

@@ -95,7 +95,7 @@ def test_manifest_scan_carries_columns_and_records_missing_files(ray_cluster, ti
     assert sorted(rows) == list(range(100, 107))
     assert rows[106][schema.STATUS] == "unreadable" and "gone.jpg" in rows[106][schema.PATH]
     assert all(rows[i][schema.STATUS] == "ok" and rows[i][schema.PATH] == paths[i - 100] for i in range(100, 106))
-    assert result.summary["status_counts"]["unreadable"] == 1
+    assert result.summary.status_counts["unreadable"] == 1
     limited = run_scan(
         ScanConfig(sources=(str(tmp_path / "imgs"),), out=str(tmp_path / "lim"), checkpoint=tiny_checkpoint, limit=2)
     )
@@ -122,7 +122,7 @@ def test_dedup_scores_each_distinct_file_once(ray_cluster, tiny_checkpoint, tmp_
     rows = {r[schema.PATH]: r for r in scores(result.out).to_pylist()}
     assert len(rows) == 6
     dupes = [r for r in rows.values() if r[schema.STATUS] == "duplicate"]
-    assert len(dupes) == 3 and result.summary["duplicates"] == 3 and result.summary["failed"] == 0
+    assert len(dupes) == 3 and result.summary.duplicates == 3 and result.summary.failed == 0
     for row in dupes:
         original = rows[row[schema.DUPLICATE_OF]]
         assert original[schema.STATUS] == "ok" and original[schema.SHA256] == row[schema.SHA256]
