@@ -94,12 +94,11 @@ def training(
             rows.append(
                 {
                     "arch": arch,
-                    "input_size": result.run["resolved"]["input_size"],
-                    "device": "cuda" if result.run["resolved"]["use_gpu"] else "cpu",
+                    "input_size": result.input_size,
+                    "device": "cuda" if result.use_gpu else "cpu",
                     "workers": workers,
                     "batch_size": batch_size,
-                    "train_images": result.run["dataset"]["balance"]["train"]["real"]
-                    + result.run["dataset"]["balance"]["train"]["ai"],
+                    "train_images": result.dataset.counts("train").images,
                     "epochs": len(result.history),
                     "images_per_s_per_worker": statistics.median(steady),
                     "first_epoch_images_per_s": speeds[0],

@@ -25,6 +25,7 @@ the model only ever sees pixels: a corpus labelled by file name needs a manifest
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from typing import Any
@@ -38,6 +39,82 @@ from aidetect_batch.config import DEFAULT_EXTENSIONS
 from aidetect_batch.storage import filesystem, to_uri
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What listing a labelled dataset found: its layout and counts by label, group and own split."""
+
+    dataset: str
+    layout: str
+    files: int
+    unlabelled_files: int
+    unlabelled_examples: list[str]
+    labels: dict[str, int]
+    groups: dict[str, int]
+    own_splits: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitCounts:
+    """One split's images by label, and by label within each group."""
+
+    real: int = 0
+    ai: int = 0
+    groups: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return self.real + self.ai
+
+    @property
+    def ai_fraction(self) -> float | None:
+        return self.ai / self.images if self.images else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"real": self.real, "ai": self.ai, "groups": self.groups, "ai_fraction": self.ai_fraction}
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+    """A labelled dataset once split: its listing, the split decisions, balance and content fingerprint.
+
+    ``split`` is the record of :func:`assign_splits`; :meth:`to_json` is ``dataset.json``.
+    """
+
+    listing: Listing
+    split: dict[str, Any]
+    balance: dict[str, SplitCounts]
+    fingerprint: str
+    statuses: dict[str, int]
+    not_used: int
+
+    def counts(self, split: str) -> SplitCounts:
+        return self.balance.get(split, SplitCounts())
+
+    def balance_json(self) -> dict[str, Any]:
+        return {name: counts.to_json() for name, counts in self.balance.items()}
+
+    def run_json(self) -> dict[str, Any]:
+        """The part a training run's ``_run.json`` records (the listing stays in ``dataset.json``)."""
+        return {
+            "fingerprint": self.fingerprint,
+            "balance": self.balance_json(),
+            "split": self.split,
+            "statuses": self.statuses,
+            "not_used": self.not_used,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self.listing),
+            "split": self.split,
+            "balance": self.balance_json(),
+            "fingerprint": self.fingerprint,
+            "statuses": self.statuses,
+            "not_used": self.not_used,
+        }
+
 
 CLASS_DIRS = {
     "real": "real",
@@ -151,7 +228,7 @@ def list_labelled(
     all_files: bool = False,
     *,
     storage_options: dict[str, Any] | None = None,
-) -> tuple[pa.Table, dict[str, Any]]:
+) -> tuple[pa.Table, Listing]:
     """List a labelled dataset (folder tree or manifest) and describe it.
 
     Returns the listing (:data:`schema.LABELLED_SCHEMA`) and a description:
@@ -184,17 +261,16 @@ def list_labelled(
             unlabelled[0],
         )
     table = _labelled(table)
-    describe = {
-        "dataset": dataset,
-        "layout": layout,
-        "files": table.num_rows,
-        "unlabelled_files": len(unlabelled),
-        "unlabelled_examples": unlabelled[:20],
-        "labels": counts(table.column(schema.TRUE_LABEL)),
-        "groups": counts(table.column(schema.GROUP)),
-        "own_splits": counts(table.column(schema.SPLIT)),
-    }
-    return table, describe
+    return table, Listing(
+        dataset=dataset,
+        layout=layout,
+        files=table.num_rows,
+        unlabelled_files=len(unlabelled),
+        unlabelled_examples=unlabelled[:20],
+        labels=counts(table.column(schema.TRUE_LABEL)),
+        groups=counts(table.column(schema.GROUP)),
+        own_splits=counts(table.column(schema.SPLIT)),
+    )
 
 
 def _labelled(table: pa.Table) -> pa.Table:
@@ -312,23 +388,20 @@ def _stratified(
     return np.array([split_of[h] for h in hashes], dtype=object)
 
 
-def balance(table: pa.Table) -> dict[str, Any]:
+def balance(table: pa.Table) -> dict[str, SplitCounts]:
     """Counts per split and label (and group): the class balance the training log reports."""
-    result: dict[str, Any] = {}
+    counts: dict[str, dict[str, Any]] = {}
     splits = table.column(schema.SPLIT).to_pylist()
     labels = table.column(schema.TRUE_LABEL).to_pylist()
     groups = table.column(schema.GROUP).to_pylist()
     for split, label, group in zip(splits, labels, groups, strict=True):
         if split is None:
             continue
-        entry = result.setdefault(split, {"real": 0, "ai": 0, "groups": {}})
+        entry = counts.setdefault(split, {"real": 0, "ai": 0, "groups": {}})
         entry[label] += 1
         if group is not None:
             entry["groups"].setdefault(group, {"real": 0, "ai": 0})[label] += 1
-    for entry in result.values():
-        total = entry["real"] + entry["ai"]
-        entry["ai_fraction"] = entry["ai"] / total if total else None
-    return result
+    return {split: SplitCounts(**entry) for split, entry in counts.items()}
 
 
 def fingerprint(table: pa.Table) -> str:

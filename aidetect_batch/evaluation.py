@@ -168,7 +168,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
 
     check_eval_output(cfg)
     ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options))
-    listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
+    listing, listed = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
     listing, split = choose_split(listing, cfg.split)
     sweep = perturb.parse_sweep(cfg.perturb)
     _logger.info("evaluating %s on %d files of %s (split %s)", cfg.checkpoint, listing.num_rows, cfg.dataset, split)
@@ -213,7 +213,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         "calibration": {"ece": ece, "bins": reliability},
         "robustness": robustness,
         "config": cfg.to_json(),
-        "description": described,
+        "description": dataclasses.asdict(listed),
     }
     write_json(join(cfg.out, schema.METRICS_FILE), result, so)
     report.rebuild(cfg.out, so)

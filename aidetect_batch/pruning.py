@@ -38,7 +38,7 @@ from aidetect_batch import archs, model, plots, schema
 from aidetect_batch.config import ConfigError, PruneConfig, TrainConfig
 from aidetect_batch.storage import claim_output, filesystem, join, write_json, write_parquet
 from aidetect_batch.training import TrainResult, run_train
-from aidetect_batch.tuning import tune_and_train
+from aidetect_batch.tuning import TuneSummary, tune_and_train
 
 _logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def _save_pruned(
 
 def _fine_tune(
     cfg: PruneConfig, ckpt: model.Checkpoint, amount: float, *, start_uri: str
-) -> tuple[TrainResult, dict[str, Any] | None]:
+) -> tuple[TrainResult, TuneSummary | None]:
     """Fine-tune the pruned model with the training job (or a Ray Tune search over it)."""
     train_cfg = TrainConfig(
         dataset=cfg.dataset,
@@ -292,7 +292,7 @@ def _fine_tune(
 
 
 def _row(
-    cfg: PruneConfig, result: TrainResult, *, final: nn.Module, record: dict[str, Any], tuned: dict[str, Any] | None
+    cfg: PruneConfig, result: TrainResult, *, final: nn.Module, record: dict[str, Any], tuned: TuneSummary | None
 ) -> dict[str, Any]:
     """One amount's report row: size, validation before and after fine-tuning, the kept checkpoint."""
     before = result.history[0]
@@ -313,7 +313,7 @@ def _row(
         "kept_epoch": result.val_metrics["epoch"],
         "threshold": result.threshold,
         "checkpoint": result.checkpoint,
-        "tuned": tuned,
+        "tuned": dataclasses.asdict(tuned) if tuned else None,
     }
 
 

@@ -67,7 +67,12 @@ _OWN_ENTRIES = (
 
 @dataclasses.dataclass
 class TrainResult:
-    """What a finished training run produced."""
+    """What a finished training run produced.
+
+    Attributes:
+        run: The run record as written to ``_run.json``.
+        dataset: The split dataset's description (``dataset.json``).
+    """
 
     out: str
     checkpoint: str
@@ -75,6 +80,9 @@ class TrainResult:
     val_metrics: dict[str, Any]
     threshold: float
     run: dict[str, Any]
+    dataset: datasets.Description
+    input_size: int
+    use_gpu: bool
 
 
 def select_split_batch(batch: pa.Table, split: str, assignment: Any) -> pa.Table:
@@ -127,42 +135,69 @@ def choose_threshold(rule: str, y: np.ndarray, scores: np.ndarray) -> float:
     return metrics.best_f1_threshold(y, scores)
 
 
-def prepare_splits(
-    cfg: TrainConfig, size: int, listing: pa.Table, *, described: dict[str, Any]
-) -> tuple[Any, Any, pa.Table, dict[str, Any]]:
+@dataclasses.dataclass
+class Prepared:
+    """A decoded, split dataset: materialised train and val, the split table and its description."""
+
+    train: Any
+    val: Any
+    splits: pa.Table
+    described: datasets.Description
+
+
+def prepare_splits(cfg: TrainConfig, size: int, table: pa.Table, *, listing: datasets.Listing) -> Prepared:
     """Decode the labelled set once on Ray Data, split it, and materialise train and val.
 
-    Returns the train and val datasets, the per-file split table (written as
-    ``splits.parquet``) and the dataset description (``dataset.json``).
+    The split table is written as ``splits.parquet`` and the description as ``dataset.json``.
     """
-    order = np.random.default_rng(cfg.seed).permutation(listing.num_rows)
-    listing = listing.take(order)
-    _logger.info("dataset %s: %d labelled files %s", cfg.dataset, listing.num_rows, described["labels"])
-    rows = block_size(listing.num_rows, int(ray.cluster_resources().get("CPU", 1)))
-    blocks = [listing.slice(i, rows) for i in range(0, listing.num_rows, rows)]
-    prepared = (
+    table = table.take(np.random.default_rng(cfg.seed).permutation(table.num_rows))
+    _logger.info("dataset %s: %d labelled files %s", cfg.dataset, table.num_rows, listing.labels)
+    decoded = _decode_labelled(cfg, size, table)
+    meta = _split_table(cfg, decoded, listing=listing)
+    described = _describe(meta.table, listing=listing, record=meta.record)
+    _log_balance(described)
+    used = meta.table.filter(pc.is_valid(meta.table.column(schema.SPLIT)))
+    assignment = ray.put(
+        dict(zip(used.column(schema.PATH).to_pylist(), used.column(schema.SPLIT).to_pylist(), strict=True))
+    )
+    parts = {}
+    for name in ("train", "val"):
+        parts[name] = decoded.map_batches(
+            select_split_batch, batch_format="pyarrow", fn_kwargs={"split": name, "assignment": assignment}
+        ).materialize()
+    del decoded
+    return Prepared(parts["train"], parts["val"], meta.table, described)
+
+
+def _decode_labelled(cfg: TrainConfig, size: int, table: pa.Table) -> Any:
+    """The labelled files read, decoded and preprocessed by the CPU stage, materialised once."""
+    rows = block_size(table.num_rows, int(ray.cluster_resources().get("CPU", 1)))
+    blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
+    options = PrepareOptions(
+        policy=cfg.preprocess,
+        max_pixels=cfg.max_pixels,
+        size=size,
+        max_file_bytes=cfg.max_file_bytes,
+        storage_options=cfg.storage_options,
+    )
+    return (
         ray.data.from_arrow(blocks)
-        .map_batches(
-            prepare_batch,
-            batch_size=16,
-            batch_format="pyarrow",
-            num_cpus=1,
-            fn_kwargs={
-                "options": PrepareOptions(
-                    policy=cfg.preprocess,
-                    max_pixels=cfg.max_pixels,
-                    size=size,
-                    max_file_bytes=cfg.max_file_bytes,
-                    storage_options=cfg.storage_options,
-                )
-            },
-        )
+        .map_batches(prepare_batch, batch_size=16, batch_format="pyarrow", num_cpus=1, fn_kwargs={"options": options})
         .materialize()
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitTable:
+    table: pa.Table
+    record: dict[str, Any]
+
+
+def _split_table(cfg: TrainConfig, decoded: Any, *, listing: datasets.Listing) -> _SplitTable:
+    """One row per labelled file with its split, or a note saying why it is not used."""
     keep = [schema.PATH, schema.SOURCE, schema.TRUE_LABEL, schema.GROUP, schema.SPLIT, schema.SHA256]
     keep += [schema.STATUS, schema.ERROR, schema.WIDTH, schema.HEIGHT]
-    meta = pa.concat_tables(ray.get(prepared.select_columns(keep).to_arrow_refs()))
-    meta = meta.sort_by(schema.PATH)
+    meta = pa.concat_tables(ray.get(decoded.select_columns(keep).to_arrow_refs())).sort_by(schema.PATH)
     split, record = datasets.assign_splits(meta, cfg.fractions, cfg.seed)
     meta = meta.set_column(meta.schema.get_field_index(schema.SPLIT), schema.SPLIT, split)
     notes = []
@@ -175,56 +210,40 @@ def prepare_splits(
             notes.append(f"not used: {status}: {error}")
         else:
             notes.append("not used: identical bytes carry both labels, or a copy of a val/test image")
-    meta = meta.append_column("note", pa.array(notes, pa.string()))
+    return _SplitTable(meta.append_column("note", pa.array(notes, pa.string())), record)
+
+
+def _describe(meta: pa.Table, *, listing: datasets.Listing, record: dict[str, Any]) -> datasets.Description:
+    """The dataset's description; refuses an empty train or val split."""
     used = meta.filter(pc.is_valid(meta.column(schema.SPLIT)))
-    described.update(
+    described = datasets.Description(
+        listing=listing,
         split=record,
         balance=datasets.balance(used),
         fingerprint=datasets.fingerprint(used),
         statuses=datasets.counts(meta.column(schema.STATUS)),
         not_used=meta.num_rows - used.num_rows,
     )
-    counts = described["balance"]
     for name in ("train", "val"):
-        if counts.get(name, {}).get("real", 0) + counts.get(name, {}).get("ai", 0) == 0:
+        if described.counts(name).images == 0:
             raise ConfigError(f"the {name} split is empty: the dataset is too small or has no usable images")
-    for name, entry in counts.items():
-        _logger.info(
-            "%s: %d real, %d ai (%.1f%% ai)", name, entry["real"], entry["ai"], 100 * (entry["ai_fraction"] or 0)
-        )
-    if described["not_used"]:
-        _logger.warning(
-            "%d file(s) not used for training; see the note column of splits.parquet", described["not_used"]
-        )
-    assignment = ray.put(
-        dict(zip(used.column(schema.PATH).to_pylist(), used.column(schema.SPLIT).to_pylist(), strict=True))
-    )
-    parts = {}
-    for name in ("train", "val"):
-        parts[name] = prepared.map_batches(
-            select_split_batch, batch_format="pyarrow", fn_kwargs={"split": name, "assignment": assignment}
-        ).materialize()
-    del prepared
-    return parts["train"], parts["val"], meta, described
+    return described
 
 
-@dataclasses.dataclass
-class Prepared:
-    """A decoded, split dataset: materialised train and val, the split table and its description."""
-
-    train: Any
-    val: Any
-    splits: pa.Table
-    described: dict[str, Any]
+def _log_balance(described: datasets.Description) -> None:
+    for name, entry in described.balance.items():
+        _logger.info("%s: %d real, %d ai (%.1f%% ai)", name, entry.real, entry.ai, 100 * (entry.ai_fraction or 0))
+    if described.not_used:
+        _logger.warning("%d file(s) not used for training; see the note column of splits.parquet", described.not_used)
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """List and decode ``cfg.dataset`` and split it once; reusable by several runs (hyperparameter trials)."""
 
     size = cfg.input_size or model.default_input_size(cfg.arch)
-    listing, described = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
+    table, listing = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
     runtime.start_ray()
-    return Prepared(*prepare_splits(cfg, size, listing, described=described))
+    return prepare_splits(cfg, size, table, listing=listing)
 
 
 def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Prepared | None = None) -> TrainResult:
@@ -253,7 +272,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         listed = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
     resources = runtime.start_ray()
     if listed is not None:
-        prepared = Prepared(*prepare_splits(cfg, size, listed[0], described=listed[1]))
+        prepared = prepare_splits(cfg, size, listed[0], listing=listed[1])
     assert prepared is not None
     _check_same_dataset(previous, prepared.described)
     _write_dataset_files(cfg, prepared)
@@ -264,7 +283,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         status="running",
         config=cfg.to_json(),
         resolved={"input_size": size, "use_gpu": use_gpu, "init": init_record, "pos_weight": pos_weight},
-        dataset={k: prepared.described[k] for k in ("fingerprint", "balance", "split", "statuses", "not_used")},
+        dataset=prepared.described.run_json(),
         versions=runtime.versions(),
         cluster_resources=dict(resources),
         started=started.isoformat(),
@@ -301,7 +320,17 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         images_per_s_per_worker=float(np.median(throughput)) if throughput else None,
         workers=cfg.workers,
     )
-    return TrainResult(cfg.out, checkpoint_uri, kept.history, val_metrics, threshold, run.data)
+    return TrainResult(
+        cfg.out,
+        checkpoint_uri,
+        kept.history,
+        val_metrics,
+        threshold,
+        run.data,
+        dataset=prepared.described,
+        input_size=size,
+        use_gpu=use_gpu,
+    )
 
 
 def _val_metrics(kept: _KeptEpoch, threshold: float) -> dict[str, Any]:
@@ -345,8 +374,8 @@ def _fit(trainer: TorchTrainer, cfg: TrainConfig, run: runtime.RunRecord) -> Any
     return outcome["result"]
 
 
-def _check_same_dataset(previous: dict[str, Any] | None, described: dict[str, Any]) -> None:
-    if previous is not None and previous.get("dataset", {}).get("fingerprint") != described["fingerprint"]:
+def _check_same_dataset(previous: dict[str, Any] | None, described: datasets.Description) -> None:
+    if previous is not None and previous.get("dataset", {}).get("fingerprint") != described.fingerprint:
         raise ConfigError(
             "--resume: the dataset changed since this run started (its content fingerprint differs); "
             "start a new run in a new --out"
@@ -357,20 +386,19 @@ def _write_dataset_files(cfg: TrainConfig, prepared: Prepared) -> None:
     fs, root = filesystem(cfg.out, cfg.storage_options)
     fs.makedirs(root, exist_ok=True)
     write_parquet(join(cfg.out, schema.SPLITS_FILE), prepared.splits, cfg.storage_options)
-    write_json(join(cfg.out, schema.DATASET_FILE), prepared.described, cfg.storage_options)
+    write_json(join(cfg.out, schema.DATASET_FILE), prepared.described.to_json(), cfg.storage_options)
 
 
-def _pos_weight(cfg: TrainConfig, described: dict[str, Any]) -> float | None:
+def _pos_weight(cfg: TrainConfig, described: datasets.Description) -> float | None:
     """``--class-weights``: the loss weight of the AI class, real over AI training images."""
-    train = described["balance"]["train"]
-    return train["real"] / max(train["ai"], 1) if cfg.class_weights else None
+    train = described.counts("train")
+    return train.real / max(train.ai, 1) if cfg.class_weights else None
 
 
 def _loop_config(
-    cfg: TrainConfig, *, size: int, initial: Any, pos_weight: float | None, described: dict[str, Any]
+    cfg: TrainConfig, *, size: int, initial: Any, pos_weight: float | None, described: datasets.Description
 ) -> dict[str, Any]:
     """What every worker's loop reads (:class:`aidetect_batch.train_worker.WorkerLoop`)."""
-    train = described["balance"]["train"]
     return {
         "arch": cfg.arch,
         "input_size": size,
@@ -386,7 +414,7 @@ def _loop_config(
         "seed": cfg.seed,
         "augment": list(cfg.augment),
         "pos_weight": pos_weight,
-        "n_train": train["real"] + train["ai"],
+        "n_train": described.counts("train").images,
         "cpus_per_worker": cfg.cpus_per_worker,
         "crash_after_epoch": cfg.crash_after_epoch,
         "validate_first": cfg.validate_first,
@@ -470,7 +498,7 @@ def _save_model(
     threshold: float,
     val_metrics: dict[str, Any],
     init_record: dict[str, Any],
-    described: dict[str, Any],
+    described: datasets.Description,
 ) -> str:
     """Write the kept epoch as the scan-ready ``model.pt``; returns its URI."""
     final = model.conform(model.build_model(cfg.arch, 1, size), kept.weights)
@@ -488,8 +516,8 @@ def _save_model(
         info={
             "trained_with": "aidetect-batch train",
             "dataset": cfg.dataset,
-            "data_fingerprint": described["fingerprint"],
-            "balance": described["balance"],
+            "data_fingerprint": described.fingerprint,
+            "balance": described.balance_json(),
             "threshold_rule": cfg.threshold_rule,
             "val_metrics": val_metrics,
             "best_epoch": kept.epoch,

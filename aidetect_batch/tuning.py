@@ -77,7 +77,18 @@ def require_state_api() -> None:
         ) from exc
 
 
-def tune_and_train(base: TrainConfig, trials: int, space: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+@dataclasses.dataclass(frozen=True)
+class TuneSummary:
+    """Every trial of a search (its config, epochs, losses, error) and the one kept."""
+
+    trials: list[dict[str, Any]]
+    best_trial: str
+    best_config: dict[str, Any]
+
+
+def tune_and_train(
+    base: TrainConfig, trials: int, space: dict[str, Any] | None = None
+) -> tuple[TrainResult, TuneSummary]:
     """Search with ASHA, then return the best trial's :class:`TrainResult` and a summary of all trials.
 
     ``base.epochs`` is the epoch budget per trial. Trials run one at a time
@@ -142,13 +153,19 @@ def tune_and_train(base: TrainConfig, trials: int, space: dict[str, Any] | None 
     if run.get("status") != "complete":
         raise RuntimeError(f"the best trial {trial_id} did not finish writing its checkpoint")
     history = _history(out, base.storage_options)
-    result = TrainResult(out, run["checkpoint"], history, run["val_metrics"], run["threshold"], run)
-    summary = {
-        "trials": rows,
-        "best_trial": trial_id,
-        "best_config": {k: v for k, v in best.config.items() if k != "seed"},
-    }
-    _logger.info("tune: best trial %s %s, val loss %.4f", trial_id, summary["best_config"], best.metrics["val_loss"])
+    result = TrainResult(
+        out,
+        run["checkpoint"],
+        history,
+        run["val_metrics"],
+        run["threshold"],
+        run,
+        dataset=prepared.described,
+        input_size=run["resolved"]["input_size"],
+        use_gpu=run["resolved"]["use_gpu"],
+    )
+    summary = TuneSummary(rows, trial_id, {k: v for k, v in best.config.items() if k != "seed"})
+    _logger.info("tune: best trial %s %s, val loss %.4f", trial_id, summary.best_config, best.metrics["val_loss"])
     return result, summary
 
 

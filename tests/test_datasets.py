@@ -62,8 +62,8 @@ def test_tree_listing_labels_every_file_and_counts_unlabelled(tmp_path):
         for r in table.to_pylist()
     }
     assert got == files
-    assert described["unlabelled_files"] == 1 and described["unlabelled_examples"][0].endswith("readme.jpg")
-    assert described["labels"] == {"real": 2, "ai": 2}
+    assert described.unlabelled_files == 1 and described.unlabelled_examples[0].endswith("readme.jpg")
+    assert described.labels == {"real": 2, "ai": 2}
     assert table.schema == schema.LABELLED_SCHEMA
 
 
@@ -77,7 +77,7 @@ def test_csv_manifest_with_relative_paths_and_numeric_labels(tmp_path):
         (a, "real", "faces"),
         (b, "ai", "faces"),
     ]
-    assert described["layout"] == "manifest"
+    assert described.layout == "manifest"
 
 
 def test_parquet_manifest_with_splits(tmp_path):
