@@ -220,61 +220,86 @@ def stream_shards(
     listing. ``committed`` maps a resumed run's finished shards to their :func:`shard_digest`:
     those are not yielded, and if one differs the listing changed since, so it stops and says so.
     """
-    digest = Fingerprint()
-    kept = 0
-    position = 0
-    shard = 0
-    pending: list[tuple[list[str], list[str]]] = []
-    pending_rows = 0
-    changed = None
+    pages = _Selection(sample=sample, limit=limit, seed=seed)
+    shards = _Sharder(shard_rows, committed)
+    for paths, roots in sources.iter_listing(
+        units, extensions, all_files, storage_options=storage_options, page_keys=page_keys
+    ):
+        yield from shards.add(*pages.select(paths, roots))
+        state.page.remote(pages.kept)
+        if shards.changed or pages.full:
+            break
+    yield from shards.finish()
+    state.finish.remote(pages.kept, pages.digest.hexdigest(), shards.changed)
 
-    def flush(rows: int) -> pa.Table | None:
-        nonlocal shard, pending, pending_rows, changed
-        paths = [p for chunk, _ in pending for p in chunk]
-        roots = [r for _, chunk in pending for r in chunk]
-        pending = [(paths[rows:], roots[rows:])]
-        pending_rows -= rows
-        k, shard = shard, shard + 1
-        if k in committed:
-            if committed[k] != shard_digest(paths[:rows]):
-                changed = f"shard {k} (rows {k * shard_rows}-{k * shard_rows + rows - 1})"
+
+class _Selection:
+    """``--sample`` and ``--limit`` applied page by page, as :func:`select` applies them to a whole listing."""
+
+    def __init__(self, *, sample: float | None, limit: int | None, seed: int) -> None:
+        self.sample, self.limit, self.seed = sample, limit, seed
+        self.position = 0
+        self.kept = 0
+        self.digest = Fingerprint()
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and self.kept >= self.limit
+
+    def select(self, paths: list[str], roots: list[str]) -> tuple[list[str], list[str]]:
+        if self.sample is not None and self.sample < 1.0:
+            keep = _uniform(len(paths), self.seed, start=self.position) < self.sample
+            self.position += len(paths)
+            paths = [p for p, k in zip(paths, keep, strict=True) if k]
+            roots = [r for r, k in zip(roots, keep, strict=True) if k]
+        if self.limit is not None:
+            paths, roots = paths[: self.limit - self.kept], roots[: self.limit - self.kept]
+        self.kept += len(paths)
+        self.digest.update(pa.array(paths, pa.string()))
+        return paths, roots
+
+
+class _Sharder:
+    """Cuts the selected rows into numbered shards of ``shard_rows``. It skips a resumed run's committed
+    shards and notes in ``changed`` the first one whose rows differ from what was committed."""
+
+    def __init__(self, shard_rows: int, committed: dict[int, str]) -> None:
+        self.shard_rows = shard_rows
+        self.committed = committed
+        self.shard = 0
+        self.paths: list[str] = []
+        self.roots: list[str] = []
+        self.changed: str | None = None
+
+    def add(self, paths: list[str], roots: list[str]) -> Iterator[pa.Table]:
+        self.paths += paths
+        self.roots += roots
+        while len(self.paths) >= self.shard_rows and not self.changed:
+            table = self._cut(self.shard_rows)
+            if table is not None:
+                yield table
+
+    def finish(self) -> Iterator[pa.Table]:
+        if self.paths and not self.changed:
+            table = self._cut(len(self.paths))
+            if table is not None:
+                yield table
+        if not self.changed and any(k >= self.shard for k in self.committed):
+            self.changed = f"shard {max(self.committed)} (the listing now ends before it)"
+
+    def _cut(self, rows: int) -> pa.Table | None:
+        paths, roots = self.paths[:rows], self.roots[:rows]
+        self.paths, self.roots = self.paths[rows:], self.roots[rows:]
+        k, self.shard = self.shard, self.shard + 1
+        if k in self.committed:
+            if self.committed[k] != shard_digest(paths):
+                self.changed = f"shard {k} (rows {k * self.shard_rows}-{k * self.shard_rows + rows - 1})"
             return None
         return pa.table(
             {
-                schema.PATH: pa.array(paths[:rows], pa.string()),
-                schema.SOURCE: pa.array(roots[:rows], pa.string()),
+                schema.PATH: pa.array(paths, pa.string()),
+                schema.SOURCE: pa.array(roots, pa.string()),
                 schema.SHARD: pa.array(np.full(rows, k, np.int64)),
                 schema.SHARD_ROWS: pa.array(np.full(rows, rows, np.int64)),
             }
         )
-
-    for paths, roots in sources.iter_listing(
-        units, extensions, all_files, storage_options=storage_options, page_keys=page_keys
-    ):
-        if sample is not None and sample < 1.0:
-            keep = _uniform(len(paths), seed, start=position) < sample
-            position += len(paths)
-            paths = [p for p, k in zip(paths, keep, strict=True) if k]
-            roots = [r for r, k in zip(roots, keep, strict=True) if k]
-        if limit is not None:
-            paths, roots = paths[: limit - kept], roots[: limit - kept]
-        kept += len(paths)
-        digest.update(pa.array(paths, pa.string()))
-        pending.append((paths, roots))
-        pending_rows += len(paths)
-        while pending_rows >= shard_rows:
-            table = flush(shard_rows)
-            if changed:
-                break
-            if table is not None:
-                yield table
-        state.page.remote(kept)
-        if changed or (limit is not None and kept >= limit):
-            break
-    if pending_rows and not changed:
-        table = flush(pending_rows)
-        if table is not None:
-            yield table
-    if not changed and any(k >= shard for k in committed):
-        changed = f"shard {max(committed)} (the listing now ends before it)"
-    state.finish.remote(kept, digest.hexdigest(), changed)
