@@ -32,6 +32,10 @@ class Arch:
         preprocess: The default preprocess policy of a checkpoint of this architecture.
         imagenet: torchvision publishes ImageNet weights for it (``--init imagenet``).
         structured_pruning: ``prune --method structured`` can remove its channels.
+        any_size: It pools globally before its head, so it scores any input size (``native``).
+        native_tiles: ``(threshold, side)``: under ``native``, an image with a side above ``threshold``
+            is scored as near-equal pieces of at most ``side`` px, their log-odds averaged.
+        published: Where its published weights and protocol come from, and their licence.
     """
 
     name: str
@@ -45,6 +49,9 @@ class Arch:
     preprocess: str = "resize"
     imagenet: bool = False
     structured_pruning: bool = False
+    any_size: bool = True
+    native_tiles: tuple[int, int] | None = None
+    published: str | None = None
 
 
 def _torchvision(name: str) -> Callable[[int, int], Any]:
@@ -54,6 +61,17 @@ def _torchvision(name: str) -> Callable[[int, int], Any]:
         return tvm.get_model(name, weights=None, num_classes=num_logits)
 
     return build
+
+
+def _resnet50_nodown(num_logits: int, input_size: int) -> Any:
+    """ResNet50 whose stem keeps full resolution: stride 1 in ``conv1`` and in the max-pool
+    (Gragnaniello et al. 2021, Corvi et al. 2023). Its state dict has torchvision's keys."""
+    import torchvision.models as tvm  # torch loads only when a model is built
+
+    model = tvm.resnet50(weights=None, num_classes=num_logits)
+    model.conv1.stride = (1, 1)
+    model.maxpool.stride = 1
+    return model
 
 
 def _resnet_tiny(num_logits: int, input_size: int) -> Any:
@@ -81,6 +99,26 @@ REGISTRY: dict[str, Arch] = {
             structured_pruning=True,
         ),
         Arch(
+            "cnndetection",
+            _torchvision("resnet50"),
+            head="fc",
+            head_prefix="fc",
+            signature=("layer4.0.conv3.weight",),
+            preprocess="native",
+            structured_pruning=True,
+            published="Wang et al. 2020, PeterWang512/CNNDetection: {'model': state_dict}, CC BY-NC-SA 4.0",
+        ),
+        Arch(
+            "resnet50_nodown",
+            _resnet50_nodown,
+            head="fc",
+            head_prefix="fc",
+            signature=("layer4.0.conv3.weight",),
+            preprocess="native",
+            native_tiles=(1536, 1024),
+            published="Corvi et al. 2023, grip-unina/DMimageDetection (Grag2021_*): GRIP licence, non-profit use only",
+        ),
+        Arch(
             "mobilenet_v2",
             _torchvision("mobilenet_v2"),
             head="classifier.1",
@@ -104,6 +142,7 @@ REGISTRY: dict[str, Arch] = {
             signature=("head.4.weight", "features.0.weight"),
             input_size=32,
             structured_pruning=True,
+            any_size=False,
         ),
         Arch(
             "resnet_tiny",

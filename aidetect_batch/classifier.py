@@ -14,6 +14,7 @@ images it decoded on the GPU are fed to the model without leaving it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -24,10 +25,10 @@ import pyarrow.compute as pc
 import ray
 import torch
 
-from aidetect_batch import schema
+from aidetect_batch import archs, schema
 from aidetect_batch.device_decode import DeviceDecoder, OnDevice
-from aidetect_batch.model import parse_checkpoint, scores_from_logits
-from aidetect_batch.prepare import PrepareOptions
+from aidetect_batch.model import log_odds_from_logits, parse_checkpoint, scores_from_logits
+from aidetect_batch.prepare import PrepareOptions, pixels_of
 
 _logger = logging.getLogger(__name__)
 
@@ -40,12 +41,35 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # on the heap. On CPU the Classifier therefore runs each batch in chunks of this many 224 px
 # images, fewer for larger inputs. CUDA has its own caching allocator and takes the whole batch.
 CPU_CHUNK_224 = 8
+# Views of other shapes (tiles, native images) go through CUDA in passes of at most this many
+# pixels, the pixels of a 64-image batch at 224 px, so a batch of large images cannot exhaust it.
+CUDA_PIXELS_PER_PASS = 64 * 224 * 224
 
 
 def cpu_chunk(size: int) -> int:
     """Images per forward pass on CPU for ``size`` px inputs: the activations of ``CPU_CHUNK_224``
     images at 224 px, so they stay under glibc's mmap threshold."""
     return max(1, round(CPU_CHUNK_224 * (224 / size) ** 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewScores:
+    """Per image: P(AI) from the mean of its parts' log-odds, P(AI) of its most AI-looking part, parts."""
+
+    score: np.ndarray
+    score_max: np.ndarray
+    parts: np.ndarray
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+def split_even(length: int, most: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the fewest near-equal pieces of ``length`` that are at most ``most`` long."""
+    pieces = max(1, -(-length // most))
+    edges = [round(i * length / pieces) for i in range(pieces + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 class Classifier:
@@ -102,6 +126,7 @@ class Classifier:
         self.mean = torch.tensor(ckpt.mean, device=self.device).view(shape) * 255.0
         self.std = torch.tensor(ckpt.std, device=self.device).view(shape) * 255.0
         self.ai_class_index = ckpt.ai_class_index
+        self.native_tiles = archs.get(ckpt.arch).native_tiles
         self.threshold = threshold
         self.model_id = ckpt.model_id
         self.checkpoint = ckpt.metadata()
@@ -118,18 +143,64 @@ class Classifier:
         """P(AI) for an ``(N, 3, H, W)`` uint8 tensor already on this actor's device; on CPU in
         chunks of :func:`cpu_chunk` images."""
         step = x.shape[0] if self.cuda else cpu_chunk(x.shape[-1])
-        scores = []
+        scores = [scores_from_logits(z, self.ai_class_index).cpu().numpy() for z in self._logits(x, step)]
+        return np.concatenate(scores).astype(np.float32) if scores else np.empty(0, np.float32)
+
+    def _logits(self, x: torch.Tensor, step: int) -> Any:
+        """The model's logits for ``x`` (uint8, NCHW, on this device), ``step`` images per pass."""
         with torch.inference_mode():
             for part in x.split(max(step, 1)):
                 part = (part.float() - self.mean) / self.std
                 part = part.contiguous(memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
                 if self.autocast_dtype is not None:
                     with torch.autocast("cuda", dtype=self.autocast_dtype):
-                        logits = self.model(part)
+                        yield self.model(part)
                 else:
-                    logits = self.model(part)
-                scores.append(scores_from_logits(logits, self.ai_class_index).cpu().numpy())
-        return np.concatenate(scores).astype(np.float32) if scores else np.empty(0, np.float32)
+                    yield self.model(part)
+
+    def score_views(self, views: list[np.ndarray]) -> ViewScores:
+        """Score ``tiles`` views (``(n, S, S, 3)``: every tile) and ``native`` ones (``(H, W, 3)``: the
+        whole image, or the architecture's native tiles when it is larger than their threshold)."""
+        parts: list[np.ndarray] = []
+        owner: list[int] = []
+        for row, view in enumerate(views):
+            pieces = list(view) if view.ndim == 4 else self._native_parts(view)
+            parts += pieces
+            owner += [row] * len(pieces)
+        z = self._log_odds(parts)
+        owners = np.asarray(owner, np.int64)
+        counts = np.bincount(owners, minlength=len(views))
+        mean = np.bincount(owners, weights=z, minlength=len(views)) / np.maximum(counts, 1)
+        top = np.full(len(views), -np.inf)
+        np.maximum.at(top, owners, z)
+        return ViewScores(_sigmoid(mean), _sigmoid(top), counts.astype(np.int32))
+
+    def _native_parts(self, image: np.ndarray) -> list[np.ndarray]:
+        """The image, or near-equal pieces of at most the tile side when a side exceeds the threshold."""
+        if self.native_tiles is None or max(image.shape[:2]) <= self.native_tiles[0]:
+            return [image]
+        most = self.native_tiles[1]
+        rows, cols = split_even(image.shape[0], most), split_even(image.shape[1], most)
+        return [image[top:bottom, left:right] for top, bottom in rows for left, right in cols]
+
+    def _log_odds(self, parts: list[np.ndarray]) -> np.ndarray:
+        """Log-odds of AI per part; parts of one shape go through the model together, others alone."""
+        z = np.zeros(len(parts), np.float64)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, part in enumerate(parts):
+            by_shape.setdefault(part.shape, []).append(i)
+        for shape, members in by_shape.items():
+            pixels = shape[0] * shape[1]
+            step = max(1, CUDA_PIXELS_PER_PASS // pixels) if self.cuda else cpu_chunk(round(pixels**0.5))
+            done = []
+            for start in range(0, len(members), step):
+                chunk = torch.from_numpy(np.stack([parts[i] for i in members[start : start + step]]))
+                if self.cuda:
+                    chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+                for logits in self._logits(chunk.permute(0, 3, 1, 2), step):
+                    done.append(log_odds_from_logits(logits, self.ai_class_index).double().cpu().numpy())
+            z[members] = np.concatenate(done)
+        return z
 
     def _predict_mixed(self, images: np.ndarray, ok: np.ndarray, on_device: OnDevice) -> np.ndarray:
         """P(AI) of the ``ok`` rows when some were decoded on the device (``--gpu-decode``): those stay
@@ -149,28 +220,44 @@ class Classifier:
         return self._forward(x[torch.from_numpy(ok).to(self.device)])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        on_device = None
+        on_device, images = None, None
         if schema.DATA in batch.column_names:
             assert self.decoder is not None, "a batch with _data needs decode_options"
             batch, images, on_device = self.decoder.decode(batch)
         ok = np.asarray(pc.equal(batch.column(schema.STATUS), schema.Status.OK.value).to_numpy(zero_copy_only=False))
         n = len(ok)
-        scores = np.full(n, np.nan, dtype=np.float32)
+        scored = ViewScores(np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32), np.zeros(n, np.int32))
         infer_ms = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
             start = time.perf_counter()
-            if on_device is not None:
-                scores[ok] = self._predict_mixed(images, ok, on_device)
-            else:
-                scores[ok] = self.predict(batch.column(schema.IMAGE).combine_chunks().to_numpy()[ok])
+            self._score_rows(batch, ok, out=scored, on_device=on_device, images=images)
             infer_ms[ok] = (time.perf_counter() - start) * 1000.0 / int(ok.sum())
-        if on_device is None:
-            batch = batch.drop_columns([schema.IMAGE])
+        batch = batch.drop_columns(
+            [c for c in (schema.IMAGE, schema.PIXELS, schema.PIXEL_SHAPE) if c in batch.column_names]
+        )
         labels = [
             (schema.LABEL_AI if s >= self.threshold else schema.LABEL_REAL) if good else None
-            for s, good in zip(scores.tolist(), ok.tolist(), strict=True)
+            for s, good in zip(scored.score.tolist(), ok.tolist(), strict=True)
         ]
-        out = batch.append_column(schema.SCORE, pa.array(scores, pa.float32()))
+        out = batch.append_column(schema.SCORE, pa.array(scored.score, pa.float32()))
+        out = out.append_column(schema.SCORE_MAX, pa.array(scored.score_max, pa.float32()))
+        out = out.append_column(schema.N_TILES, pa.array(scored.parts, pa.int32(), mask=~ok))
         out = out.append_column(schema.LABEL, pa.array(labels, pa.string()))
         out = out.append_column(schema.MODEL_ID, pa.array([self.model_id] * n, pa.string()))
         return out.append_column(schema.T_INFER_MS, pa.array(infer_ms, pa.float32()))
+
+    def _score_rows(
+        self, batch: pa.Table, ok: np.ndarray, *, out: ViewScores, on_device: OnDevice | None, images: Any
+    ) -> None:
+        """Fill ``out`` for the ``ok`` rows from whichever view the batch carries."""
+        if schema.PIXELS in batch.column_names:
+            views = pixels_of(batch)
+            scored = self.score_views([views[i] for i in np.flatnonzero(ok)])
+            out.score[ok], out.score_max[ok], out.parts[ok] = scored.score, scored.score_max, scored.parts
+            return
+        if on_device is not None:
+            out.score[ok] = self._predict_mixed(images, ok, on_device)
+        else:
+            out.score[ok] = self.predict(batch.column(schema.IMAGE).combine_chunks().to_numpy()[ok])
+        out.score_max[ok] = out.score[ok]
+        out.parts[ok] = 1

@@ -33,7 +33,7 @@ from aidetect_batch.config import (
     parse_storage_options,
 )
 from aidetect_batch.errors import CheckpointError, SourceError
-from aidetect_batch.preprocess import POLICIES
+from aidetect_batch.preprocess import DEFAULT_MAX_TILES, DEFAULT_NATIVE_MAX_PIXELS, POLICIES
 from aidetect_batch.storage import join
 
 _logger = logging.getLogger("aidetect_batch")
@@ -97,6 +97,19 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rows-per-file", type=int, default=250_000, help="rows per scores Parquet file")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous scan in --out")
+    _add_framing(parser)
+
+
+def _add_framing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--native-max-pixels",
+        type=int,
+        default=DEFAULT_NATIVE_MAX_PIXELS,
+        help="native: larger images are center-cropped to this many pixels, never resized (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-tiles", type=int, default=DEFAULT_MAX_TILES, help="tiles: most tiles per image (default: %(default)s)"
+    )
 
 
 def _add_storage_option(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +178,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--actors", help="Classifier actors: N or MIN,MAX")
     parser.add_argument("--all-files", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
+    _add_framing(parser)
     _add_storage_option(parser)
 
 
@@ -234,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas of the detector")
     srv.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
     srv.add_argument("--max-batch-size", type=int, default=16, help="concurrent uploads scored in one forward pass")
+    _add_framing(srv)
     _add_storage_option(srv)
     demo = sub.add_parser("demo", help="offline: build a labelled corpus, train, evaluate and scan on local Ray")
     demo.add_argument("--dir", default="aidetect-demo", help="where to write the corpus and results")
@@ -276,6 +291,8 @@ def config_from_args(args: argparse.Namespace) -> ScanConfig:
         commit_every_s=args.commit_every,
         gpu_decode=args.gpu_decode,
         compile=args.compile,
+        native_max_pixels=args.native_max_pixels,
+        max_tiles=args.max_tiles,
     )
 
 
@@ -325,7 +342,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
     """Turn parsed ``evaluate`` arguments into a validated config; raises :class:`ConfigError`."""
-    scan_options: dict = {"batch_size": args.batch_size}
+    scan_options: dict = {
+        "batch_size": args.batch_size,
+        "native_max_pixels": args.native_max_pixels,
+        "max_tiles": args.max_tiles,
+    }
     if args.actors:
         scan_options["actors"] = parse_actors(args.actors)
     return EvalConfig(
@@ -441,6 +462,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         gpus_per_replica=args.gpus_per_replica,
         max_batch_size=args.max_batch_size,
         storage_options=parse_storage_options(args.storage_option),
+        native_max_pixels=args.native_max_pixels,
+        max_tiles=args.max_tiles,
     )
 
 

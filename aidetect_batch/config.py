@@ -14,7 +14,13 @@ from typing import Any
 
 from aidetect_batch import archs, perturb
 from aidetect_batch.errors import ConfigError
-from aidetect_batch.preprocess import POLICIES
+from aidetect_batch.preprocess import (
+    DEFAULT_MAX_TILES,
+    DEFAULT_NATIVE_MAX_PIXELS,
+    FIXED_POLICIES,
+    POLICIES,
+    Framing,
+)
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -32,6 +38,17 @@ def check_max_file_mb(value: float) -> None:
     """``--max-file-mb`` must be a positive size; raises :class:`ConfigError`."""
     if not value > 0:
         raise ConfigError(f"--max-file-mb must be above 0, not {value}")
+
+
+def check_policy(policy: str, arch: str | None, *, gpu_decode: bool = False) -> None:
+    """Refuse a policy the model or the decode path cannot serve; raises :class:`ConfigError`."""
+    if policy == "native" and arch is not None and not archs.get(arch).any_size:
+        raise ConfigError(
+            f"--preprocess native needs a network that pools globally; {arch} takes only its input size: "
+            "use tiles (native pixels, fixed-size views)"
+        )
+    if gpu_decode and policy not in FIXED_POLICIES:
+        raise ConfigError(f"--gpu-decode produces {' or '.join(FIXED_POLICIES)} views; {policy} is decoded on the CPU")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +88,8 @@ class ScanConfig:
         commit_every_s: Commit finished shards at least this often (bounds the work a crash loses).
         gpu_decode: Decode JPEGs in the Classifier actor (nvJPEG on CUDA, CPU fallback per file).
         compile: ``torch.compile`` the model in each Classifier actor.
+        native_max_pixels: ``native``: larger images are center-cropped to this many pixels, never resized.
+        max_tiles: ``tiles``: at most this many tiles per image, spread evenly over it.
     """
 
     sources: tuple[str, ...]
@@ -104,9 +123,15 @@ class ScanConfig:
     commit_every_s: float = 60.0
     gpu_decode: bool = False
     compile: bool = False
+    native_max_pixels: int = DEFAULT_NATIVE_MAX_PIXELS
+    max_tiles: int = DEFAULT_MAX_TILES
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def framing(self) -> Framing:
+        return Framing(native_max_pixels=self.native_max_pixels, max_tiles=self.max_tiles)
 
     def validate(self) -> None:
         """Check value ranges and names; raises :class:`ConfigError` with the flag to fix."""
@@ -136,9 +161,12 @@ class ScanConfig:
             raise ConfigError(f"--threshold must be in [0, 1], not {self.threshold}")
         if self.ai_class_index is not None and self.ai_class_index not in (0, 1):
             raise ConfigError("--ai-class-index must be 0 or 1")
-        for name in ("batch_size", "decode_batch_size", "max_pixels", "rows_per_file"):
+        positive = ("batch_size", "decode_batch_size", "max_pixels", "rows_per_file", "native_max_pixels", "max_tiles")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.preprocess is not None:
+            check_policy(self.preprocess, self.arch, gpu_decode=self.gpu_decode)
         check_max_file_mb(self.max_file_mb)
         if self.group_depth < 0:
             raise ConfigError("--group-depth must be 0 or more")
@@ -513,6 +541,8 @@ class ServeConfig:
         gpus_per_replica: GPUs per replica; ``None``: 1 when the cluster has GPUs, else 0.
         max_batch_size: Concurrent uploads scored in one forward pass.
         storage_options: Extra fsspec options for a remote checkpoint.
+        native_max_pixels: ``native``: larger uploads are center-cropped to this many pixels.
+        max_tiles: ``tiles``: at most this many tiles per upload.
     """
 
     checkpoint: str
@@ -528,9 +558,15 @@ class ServeConfig:
     gpus_per_replica: float | None = None
     max_batch_size: int = 16
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    native_max_pixels: int = DEFAULT_NATIVE_MAX_PIXELS
+    max_tiles: int = DEFAULT_MAX_TILES
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def framing(self) -> Framing:
+        return Framing(native_max_pixels=self.native_max_pixels, max_tiles=self.max_tiles)
 
     def validate(self) -> None:
         """Check names and ranges; raises :class:`ConfigError`."""
@@ -550,6 +586,8 @@ class ServeConfig:
             raise ConfigError("--max-pixels and --max-upload-mb must be positive")
         if self.replicas < 1 or self.max_batch_size < 1:
             raise ConfigError("--replicas and --max-batch-size must be at least 1")
+        if self.native_max_pixels < 1 or self.max_tiles < 1:
+            raise ConfigError("--native-max-pixels and --max-tiles must be at least 1")
         if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
             raise ConfigError("--gpus-per-replica must be 0 or more")
 

@@ -102,11 +102,12 @@ class DeviceDecoder:
         except RuntimeError as exc:
             _logger.warning("batched JPEG decode failed (%s); decoding these %d files on the CPU", exc, len(tensors))
             return [], torch.empty(0)
-        short = preprocess.resize_short_side(size)
         crops = []
         for img in decoded:
             if policy == "resize":
-                img = F.resize(img, [short], antialias=True)
+                height, width = preprocess.resized_size(img.shape[-2], img.shape[-1], size)
+                if (height, width) != tuple(img.shape[-2:]):
+                    img = F.resize(img, [height, width], antialias=True)
             crops.append(F.center_crop(img, [size, size]))
         stacked = torch.stack(crops)
         if self.cuda:
@@ -115,6 +116,7 @@ class DeviceDecoder:
         for i, (mode, width, height) in zip(chosen, headers, strict=True):
             cols[schema.FORMAT][i], cols[schema.MODE][i] = "JPEG", mode
             cols[schema.WIDTH][i], cols[schema.HEIGHT][i] = width, height
+            cols[schema.COVERAGE][i] = preprocess.fixed_coverage(policy, height, width, size)
             cols[schema.STATUS][i], cols[schema.ERROR][i] = schema.Status.OK.value, None
             cols[schema.T_DECODE_MS][i] = each_ms
         return chosen, stacked

@@ -214,16 +214,7 @@ def parse_checkpoint(
         except KeyError as exc:
             raise CheckpointError(f"aidetect-batch checkpoint lacks the field {exc}") from None
 
-    if "model" in obj and isinstance(obj["model"], dict):
-        state_dict, kind, arch = _strip_prefix(obj["model"]), "cnndetection", arch or "resnet50"
-    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state_dict, kind = _strip_prefix(obj), "state_dict"
-        arch = arch or archs.guess(state_dict)
-    else:
-        raise CheckpointError(
-            "unrecognised checkpoint layout: expected an aidetect-batch checkpoint, "
-            "CNNDetection's {'model': state_dict}, or a plain state dict"
-        )
+    state_dict, kind, arch = _published_layout(obj, arch)
     num_logits = _head_logits(state_dict, arch)
     return Checkpoint(
         arch=arch,
@@ -231,13 +222,40 @@ def parse_checkpoint(
         ai_class_index=(1 if ai_class_index is None else ai_class_index) if num_logits == 2 else 0,
         mean=_arch(arch).mean,
         std=_arch(arch).std,
-        preprocess=None,
+        preprocess=_arch(arch).preprocess,
         threshold=0.5,
         info={},
         state_dict=state_dict,
         model_id=model_id,
         kind=kind,
         input_size=_input_size_of(state_dict, arch),
+    )
+
+
+_WRAPPERS = ("model", "state_dict", "net")
+
+
+def _published_layout(obj: dict[str, Any], arch: str | None) -> tuple[dict[str, Any], str, str]:
+    """The state dict, layout kind and architecture of a checkpoint as its authors ship it.
+
+    The weights sit under ``model`` (CNNDetection, GRIP), ``state_dict`` or ``net``, or bare; a
+    ``module.`` prefix is stripped. ResNet50 weights under ``model`` are CNNDetection's layout and
+    default to its registry entry. Strides are not in a state dict, so ``resnet50_nodown`` is never
+    guessed: its weights look exactly like ResNet50's and must be named with ``--arch``.
+    """
+    wrapper = next((k for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+    if wrapper is not None:
+        state_dict = _strip_prefix(obj[wrapper])
+        guessed = archs.guess(state_dict)
+        if wrapper == "model" and guessed == archs.DEFAULT_ARCH:
+            guessed = "cnndetection"
+        return state_dict, "cnndetection" if wrapper == "model" else wrapper, arch or guessed
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state_dict = _strip_prefix(obj)
+        return state_dict, "state_dict", arch or archs.guess(state_dict)
+    raise CheckpointError(
+        "unrecognised checkpoint layout: expected an aidetect-batch checkpoint, a state dict under "
+        "'model' (CNNDetection, GRIP), 'state_dict' or 'net', or a plain state dict"
     )
 
 
@@ -433,3 +451,11 @@ def scores_from_logits(logits: torch.Tensor, ai_class_index: int) -> torch.Tenso
     if logits.shape[1] == 1:
         return torch.sigmoid(logits[:, 0])
     return torch.softmax(logits, dim=1)[:, ai_class_index]
+
+
+def log_odds_from_logits(logits: torch.Tensor, ai_class_index: int) -> torch.Tensor:
+    """log(P(AI) / P(real)) from a ``(N, 1)`` or ``(N, 2)`` logit tensor: the value tiles are averaged in."""
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    return logits[:, ai_class_index] - logits[:, 1 - ai_class_index]

@@ -24,7 +24,7 @@ from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from aidetect_batch import dedup, inputs, model, prepare, preprocess, report, runtime, schema, sources
 from aidetect_batch.classifier import Classifier
-from aidetect_batch.config import ScanConfig
+from aidetect_batch.config import ScanConfig, check_policy
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.inputs import block_size
 from aidetect_batch.sinks import ScoreWriter, committed_shards
@@ -36,6 +36,9 @@ _logger = logging.getLogger(__name__)
 # stages apart: Ray Data fuses consecutive map stages whose remote args are equal, which
 # would run decoding inside the Classifier actors and leave the remaining CPUs idle.
 CLASSIFIER_MEMORY = 1 << 30
+# ``native`` batches carry whole images: batches hold at most this many bytes of the largest
+# allowed image, so a batch of 12 MP photos cannot swamp a decode task or a Classifier actor.
+NATIVE_BATCH_BYTES = 256 << 20
 PROGRESS_EVERY_S = 10.0
 # A streamed listing's shards. Ray Data gathers a task's output into blocks of the dataset's
 # target_max_block_size before passing any on, and that size holds for every stage of the
@@ -192,7 +195,8 @@ def check_resumable(previous: dict[str, Any], identity: dict[str, Any]) -> None:
         details = "; ".join(f"{k}: was {before.get(k)!r}, now {identity[k]!r}" for k in changed)
         raise ConfigError(
             f"--resume refused: the scan in this OUT used other settings ({details}). Resume with the same "
-            "inputs, --checkpoint, --preprocess, --sample/--limit and --dedup, or start over with --overwrite."
+            "inputs, --checkpoint, --preprocess (and its --max-tiles or --native-max-pixels), --sample/--limit "
+            "and --dedup, or start over with --overwrite."
         )
 
 
@@ -285,12 +289,21 @@ def load_detector(cfg: ScanConfig) -> _Detector:
     ckpt.build()
     if ckpt.info.get("untrained"):
         _logger.warning("checkpoint %s is UNTRAINED (random weights): its scores mean nothing", cfg.checkpoint)
+    policy = cfg.preprocess or ckpt.preprocess or preprocess.DEFAULT_POLICY
+    check_policy(policy, ckpt.arch, gpu_decode=cfg.gpu_decode)
     return _Detector(
         ckpt=ckpt,
         data=data,
-        policy=cfg.preprocess or ckpt.preprocess or preprocess.DEFAULT_POLICY,
+        policy=policy,
         threshold=cfg.threshold if cfg.threshold is not None else ckpt.threshold,
     )
+
+
+def batch_rows(rows: int, policy: str, framing: preprocess.Framing) -> int:
+    """Rows per batch: ``rows``, fewer under ``native`` so a batch of the largest images stays bounded."""
+    if policy != "native":
+        return rows
+    return max(1, min(rows, NATIVE_BATCH_BYTES // (framing.native_max_pixels * 3)))
 
 
 def resolve_inputs(cfg: ScanConfig, listing: pa.Table | None) -> _Inputs:
@@ -311,13 +324,18 @@ def resolve_inputs(cfg: ScanConfig, listing: pa.Table | None) -> _Inputs:
 
 
 def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
-    return {
+    identity = {
         "model_id": detector.ckpt.model_id,
         "preprocess": detector.policy,
         "input_size": detector.ckpt.input_size,
         "perturbation": cfg.perturbation,
         "dedup": cfg.dedup,
     }
+    if detector.policy == "native":
+        identity["native_max_pixels"] = cfg.native_max_pixels
+    if detector.policy == "tiles":
+        identity["max_tiles"] = cfg.max_tiles
+    return identity
 
 
 def _log_plan(cfg: ScanConfig, plan: dict[str, Any]) -> None:
@@ -574,10 +592,11 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: dict[str, Any], ds: An
         perturbation=cfg.perturbation,
         storage_options=cfg.storage_options,
         decode_later=cfg.gpu_decode,
+        framing=cfg.framing,
     )
     ds = ds.map_batches(
         prepare.prepare_batch,
-        batch_size=cfg.decode_batch_size,
+        batch_size=batch_rows(cfg.decode_batch_size, detector.policy, cfg.framing),
         batch_format="pyarrow",
         compute=TaskPoolStrategy(size=plan["decode_tasks"]),
         num_cpus=1,
@@ -585,7 +604,7 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: dict[str, Any], ds: An
     )
     return ds.map_batches(
         Classifier,
-        batch_size=cfg.batch_size,
+        batch_size=batch_rows(cfg.batch_size, detector.policy, cfg.framing),
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=plan["actors"][0], max_size=plan["actors"][1]),
         num_gpus=plan["num_gpus"],

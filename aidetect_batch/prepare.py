@@ -37,6 +37,7 @@ class PrepareOptions:
         perturbation: Robustness perturbation (``jpeg:75``) applied at full resolution before the policy.
         storage_options: fsspec options for remote files.
         decode_later: ``--gpu-decode``: stop after reading and hand the bytes on in ``_data``.
+        framing: How ``tiles`` and ``native`` frame an image (``--max-tiles``, ``--native-max-pixels``).
     """
 
     policy: str
@@ -46,14 +47,21 @@ class PrepareOptions:
     perturbation: str | None = None
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     decode_later: bool = False
+    framing: preprocess.Framing = preprocess.Framing()
+
+    @property
+    def fixed(self) -> bool:
+        """Every image becomes one ``size``×``size`` view (``resize``, ``center-crop``)."""
+        return self.policy in preprocess.FIXED_POLICIES
 
 
 def prepare_batch(batch: pa.Table, options: PrepareOptions, registry: Any = None) -> pa.Table:
     """Read, hash, (deduplicate,) decode and preprocess each file; failures become statuses.
 
     Returns an Arrow table typed like the scores schema plus the uint8 ``image``
-    tensor column (``size``×``size``×3), so nullable integers stay integers on
-    the way to the sink. Columns of the listing other than ``path``, ``source``
+    tensor column (``size``×``size``×3), or for ``tiles`` and ``native`` the
+    ``_pixels`` bytes and their ``_pixel_shape``, so nullable integers stay
+    integers on the way to the sink. Columns of the listing other than ``path``, ``source``
     and ``_raw_path`` (labels, groups, manifest columns, the shard id) pass
     through unchanged. ``registry`` (``--dedup``) is the
     :class:`aidetect_batch.dedup.HashRegistry` actor.
@@ -106,8 +114,12 @@ def _claim_duplicates(
             payload[i] = None
 
 
-def _decode_all(rows: dict[str, list[Any]], payload: list[bytes | None], options: PrepareOptions) -> np.ndarray:
-    images = np.zeros((len(payload), options.size, options.size, 3), dtype=np.uint8)
+def _decode_all(
+    rows: dict[str, list[Any]], payload: list[bytes | None], options: PrepareOptions
+) -> np.ndarray | list[np.ndarray | None]:
+    images: Any = [None] * len(payload)
+    if options.fixed:
+        images = np.zeros((len(payload), options.size, options.size, 3), dtype=np.uint8)
     change = perturb.parse(options.perturbation) if options.perturbation else None
     for i, data in enumerate(payload):
         if data is not None:
@@ -120,7 +132,7 @@ def decode_into(
     i: int,
     data: bytes,
     *,
-    images: np.ndarray,
+    images: np.ndarray | list[np.ndarray | None],
     options: PrepareOptions,
     change: Any,
 ) -> None:
@@ -129,13 +141,14 @@ def decode_into(
     The one per-file path of both the decode stage and ``--gpu-decode``'s fallback, so statuses agree.
     """
     start = time.perf_counter()
-    result, image = preprocess.decode_and_preprocess(
-        data, options.policy, options.max_pixels, size=options.size, change=change
+    result, view = preprocess.decode_and_preprocess(
+        data, options.policy, options.max_pixels, size=options.size, change=change, framing=options.framing
     )
     for column in (schema.FORMAT, schema.MODE, schema.WIDTH, schema.HEIGHT):
         rows[column][i] = getattr(result, column)
-    if image is not None:
-        images[i] = image
+    if view is not None:
+        images[i] = view.pixels
+        rows[schema.COVERAGE][i] = view.coverage
     rows[schema.STATUS][i] = result.status.value
     rows[schema.ERROR][i] = result.error
     rows[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0
@@ -146,7 +159,7 @@ def _to_table(
     rows: dict[str, list[Any]],
     payload: list[bytes | None] | None,
     *,
-    images: np.ndarray | None,
+    images: np.ndarray | list[np.ndarray | None] | None,
     policy: str,
 ) -> pa.Table:
     n = batch.num_rows
@@ -162,6 +175,26 @@ def _to_table(
             columns[name] = batch.column(name)
     if payload is not None:
         columns[schema.DATA] = pa.array(payload, pa.large_binary())
-    else:
+    elif isinstance(images, np.ndarray):
         columns[schema.IMAGE] = ArrowTensorArray.from_numpy(images)
+    else:
+        columns.update(pixel_columns(images or []))
     return pa.table(columns)
+
+
+def pixel_columns(images: list[np.ndarray | None]) -> dict[str, pa.Array]:
+    """Views of varying shapes as ``_pixels`` (their uint8 bytes) and ``_pixel_shape``; null where none."""
+    return {
+        schema.PIXELS: pa.array([None if a is None else a.tobytes() for a in images], pa.large_binary()),
+        schema.PIXEL_SHAPE: pa.array([None if a is None else list(a.shape) for a in images], pa.list_(pa.int32())),
+    }
+
+
+def pixels_of(batch: pa.Table) -> list[np.ndarray | None]:
+    """The views :func:`pixel_columns` stored, as uint8 arrays (no copy of the bytes)."""
+    shapes = batch.column(schema.PIXEL_SHAPE).to_pylist()
+    blobs = batch.column(schema.PIXELS).combine_chunks()
+    return [
+        None if shape is None else np.frombuffer(blobs[i].as_buffer(), np.uint8).reshape(shape)
+        for i, shape in enumerate(shapes)
+    ]

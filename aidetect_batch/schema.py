@@ -59,11 +59,17 @@ T_READ_MS = "t_read_ms"
 T_DECODE_MS = "t_decode_ms"
 T_INFER_MS = "t_infer_ms"
 DUPLICATE_OF = "duplicate_of"
+SCORE_MAX = "score_max"
+N_TILES = "n_tiles"
+COVERAGE = "coverage"
 
 # Intermediate columns between the stages; never written: the preprocessed image, the
 # file's bytes (``--gpu-decode``), a name's raw bytes, the input shard a row belongs to
 # (resume) and, in a streamed listing, how many rows that shard has.
 IMAGE = "image"
+# The ``tiles`` and ``native`` views, whose shapes differ from row to row: uint8 bytes and their shape.
+PIXELS = "_pixels"
+PIXEL_SHAPE = "_pixel_shape"
 DATA = "_data"
 # A local file name's exact bytes when it is not valid UTF-8 (``path`` then holds its %XX-escaped form).
 RAW_PATH = "_raw_path"
@@ -93,6 +99,7 @@ SCORES_SCHEMA = pa.schema(
         pa.field(STATUS, pa.string(), nullable=False),
         pa.field(ERROR, pa.string()),
         pa.field(SCORE, pa.float32()),
+        pa.field(SCORE_MAX, pa.float32()),
         pa.field(LABEL, pa.string()),
         pa.field(FORMAT, pa.string()),
         pa.field(MODE, pa.string()),
@@ -101,6 +108,8 @@ SCORES_SCHEMA = pa.schema(
         pa.field(FILE_SIZE, pa.int64()),
         pa.field(SHA256, pa.string()),
         pa.field(PREPROCESS, pa.string()),
+        pa.field(N_TILES, pa.int32()),
+        pa.field(COVERAGE, pa.float32()),
         pa.field(MODEL_ID, pa.string()),
         pa.field(T_READ_MS, pa.float32()),
         pa.field(T_DECODE_MS, pa.float32()),
@@ -111,7 +120,7 @@ SCORES_SCHEMA = pa.schema(
 
 SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
 # The columns decoding one file fills in, on the CPU stage or in the Classifier (--gpu-decode).
-DECODED_COLUMNS = (STATUS, ERROR, FORMAT, MODE, WIDTH, HEIGHT, T_DECODE_MS)
+DECODED_COLUMNS = (STATUS, ERROR, FORMAT, MODE, WIDTH, HEIGHT, COVERAGE, T_DECODE_MS)
 
 # Directory layout of OUT
 SCORES_DIR = "scores"

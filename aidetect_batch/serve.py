@@ -37,7 +37,7 @@ import numpy as np
 
 from aidetect_batch import model, preprocess, runtime, schema
 from aidetect_batch.classifier import Classifier
-from aidetect_batch.config import ServeConfig
+from aidetect_batch.config import ServeConfig, check_policy
 
 _logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class UploadScorer:
         self.classifier = Classifier(data, arch=cfg.arch, ai_class_index=cfg.ai_class_index, device=device)
         meta = self.classifier.checkpoint
         self.policy = cfg.preprocess or meta["preprocess"] or preprocess.DEFAULT_POLICY
+        check_policy(self.policy, meta["arch"])
+        self.framing = cfg.framing
         self.threshold = cfg.threshold if cfg.threshold is not None else meta["threshold"]
         self.classifier.threshold = self.threshold
         self.size = meta["input_size"]
@@ -81,7 +83,9 @@ class UploadScorer:
     def decode(self, name: str, data: bytes) -> tuple[dict[str, Any], np.ndarray | None]:
         """Decode and preprocess one upload: its result fields so far and the model input (``None`` on failure)."""
         start = time.perf_counter()
-        result, image = preprocess.decode_and_preprocess(data, self.policy, self.max_pixels, size=self.size)
+        result, view = preprocess.decode_and_preprocess(
+            data, self.policy, self.max_pixels, size=self.size, framing=self.framing
+        )
         row: dict[str, Any] = {
             "name": name,
             "bytes": len(data),
@@ -92,19 +96,29 @@ class UploadScorer:
             "height": result.height,
             "t_decode_ms": (time.perf_counter() - start) * 1000.0,
         }
-        if image is None:
+        if view is None:
             row["message"] = failure_message(name, result.status, result.error)
-        return row, image
+            return row, None
+        row["coverage"] = view.coverage
+        return row, view.pixels
 
-    def predict(self, images: list[np.ndarray]) -> list[float]:
-        """P(AI) of preprocessed ``(S, S, 3)`` uint8 images, in one forward pass."""
-        return self.classifier.predict(np.stack(images)).tolist()
+    def predict(self, images: list[np.ndarray]) -> list[dict[str, float]]:
+        """Scores of preprocessed uploads scored together: ``(S, S, 3)`` views in one forward pass, tiles and
+        native images as the scan scores them (:meth:`Classifier.score_views`)."""
+        if self.policy in preprocess.FIXED_POLICIES:
+            scores = self.classifier.predict(np.stack(images)).tolist()
+            return [{"score": s, "score_max": s, "n_tiles": 1} for s in scores]
+        scored = self.classifier.score_views(images)
+        return [
+            {"score": float(s), "score_max": float(m), "n_tiles": int(n)}
+            for s, m, n in zip(scored.score, scored.score_max, scored.parts, strict=True)
+        ]
 
-    def finish(self, row: dict[str, Any], score: float | None) -> dict[str, Any]:
-        """Add the score, label and model to a decoded row."""
-        if score is not None:
-            row["score"] = score
-            row["label"] = schema.LABEL_AI if score >= self.threshold else schema.LABEL_REAL
+    def finish(self, row: dict[str, Any], scored: dict[str, float] | None) -> dict[str, Any]:
+        """Add the score (with its most AI-looking part and part count), label and model to a decoded row."""
+        if scored is not None:
+            row.update(scored)
+            row["label"] = schema.LABEL_AI if scored["score"] >= self.threshold else schema.LABEL_REAL
         row["model"] = self.model
         return row
 
@@ -155,7 +169,7 @@ def _deployment() -> Any:
             self._predict.set_max_batch_size(cfg.max_batch_size)
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-        async def _predict(self, images: list[np.ndarray]) -> list[float]:
+        async def _predict(self, images: list[np.ndarray]) -> list[dict[str, float]]:
             return await asyncio.to_thread(self.scorer.predict, images)
 
         async def __call__(self, request: Any) -> Any:
@@ -175,8 +189,8 @@ def _deployment() -> Any:
                 message = f"{name} is larger than the {limit_mb:g} MiB upload limit."
                 return JSONResponse({"name": name, "status": "too_large", "message": message}, status_code=413)
             row, image = await asyncio.to_thread(self.scorer.decode, name, data)
-            score = None if image is None else await self._predict(image)
-            return JSONResponse(self.scorer.finish(row, score), status_code=http_status(row["status"]))
+            scored = None if image is None else await self._predict(image)
+            return JSONResponse(self.scorer.finish(row, scored), status_code=http_status(row["status"]))
 
     return UploadPage
 

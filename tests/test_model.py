@@ -58,7 +58,8 @@ def test_cnndetection_format_loads_resnet50_with_one_logit():
     model = build_model("resnet50", 1)
     data = to_bytes({"model": model.state_dict()})
     ckpt = parse_checkpoint(data)
-    assert (ckpt.kind, ckpt.arch, ckpt.num_logits) == ("cnndetection", "resnet50", 1)
+    assert (ckpt.kind, ckpt.arch, ckpt.num_logits) == ("cnndetection", "cnndetection", 1)
+    assert ckpt.preprocess == "native", "scored by the authors' protocol: the whole image"
     scores = Classifier(data, device="cpu").predict(images(2))
     np.testing.assert_allclose(scores, reference_scores(model, images(2)), atol=1e-5)
 

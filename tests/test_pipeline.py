@@ -26,8 +26,12 @@ def read_scores(out: str):
 def reference_scores(checkpoint: str, paths: list[str], policy: str) -> dict[str, float]:
     """Score files by calling the model directly on torchvision-transformed tensors."""
     model = parse_checkpoint(read_checkpoint_bytes(checkpoint)).build()
-    crop = [T.Resize(256), T.CenterCrop(224)] if policy == "resize" else [T.CenterCrop(224)]
-    transform = T.Compose([*crop, T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    tensor = T.Compose([T.CenterCrop(224), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        # resize scales down only: an image whose short side is 256 or less is cropped as it is (issue 16)
+        return tensor(T.Resize(256)(img) if policy == "resize" and min(img.size) > 256 else img)
+
     batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.inference_mode():
         return dict(zip(paths, torch.sigmoid(model(batch)[:, 0]).tolist(), strict=True))

@@ -8,7 +8,9 @@ from aidetect_batch.preprocess import center_crop, needed_short_side, preprocess
 
 
 def reference(img: Image.Image, policy: str) -> np.ndarray:
-    steps = [T.Resize(256), T.CenterCrop(224)] if policy == "resize" else [T.CenterCrop(224)]
+    """torchvision's Resize(256) + CenterCrop(224), where ``resize`` only ever scales down (issue 16)."""
+    shrinks = policy == "resize" and min(img.size) > 256
+    steps = [T.Resize(256), T.CenterCrop(224)] if shrinks else [T.CenterCrop(224)]
     return np.asarray(T.Compose(steps)(img))
 
 
