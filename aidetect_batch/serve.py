@@ -219,6 +219,8 @@ def build_app(args: dict[str, str]) -> Any:
         "max_upload_bytes": int,
         "replicas": int,
         "max_batch_size": int,
+        "native_max_pixels": int,
+        "max_tiles": int,
     }
     cfg = ServeConfig(**{k: fields.get(k, str)(v) for k, v in args.items()})
     return application(cfg, cfg.gpus_per_replica or 0.0)
@@ -232,6 +234,7 @@ def check(cfg: ServeConfig) -> model.Checkpoint:
         ai_class_index=cfg.ai_class_index,
     )
     ckpt.build()
+    check_policy(cfg.preprocess or ckpt.preprocess or preprocess.DEFAULT_POLICY, ckpt.arch)
     return ckpt
 
 

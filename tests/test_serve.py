@@ -18,7 +18,8 @@ from aidetect_batch.classifier import Classifier
 from aidetect_batch.cli import main
 from aidetect_batch.config import DEFAULT_MAX_PIXELS, ConfigError, ServeConfig
 from aidetect_batch.prepare import PrepareOptions, prepare_batch
-from aidetect_batch.serve import build_app
+from aidetect_batch.preprocess import POLICIES, Framing
+from aidetect_batch.serve import UploadScorer, build_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 MAX_PIXELS = 1_000_000
@@ -79,6 +80,32 @@ def test_uploads_score_exactly_as_the_scan(server, scan_scores):
         assert body["label"] == ("ai" if body["score"] >= 0.5 else "real")
         assert body["model"]["arch"] == "resnet_tiny" and len(body["model"]["model_id"]) == 16
         assert body["model"]["preprocess"] == "resize" and body["model"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_upload_path_scores_as_the_scan_for_every_policy(tmp_path, tiny_checkpoint, policy):
+    """The page's decode and predict against the scan's two stages, under each preprocess policy."""
+    framing = Framing(native_max_pixels=60_000, max_tiles=4)
+    for name, data in images().items():
+        (tmp_path / name).write_bytes(data)
+    listing = pa.table(
+        {schema.PATH: [str(tmp_path / n) for n in images()], schema.SOURCE: [str(tmp_path)] * len(images())}
+    )
+    options = PrepareOptions(policy=policy, max_pixels=DEFAULT_MAX_PIXELS, framing=framing)
+    with open(tiny_checkpoint, "rb") as handle:
+        scanned = Classifier(handle.read(), threshold=0.5, device="cpu")(prepare_batch(listing, options))
+    scorer = UploadScorer(
+        ServeConfig(checkpoint=tiny_checkpoint, preprocess=policy, native_max_pixels=60_000, max_tiles=4), device="cpu"
+    )
+    decoded = [scorer.decode(name, data) for name, data in images().items()]
+    scores = scorer.predict([view for _, view in decoded])
+    uploads = [scorer.finish(row, scored) for (row, _), scored in zip(decoded, scores, strict=True)]
+    for row, upload in zip(scanned.to_pylist(), uploads, strict=True):
+        assert upload["score"] == pytest.approx(row[schema.SCORE], abs=1e-6), (policy, upload["name"])
+        assert upload["score_max"] == pytest.approx(row[schema.SCORE_MAX], abs=1e-6)
+        assert upload["n_tiles"] == row[schema.N_TILES] and upload["coverage"] == pytest.approx(row[schema.COVERAGE])
+    if policy == "tiles":
+        assert max(u["n_tiles"] for u in uploads) == 4
 
 
 def test_bad_uploads_get_a_status_code_and_a_message(server):
