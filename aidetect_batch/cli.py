@@ -17,9 +17,11 @@ from aidetect_batch import runtime
 from aidetect_batch.config import (
     ARCHS,
     AUGMENTATIONS,
+    DEFAULT_AUGMENT,
     DEFAULT_EXTENSIONS,
     DEFAULT_MAX_FILE_MB,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_TRAIN_POLICY,
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
@@ -131,19 +133,28 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--freeze-backbone", action="store_true", help="train only the classification head")
     parser.add_argument("--input-size", type=int, help="model input side (default: 224, 32 for cifake_cnn)")
-    parser.add_argument("--preprocess", choices=POLICIES, default="resize", help="stored in the checkpoint")
+    parser.add_argument(
+        "--preprocess",
+        choices=POLICIES,
+        default=DEFAULT_TRAIN_POLICY,
+        help="stored in the checkpoint; center-crop, tiles and native train on random crops of native pixels "
+        "(default: %(default)s)",
+    )
     parser.add_argument(
         "--augment",
-        default=",".join(AUGMENTATIONS),
-        help=f"comma list from {','.join(AUGMENTATIONS)}, or none (default: all)",
+        default=",".join(DEFAULT_AUGMENT),
+        help=f"comma list from {','.join(AUGMENTATIONS)}, or none (default: %(default)s; rotate and translate "
+        "resample pixels, blur and jpeg act on the full-resolution image before the crop)",
     )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, help="default: 1e-3 from scratch (--init none), 1e-4 when fine-tuning")
     parser.add_argument("--weight-decay", type=float, default=1e-5)
     parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, help="default: 30 from scratch, 5 when fine-tuning")
     parser.add_argument("--batch-size", type=int, default=32, help="images per step per worker")
-    parser.add_argument("--patience", type=int, default=3, help="early stopping: epochs without lower val loss")
+    parser.add_argument(
+        "--patience", type=int, help="early stopping: epochs without lower val loss (default: 5 from scratch, else 3)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--split", default="0.7225,0.1275,0.15", help="train,val,test fractions when the dataset has no split folders"

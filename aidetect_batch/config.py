@@ -251,6 +251,15 @@ def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
 
 
 AUGMENTATIONS = ("flip", "rotate", "color", "translate", "jpeg", "blur")
+# Flip moves pixels without resampling them; rotation and sub-pixel translation resample every image,
+# and blur and JPEG wipe the traces out of the very crops they touch, so they are opt-in.
+DEFAULT_AUGMENT = ("flip",)
+# The policy of newly trained checkpoints: native pixels at the cost of one view (BENCHMARKS.md, README).
+DEFAULT_TRAIN_POLICY = "center-crop"
+# (from scratch, fine-tuning): a from-scratch network needs a larger step and more epochs.
+DEFAULT_LR = (1e-3, 1e-4)
+DEFAULT_EPOCHS = (30, 5)
+DEFAULT_PATIENCE = (5, 3)
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "step", "none")
 
@@ -288,15 +297,17 @@ class TrainConfig:
             ``imagenet`` where torchvision has ImageNet weights, else ``none``.
         freeze_backbone: Train only the classification head (the studies' ablation).
         input_size: Model input side; ``None`` means the architecture's (224, or 32 for cifake_cnn).
-        preprocess: Preprocess policy, stored in the checkpoint and used by every later scan.
-        augment: Training augmentations, a subset of :data:`AUGMENTATIONS`.
+        preprocess: Preprocess policy, stored in the checkpoint and used by every later scan. Under
+            ``center-crop``, ``tiles`` and ``native`` training sees random crops of native pixels.
+        augment: Training augmentations, a subset of :data:`AUGMENTATIONS`; the default (flip) never resamples.
         optimizer: ``adam`` or ``adamw``.
-        lr: Learning rate.
+        lr: Learning rate; ``None``: 1e-3 from scratch (``--init none``), 1e-4 when fine-tuning.
         weight_decay: Weight decay (L2 for Adam, decoupled for AdamW).
         schedule: ``cosine`` (to 0 over the epochs), ``step`` (×0.1 every third of the epochs) or ``none``.
-        epochs: Maximum epochs.
+        epochs: Maximum epochs; ``None``: 30 from scratch, 5 when fine-tuning.
         batch_size: Images per optimisation step per worker.
-        patience: Stop after this many epochs without a lower validation loss.
+        patience: Stop after this many epochs without a lower validation loss; ``None``: 5 from scratch, 3
+            when fine-tuning.
         seed: Seed of splits, initialisation, shuffling and augmentation.
         fractions: Train/val/test fractions when the dataset has no split folders.
         class_weights: Weight the loss by inverse class frequency.
@@ -319,15 +330,15 @@ class TrainConfig:
     init: str | None = None
     freeze_backbone: bool = False
     input_size: int | None = None
-    preprocess: str = "resize"
-    augment: tuple[str, ...] = AUGMENTATIONS
+    preprocess: str = DEFAULT_TRAIN_POLICY
+    augment: tuple[str, ...] = DEFAULT_AUGMENT
     optimizer: str = "adam"
-    lr: float = 1e-4
+    lr: float | None = None
     weight_decay: float = 1e-5
     schedule: str = "cosine"
-    epochs: int = 5
+    epochs: int | None = None
     batch_size: int = 32
-    patience: int = 3
+    patience: int | None = None
     seed: int = 0
     fractions: tuple[float, float, float] = (0.7225, 0.1275, 0.15)
     class_weights: bool = False
@@ -359,6 +370,25 @@ class TrainConfig:
             return self.init
         return "imagenet" if archs.get(self.arch).imagenet else "none"
 
+    @property
+    def from_scratch(self) -> bool:
+        return self.resolved_init == "none"
+
+    def _by_init(self, given: Any, defaults: tuple[Any, Any]) -> Any:
+        return given if given is not None else defaults[0 if self.from_scratch else 1]
+
+    @property
+    def resolved_lr(self) -> float:
+        return float(self._by_init(self.lr, DEFAULT_LR))
+
+    @property
+    def resolved_epochs(self) -> int:
+        return int(self._by_init(self.epochs, DEFAULT_EPOCHS))
+
+    @property
+    def resolved_patience(self) -> int:
+        return int(self._by_init(self.patience, DEFAULT_PATIENCE))
+
     def validate(self) -> None:
         """Check names and ranges; raises :class:`ConfigError` with the flag to fix."""
         if not self.dataset:
@@ -376,10 +406,10 @@ class TrainConfig:
             raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}")
-        if not self.lr > 0 or self.weight_decay < 0:
+        if (self.lr is not None and not self.lr > 0) or self.weight_decay < 0:
             raise ConfigError("--lr must be above 0 and --weight-decay at least 0")
         for name in ("epochs", "batch_size", "patience", "workers", "cpus_per_worker", "max_pixels"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.input_size is not None and self.input_size < 16:
             raise ConfigError("--input-size must be at least 16")

@@ -28,7 +28,7 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
-from aidetect_batch.config import EvalConfig, ScanConfig, TrainConfig
+from aidetect_batch.config import DEFAULT_TRAIN_POLICY, EvalConfig, ScanConfig, TrainConfig
 from aidetect_batch.evaluation import format_table, run_evaluate
 from aidetect_batch.model import build_model, save_checkpoint
 from aidetect_batch.pipeline import run_scan
@@ -223,9 +223,6 @@ def run_demo(directory: str, epochs: int = 20) -> int:
             out=train_out,
             arch="cifake_cnn",
             init="none",
-            preprocess="center-crop",
-            augment=("flip", "color"),
-            lr=1e-3,
             epochs=epochs,
             patience=6,
             batch_size=32,
@@ -233,7 +230,8 @@ def run_demo(directory: str, epochs: int = 20) -> int:
         )
     )
     print(
-        f"trained cifake_cnn: kept epoch {trained.val_metrics['epoch']} of {len(trained.history)}, "
+        f"trained cifake_cnn ({DEFAULT_TRAIN_POLICY}: random crops of native pixels, flip only, lr 1e-3): "
+        f"kept epoch {trained.val_metrics['epoch']} of {len(trained.history)}, "
         f"val ROC-AUC {trained.val_metrics['roc_auc']:.3f}, threshold {trained.threshold:.3f}",
         flush=True,
     )

@@ -37,13 +37,65 @@ PROGRESS_EVERY_S = 10.0
 SCORE_ATTRIBUTE = "val_loss"
 
 
+# The native-pixel window a training crop is drawn from; see train_window.
+BOX_COLUMNS = ("_box_top", "_box_left", "_box_height", "_box_width")
+FULL_RESOLUTION = ("blur", "jpeg")
+
+
+def train_window(policy: str, size: int) -> int:
+    """Side of the window of native pixels kept per training image, from which each epoch draws a random
+    ``size`` crop (``resize``: the view itself). The margin is even, so the window's central crop is
+    exactly the scan's ``center-crop`` view, padding included."""
+    if policy == "resize":
+        return size
+    return size + 2 * math.ceil(size / 4)
+
+
+def window_boxes(heights: list[int | None], widths: list[int | None], window: int) -> dict[str, list[int]]:
+    """Where each image's pixels sit in its ``window``-side view (centred and padded when smaller)."""
+    boxes: dict[str, list[int]] = {name: [] for name in BOX_COLUMNS}
+    for height, width in zip(heights, widths, strict=True):
+        rows, cols = min(height or window, window), min(width or window, window)
+        for name, value in zip(BOX_COLUMNS, ((window - rows) // 2, (window - cols) // 2, rows, cols), strict=True):
+            boxes[name].append(value)
+    return boxes
+
+
+def native_crop(
+    image: torch.Tensor, box: list[int], *, size: int, window: int, train: bool, full_res: Any = None
+) -> torch.Tensor:
+    """A ``size`` crop of an image's native pixels in its ``window`` view (CHW uint8, pixels at ``box``).
+
+    Training draws a random crop, after ``full_res`` (blur, JPEG) acts on the whole image; validation
+    takes the central crop, which equals the scan's ``center-crop`` view. An image smaller than
+    ``size`` gives its padded central view either way.
+    """
+    top, left, rows, cols = box
+    if train and full_res is not None:
+        image = image.clone()
+        pixels = (slice(None), slice(top, top + rows), slice(left, left + cols))
+        image[pixels] = full_res(image[pixels])
+
+    def offset(start: int, extent: int) -> int:
+        if extent < size:
+            return (window - size) // 2
+        if train:
+            return start + int(torch.randint(0, extent - size + 1, ()))
+        return start + int(round((extent - size) / 2.0))
+
+    y, x = offset(top, rows), offset(left, cols)
+    return image[:, y : y + size, x : x + size]
+
+
 def build_augment(names: tuple[str, ...], size: int) -> Any:
     """The training augmentations as a torchvision v2 transform on one uint8 CHW tensor.
 
     From the fine-tuning studies: horizontal flip, rotation ±10°, colour
-    jitter 0.2, affine translation 5%. From the detector literature
-    (CNNDetection's blur+JPEG, each with probability 0.5): JPEG re-encoding at
-    quality 30-100 and Gaussian blur with sigma 0.1-3.
+    jitter 0.2, affine translation 5%. From the detector literature, in
+    CNNDetection's order and ranges: Gaussian blur with sigma 0.1-3, then JPEG
+    re-encoding at quality 30-100, each with probability 0.5. Under the
+    native-pixel policies, blur and JPEG act on the full-resolution window
+    before the crop (:class:`WorkerLoop`).
     """
     steps: list[Any] = []
     if "flip" in names:
@@ -54,11 +106,11 @@ def build_augment(names: tuple[str, ...], size: int) -> Any:
         steps.append(T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
     if "translate" in names:
         steps.append(T.RandomAffine(degrees=0, translate=(0.05, 0.05)))
-    if "jpeg" in names:
-        steps.append(T.RandomApply([T.JPEG((30, 100))], p=0.5))
     if "blur" in names:
         kernel = min(19, (size // 2) * 2 - 1)
         steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 3.0))], p=0.5))
+    if "jpeg" in names:
+        steps.append(T.RandomApply([T.JPEG((30, 100))], p=0.5))
     return T.Compose(steps) if steps else None
 
 
@@ -117,7 +169,13 @@ class WorkerLoop:
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(entry.mean, device=self.device).view(shape) * 255.0
         self.std = torch.tensor(entry.std, device=self.device).view(shape) * 255.0
-        self.augment = build_augment(tuple(config["augment"]), config["input_size"])
+        self.size, self.window = config["input_size"], config["window"]
+        names = tuple(config["augment"])
+        self.full_res: Any = None
+        if self.window > self.size:
+            self.full_res = build_augment(tuple(n for n in names if n in FULL_RESOLUTION), self.size)
+            names = tuple(n for n in names if n not in FULL_RESOLUTION)
+        self.augment = build_augment(names, self.size)
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_shard = ray.train.get_dataset_shard("val")
         self.history: list[dict[str, Any]] = []
@@ -178,12 +236,20 @@ class WorkerLoop:
             _logger.info("resuming from the checkpoint of epoch %d", state["epoch"] + 1)
         return True
 
-    def to_input(self, images: torch.Tensor, *, train: bool) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2)
+    def to_input(self, batch: dict[str, torch.Tensor], *, train: bool) -> torch.Tensor:
+        """The model's normalised input: each image's training view (a random crop of native pixels, or the
+        central one to validate), augmented when training."""
+        x = batch[schema.IMAGE].permute(0, 3, 1, 2)
+        if self.window > self.size:
+            boxes = torch.stack([batch[name] for name in BOX_COLUMNS], 1).tolist()
+            x = torch.stack([self.crop(img, box, train=train) for img, box in zip(x, boxes, strict=True)])
         if train and self.augment is not None:
             x = torch.stack([self.augment(img) for img in x])
         x = x.to(self.device, non_blocking=True).float()
         return (x - self.mean) / self.std
+
+    def crop(self, image: torch.Tensor, box: list[int], *, train: bool) -> torch.Tensor:
+        return native_crop(image, box, size=self.size, window=self.window, train=train, full_res=self.full_res)
 
     def validate(self) -> tuple[list[float], list[int], float]:
         """Scores and targets of the whole validation set (gathered from every worker) and its mean loss."""
@@ -193,7 +259,7 @@ class WorkerLoop:
         loss_sum = 0.0
         with torch.inference_mode():
             for batch in self.val_shard.iter_torch_batches(batch_size=max(self.config["batch_size"], 64), device="cpu"):
-                logits = self.plain(self.to_input(batch[schema.IMAGE], train=False))[:, 0]
+                logits = self.plain(self.to_input(batch, train=False))[:, 0]
                 y = batch["target"].to(self.device)
                 loss_sum += float(self.loss_fn(logits, y)) * len(y)
                 scores += torch.sigmoid(logits.float()).cpu().tolist()
@@ -256,7 +322,7 @@ class WorkerLoop:
 
     def step(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, int]:
         """One optimiser step: the batch's mean loss, correct predictions and size."""
-        x = self.to_input(batch[schema.IMAGE], train=True)
+        x = self.to_input(batch, train=True)
         y = batch["target"].to(self.device)
         logits = self.net(x)[:, 0]
         loss = self.loss_fn(logits, y)

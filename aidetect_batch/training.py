@@ -50,6 +50,7 @@ from aidetect_batch.storage import (
     write_json,
     write_parquet,
 )
+from aidetect_batch.train_worker import train_window, window_boxes
 
 _logger = logging.getLogger(__name__)
 
@@ -85,15 +86,20 @@ class TrainResult:
     use_gpu: bool
 
 
-def select_split_batch(batch: pa.Table, split: str, assignment: Any) -> pa.Table:
-    """Keep the decoded rows assigned to ``split``, as ``image`` and float ``target`` (1 = AI)."""
+def select_split_batch(batch: pa.Table, split: str, assignment: Any, window: int | None = None) -> pa.Table:
+    """Keep the decoded rows assigned to ``split``, as ``image``, float ``target`` (1 = AI) and, for a
+    ``window``-side native-pixel view, where the image's pixels sit in it (:func:`train_worker.window_boxes`)."""
     if not isinstance(assignment, dict):
         assignment = ray.get(assignment)
     paths = batch.column(schema.PATH).to_pylist()
     keep = [i for i, p in enumerate(paths) if assignment.get(p) == split]
     rows = batch.take(pa.array(keep, pa.int64()))
     target = pc.cast(pc.equal(rows.column(schema.TRUE_LABEL), schema.LABEL_AI), pa.float32())
-    return pa.table({schema.IMAGE: rows.column(schema.IMAGE), "target": target})
+    columns = {schema.IMAGE: rows.column(schema.IMAGE), "target": target}
+    if window is not None:
+        boxes = window_boxes(rows.column(schema.HEIGHT).to_pylist(), rows.column(schema.WIDTH).to_pylist(), window)
+        columns.update({name: pa.array(values, pa.int32()) for name, values in boxes.items()})
+    return pa.table(columns)
 
 
 def check_train_output(cfg: TrainConfig) -> None:
@@ -163,20 +169,28 @@ def prepare_splits(cfg: TrainConfig, size: int, table: pa.Table, *, listing: dat
     parts = {}
     for name in ("train", "val"):
         parts[name] = decoded.map_batches(
-            select_split_batch, batch_format="pyarrow", fn_kwargs={"split": name, "assignment": assignment}
+            select_split_batch,
+            batch_format="pyarrow",
+            fn_kwargs={"split": name, "assignment": assignment, "window": _window_or_none(cfg, size)},
         ).materialize()
     del decoded
     return Prepared(parts["train"], parts["val"], meta.table, described)
 
 
+def _window_or_none(cfg: TrainConfig, size: int) -> int | None:
+    window = train_window(cfg.preprocess, size)
+    return window if window > size else None
+
+
 def _decode_labelled(cfg: TrainConfig, size: int, table: pa.Table) -> Any:
-    """The labelled files read, decoded and preprocessed by the CPU stage, materialised once."""
+    """The labelled files read, decoded and preprocessed by the CPU stage, materialised once: the scan's
+    ``resize`` view, or for the native-pixel policies the central window training crops are drawn from."""
     rows = block_size(table.num_rows, int(ray.cluster_resources().get("CPU", 1)))
     blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
     options = PrepareOptions(
-        policy=cfg.preprocess,
+        policy="resize" if cfg.preprocess == "resize" else "center-crop",
         max_pixels=cfg.max_pixels,
-        size=size,
+        size=train_window(cfg.preprocess, size),
         max_file_bytes=cfg.max_file_bytes,
         storage_options=cfg.storage_options,
     )
@@ -402,15 +416,16 @@ def _loop_config(
     return {
         "arch": cfg.arch,
         "input_size": size,
+        "window": train_window(cfg.preprocess, size),
         "initial_weights": ray.put(initial.state_dict()),
         "freeze_backbone": cfg.freeze_backbone,
         "optimizer": cfg.optimizer,
-        "lr": cfg.lr,
+        "lr": cfg.resolved_lr,
         "weight_decay": cfg.weight_decay,
         "schedule": cfg.schedule,
-        "epochs": cfg.epochs,
+        "epochs": cfg.resolved_epochs,
         "batch_size": cfg.batch_size,
-        "patience": cfg.patience,
+        "patience": cfg.resolved_patience,
         "seed": cfg.seed,
         "augment": list(cfg.augment),
         "pos_weight": pos_weight,

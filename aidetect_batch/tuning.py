@@ -91,7 +91,7 @@ def tune_and_train(
 ) -> tuple[TrainResult, TuneSummary]:
     """Search with ASHA, then return the best trial's :class:`TrainResult` and a summary of all trials.
 
-    ``base.epochs`` is the epoch budget per trial. Trials run one at a time
+    ``base.resolved_epochs`` is the epoch budget per trial. Trials run one at a time
     when the cluster has no room for two (each needs the training workers'
     CPUs and a little for itself). ``space`` replaces :func:`search_space`
     (a ``tune.grid_search`` makes a search reproducible).
@@ -119,13 +119,13 @@ def tune_and_train(
         storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     tuner = tune.Tuner(
         trainable,
-        param_space=space if space is not None else search_space(base.epochs, base.seed),
+        param_space=space if space is not None else search_space(base.resolved_epochs, base.seed),
         tune_config=tune.TuneConfig(
             metric="val_loss",
             mode="min",
             num_samples=trials,
             max_concurrent_trials=concurrent,
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=1, reduction_factor=2),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=base.resolved_epochs, grace_period=1, reduction_factor=2),
             search_alg=BasicVariantGenerator(random_state=base.seed),
         ),
         run_config=tune.RunConfig(name="search", storage_path=root, storage_filesystem=storage_fs),
