@@ -23,6 +23,11 @@ Suites:
   driver and of the largest Ray worker while scanning 2,000 and then 20,000
   small images with the 32 px CIFAKE CNN (so the run takes minutes, not
   hours, on a CPU). Linux only for (e): it reads ``/proc``.
+  (f) every preprocess policy (``resize``, ``center-crop``, ``tiles``, ``native``) scanned end to end
+  on the same photographs (``--policy-photos``) in one run, each against the bare model's ceiling for
+  the views it produced (224 views at the batched rate, native images one forward pass at their
+  shape), how close tile-averaged logits come to whole-image logits on the bundled photographs, and
+  the peak memory one CPU forward pass adds per megapixel. ``--suite policies`` runs (f) alone.
 - ``report``: the report's aggregation over 10 million synthetic score rows
   (``--report-rows``) in a fresh interpreter: time and peak RSS.
 - ``gpu``: one GPU's ceiling (eager and compiled), and end-to-end scans with CPU decoding, GPU
@@ -40,6 +45,7 @@ records them with the command that produced them.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import statistics
@@ -54,14 +60,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import torch
+from PIL import Image
 
-from aidetect_batch import gpu_suite, inputs, measure, pipeline, runtime, schema, sources
+from aidetect_batch import gpu_suite, inputs, measure, pipeline, preprocess, runtime, schema, sources
 from aidetect_batch.config import ScanConfig, TrainConfig
-from aidetect_batch.demo import run_demo, write_labelled_corpus
+from aidetect_batch.demo import PHOTOS, photo_bytes, run_demo, write_labelled_corpus
 from aidetect_batch.model import build_model, save_checkpoint
 from aidetect_batch.pipeline import plan_classifier, run_scan
 from aidetect_batch.sinks import ROW_GROUP_ROWS
 from aidetect_batch.training import run_train
+
+# Peak RSS is read from VmHWM: ru_maxrss of a child started by fork and exec keeps the parent's peak.
+_PEAK_RSS_MB = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
 
 
 def training(
@@ -163,6 +173,130 @@ def scan(
             "worker": last["worker_peak_rss_mb"] / max(first["worker_peak_rss_mb"], 1e-9) - 1,
         }
     return result
+
+
+def policies(
+    arch: str,
+    batch_size: int,
+    precision: str,
+    *,
+    photos: int,
+    max_tiles: int = preprocess.DEFAULT_MAX_TILES,
+    memory_sides: tuple[int, ...] = (512, 1024, 2048),
+) -> dict[str, Any]:
+    """Every preprocess policy scanned end to end on the same photographs in one run, each against the
+    bare model's ceiling for the views it produced, and how close tile-averaged logits come to the
+    whole-image logit on the bundled photographs."""
+    result: dict[str, Any] = {"arch": arch, "photos": photos, "max_tiles": max_tiles, "policies": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        ckpt = os.path.join(tmp, f"{arch}.pt")
+        save_checkpoint(ckpt, build_model(arch, 1), arch, info={"untrained": True, "purpose": "benchmark"})
+        paths = measure.write_jpegs(os.path.join(tmp, "photos"), photos, measure.PHOTO_SIZES)
+        manifest = os.path.join(tmp, "photos.parquet")
+        pq.write_table(pa.table({"path": paths}), manifest)
+        runtime.start_ray()
+        threads = (
+            plan_classifier(
+                ScanConfig(sources=(), manifest=manifest, out="unused", checkpoint=ckpt), ray.cluster_resources()
+            )["cpu_threads"]
+            or 1
+        )
+        seconds = measure.view_seconds(
+            arch,
+            threads=threads,
+            precision=precision,
+            batch_size=batch_size,
+            native_max_pixels=preprocess.DEFAULT_NATIVE_MAX_PIXELS,
+        )
+        for policy in preprocess.POLICIES:
+            cfg = ScanConfig(
+                sources=(),
+                manifest=manifest,
+                out=os.path.join(tmp, policy),
+                checkpoint=ckpt,
+                batch_size=batch_size,
+                precision=precision,
+                preprocess=policy,
+                max_tiles=max_tiles,
+            )
+            result["policies"].append(_policy_row(cfg, seconds))
+        photographs = [Image.open(io.BytesIO(photo_bytes(name))).convert("RGB") for name in PHOTOS]
+        result["tile_logits"] = measure.tile_logit_agreement(arch, photographs)
+    result["forward_memory"] = forward_memory(arch, memory_sides)
+    return result
+
+
+def _policy_row(cfg: ScanConfig, seconds: Any) -> dict[str, Any]:
+    """One policy's scan: images/s, views per image, coverage, and the share of the model's ceiling."""
+    run = run_scan(cfg)
+    table = pq.read_table(os.path.join(cfg.out, schema.SCORES_DIR))
+    rows = table.to_pylist()
+    model_seconds = sum(seconds(cfg.preprocess, r) for r in rows)
+    rate = run.summary.facts.images_per_s
+    ceiling = len(rows) / model_seconds
+    return {
+        "policy": cfg.preprocess,
+        "images": len(rows),
+        "images_per_s": rate,
+        "views_per_image": statistics.mean(r[schema.N_TILES] for r in rows),
+        "mean_coverage": statistics.mean(r[schema.COVERAGE] for r in rows),
+        "ceiling_images_per_s": ceiling,
+        "fraction_of_ceiling": rate / ceiling,
+        "wall_seconds": run.summary.facts.wall_seconds,
+    }
+
+
+_FORWARD_PEAK = f"""
+import json, sys, torch
+from aidetect_batch.model import build_model
+torch.set_num_threads(1)
+net = build_model(sys.argv[1], 1).eval()
+x = torch.zeros(1, 3, int(sys.argv[2]), int(sys.argv[2]))
+before = {_PEAK_RSS_MB}
+with torch.inference_mode():
+    net(x)
+print(json.dumps({{"peak_rss_mb": {_PEAK_RSS_MB}, "before_mb": before}}))
+"""
+
+
+def forward_memory(arch: str, sides: tuple[int, ...] = (512, 1024, 2048)) -> list[dict[str, Any]]:
+    """Peak RSS one CPU forward pass adds at each square input side, each in a fresh interpreter: what
+    ``--native-max-pixels`` costs an actor."""
+    rows = []
+    for side in sides:
+        run = subprocess.run(
+            [sys.executable, "-c", _FORWARD_PEAK, arch, str(side)], capture_output=True, text=True, check=True
+        )
+        peak = json.loads(run.stdout.strip().splitlines()[-1])
+        added = peak["peak_rss_mb"] - peak["before_mb"]
+        rows.append({"side": side, "megapixels": side * side / 1e6, "forward_peak_mb": added})
+    for row in rows:
+        row["mb_per_megapixel"] = row["forward_peak_mb"] / row["megapixels"]
+    return rows
+
+
+def policy_lines(section: dict[str, Any]) -> list[str]:
+    """The per-policy section as printed lines."""
+    lines = [f"(f) policies       {section['arch']} on {section['photos']} photographs 1080-2048 px, one run:"]
+    for row in section["policies"]:
+        lines.append(
+            f"    {row['policy']:<11} {row['images_per_s']:7.2f} img/s, {row['views_per_image']:5.1f} views/image, "
+            f"coverage {row['mean_coverage']:6.1%}, ceiling {row['ceiling_images_per_s']:7.2f} img/s, "
+            f"{row['fraction_of_ceiling']:.0%} of it"
+        )
+    t = section["tile_logits"]
+    lines.append(
+        f"    tile-mean vs whole-image logit on {t['photos']} photographs: mean |diff| "
+        f"{t['mean_abs_difference']:.3f}, max {t['max_abs_difference']:.3f} (whole-image logits spread "
+        f"{t['whole_logit_std']:.3f}), correlation {t['correlation']:.3f}"
+    )
+    for row in section["forward_memory"]:
+        lines.append(
+            f"    one CPU forward pass at {row['side']}x{row['side']} ({row['megapixels']:.2f} MP): "
+            f"+{row['forward_peak_mb']:.0f} MB peak RSS ({row['mb_per_megapixel']:.0f} MB/MP)"
+        )
+    return lines
 
 
 def memory_runs(base: ScanConfig, tmp: str, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -275,8 +409,6 @@ def synthetic_scores(directory: str, rows: int, *, rows_per_file: int = 250_000,
         pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
 
 
-# Peak RSS is read from VmHWM: ru_maxrss of a child started by fork and exec keeps the parent's peak.
-_PEAK_RSS_MB = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
 _SUMMARISE = f"""
 import json, sys, time
 from aidetect_batch.report import summarise
@@ -334,6 +466,7 @@ def run_benchmark(
     listing_options: dict[str, Any] | None = None,
     report_rows: int = 10_000_000,
     gpu_options: gpu_suite.GpuSuiteOptions | None = None,
+    policy_photos: int = 8,
 ) -> dict[str, Any]:
     """Run a suite, print its table, and write the JSON to ``out`` when given."""
     result: dict[str, Any] = {
@@ -347,6 +480,14 @@ def run_benchmark(
         result["demo"] = demo()
     if suite in ("scan", "all"):
         result["scan"] = scan(**(scan_options or {}))
+    if suite in ("scan", "all", "policies"):
+        options = scan_options or {}
+        result["policies"] = policies(
+            options.get("arch", "resnet50"),
+            options.get("batch_size", 64),
+            options.get("precision", "bf16"),
+            photos=policy_photos,
+        )
     if suite == "listing":
         result["listing"] = listing(**(listing_options or {}))
     if suite == "report":
@@ -365,6 +506,8 @@ def run_benchmark(
         lines.append(f"demo wall time {result['demo']['demo_wall_seconds']:.0f} s")
     if "scan" in result:
         lines += scan_lines(result["scan"])
+    if "policies" in result:
+        lines += policy_lines(result["policies"])
     if "listing" in result:
         lines += listing_lines(result["listing"])
     if "gpu" in result:

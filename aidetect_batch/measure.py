@@ -8,6 +8,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,10 +16,11 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from aidetect_batch.archs import IMAGENET_MEAN, IMAGENET_STD
 from aidetect_batch.classifier import cpu_chunk
 from aidetect_batch.config import DEFAULT_MAX_PIXELS
 from aidetect_batch.model import build_model
-from aidetect_batch.preprocess import decode_and_preprocess
+from aidetect_batch.preprocess import decode_and_preprocess, native_shape, tiles_view
 from aidetect_batch.runtime import versions
 
 STEADY_WINDOW = (0.2, 0.9)
@@ -213,3 +215,55 @@ def _time_at(deliveries: list[tuple[float, int]], rows: float) -> float:
             return before[0] + share * (seconds - before[0])
         before = (seconds, done)
     return deliveries[-1][0]
+
+
+def view_seconds(
+    arch: str, *, threads: int, precision: str, batch_size: int, native_max_pixels: int
+) -> Callable[[str, dict[str, Any]], float]:
+    """Model-only seconds per scanned row, by the row's policy and view: a 224 view costs the bare
+    model's batched rate, a ``tiles`` row that per tile, a ``native`` row one forward pass at its own
+    shape, measured once per shape (a first pass warms up, the second is timed)."""
+    per_224 = 1.0 / model_ceiling(arch, batch_size, threads, precision=precision)["images_per_s"]
+    net = build_model(arch, 1).eval()
+    shapes: dict[tuple[int, int], float] = {}
+
+    def at_shape(shape: tuple[int, int]) -> float:
+        if shape not in shapes:
+            x = torch.randn(1, 3, *shape)
+            with torch.inference_mode():
+                net(x)
+                start = time.perf_counter()
+                net(x)
+            shapes[shape] = time.perf_counter() - start
+        return shapes[shape]
+
+    def seconds(policy: str, row: dict[str, Any]) -> float:
+        if policy == "native":
+            return at_shape(native_shape(row["height"], row["width"], native_max_pixels))
+        return per_224 * (row["n_tiles"] if policy == "tiles" else 1)
+
+    return seconds
+
+
+def tile_logit_agreement(arch: str, photos: list[Image.Image], size: int = 224, seed: int = 0) -> dict[str, Any]:
+    """How close the mean of an image's tile logits comes to its whole-image logit on photographs, for a
+    randomly initialised ``arch``: the mean and largest absolute difference, the spread of the
+    whole-image logits for scale, and their correlation."""
+    torch.manual_seed(seed)
+    net = build_model(arch, 1).eval()
+    normalise = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    whole, tiled = [], []
+    with torch.inference_mode():
+        for img in photos:
+            whole.append(float(net(normalise(img)[None])[0, 0]))
+            tiles = tiles_view(np.asarray(img), size, max_tiles=10_000).pixels
+            tiled.append(float(net(torch.stack([normalise(Image.fromarray(t)) for t in tiles]))[:, 0].mean()))
+    difference = np.abs(np.array(whole) - np.array(tiled))
+    return {
+        "arch": arch,
+        "photos": len(photos),
+        "mean_abs_difference": float(difference.mean()),
+        "max_abs_difference": float(difference.max()),
+        "whole_logit_std": float(np.std(whole)),
+        "correlation": float(np.corrcoef(whole, tiled)[0, 1]) if len(photos) > 2 else None,
+    }

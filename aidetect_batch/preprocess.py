@@ -126,13 +126,21 @@ def fixed_coverage(policy: str, height: int, width: int, size: int = CROP) -> fl
     return _shown(height, width, size)
 
 
+def native_shape(height: int, width: int, max_pixels: int = DEFAULT_NATIVE_MAX_PIXELS) -> tuple[int, int]:
+    """``(height, width)`` of the ``native`` view: the image's, or the largest central crop with its aspect
+    ratio and at most ``max_pixels``."""
+    if height * width <= max_pixels:
+        return height, width
+    scale = math.sqrt(max_pixels / (height * width))
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
 def native_view(arr: np.ndarray, max_pixels: int = DEFAULT_NATIVE_MAX_PIXELS) -> View:
     """The whole image, or its central crop of at most ``max_pixels`` with the same aspect ratio."""
     height, width = arr.shape[:2]
-    if height * width <= max_pixels:
+    crop_h, crop_w = native_shape(height, width, max_pixels)
+    if (crop_h, crop_w) == (height, width):
         return View(np.ascontiguousarray(arr), 1.0)
-    scale = math.sqrt(max_pixels / (height * width))
-    crop_h, crop_w = max(1, int(height * scale)), max(1, int(width * scale))
     return View(center_crop(arr, crop_h, crop_w), crop_h * crop_w / (height * width))
 
 
