@@ -80,7 +80,7 @@ def test_the_validation_crop_is_the_scans_center_crop_and_training_crops_are_nat
     image = np.asarray(photo(side, side + 3, seed=side))
     held = center_crop(image, window)
     box = [v[0] for v in window_boxes([image.shape[0]], [image.shape[1]], window).values()]
-    tensor = torch.from_numpy(held).permute(2, 0, 1)
+    tensor = torch.from_numpy(held.copy()).permute(2, 0, 1)
     central = native_crop(tensor, box, size=size, window=window, train=False).permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(central, center_crop(image, size))
     torch.manual_seed(0)
