@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from typing import Any
@@ -39,6 +40,7 @@ from aidetect_batch.preprocess import DEFAULT_MAX_TILES, DEFAULT_NATIVE_MAX_PIXE
 from aidetect_batch.storage import join
 
 _logger = logging.getLogger("aidetect_batch")
+TOKEN_ENV = "AIDETECT_TOKEN"
 
 NO_CHECKPOINT = (
     "--checkpoint is required: a detector checkpoint (local path or s3:// URI). Get one by training "
@@ -252,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="the upload page: score single images over HTTP with Ray Serve")
     srv.add_argument("--checkpoint", help="detector checkpoint (local path or s3:// URI)")
     srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 opens it to the network)")
+    srv.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"bearer token the scoring endpoint requires (default: ${TOKEN_ENV}); needed off loopback",
+    )
+    srv.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback --host without a token (your own auth in front)"
+    )
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--threshold", type=float, help="decision threshold on P(AI) (default: the checkpoint's)")
     srv.add_argument("--preprocess", choices=POLICIES, help="preprocess policy (default: the checkpoint's)")
@@ -473,6 +483,8 @@ def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_pixels=args.max_pixels,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         replicas=args.replicas,
+        token=args.token or None,
+        insecure=args.insecure,
         gpus_per_replica=args.gpus_per_replica,
         max_batch_size=args.max_batch_size,
         storage_options=parse_storage_options(args.storage_option),

@@ -195,6 +195,9 @@ class ScanConfig:
         return data
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 def redact(options: dict[str, Any]) -> dict[str, Any]:
     """Replace values whose key looks like a credential, recursively."""
     out: dict[str, Any] = {}
@@ -573,6 +576,10 @@ class ServeConfig:
         storage_options: Extra fsspec options for a remote checkpoint.
         native_max_pixels: ``native``: larger uploads are center-cropped to this many pixels.
         max_tiles: ``tiles``: at most this many tiles per upload.
+        token: A bearer token the scoring endpoint requires (``--token`` or ``AIDETECT_TOKEN``); never
+            printed, logged or written.
+        insecure: Allow a non-loopback ``host`` without a token: the page sits behind the operator's own
+            authentication.
     """
 
     checkpoint: str
@@ -590,6 +597,8 @@ class ServeConfig:
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     native_max_pixels: int = DEFAULT_NATIVE_MAX_PIXELS
     max_tiles: int = DEFAULT_MAX_TILES
+    token: str | None = dataclasses.field(default=None, repr=False)
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -597,6 +606,11 @@ class ServeConfig:
     @property
     def framing(self) -> Framing:
         return Framing(native_max_pixels=self.native_max_pixels, max_tiles=self.max_tiles)
+
+    @property
+    def loopback(self) -> bool:
+        """The page listens on this machine only."""
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
 
     def validate(self) -> None:
         """Check names and ranges; raises :class:`ConfigError`."""
@@ -618,11 +632,19 @@ class ServeConfig:
             raise ConfigError("--replicas and --max-batch-size must be at least 1")
         if self.native_max_pixels < 1 or self.max_tiles < 1:
             raise ConfigError("--native-max-pixels and --max-tiles must be at least 1")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("--token is empty")
+        if not self.loopback and self.token is None and not self.insecure:
+            raise ConfigError(
+                f"--host {self.host} opens the upload page to the network, and it has no --token: set --token "
+                "(or AIDETECT_TOKEN), or pass --insecure if it sits behind your own authentication"
+            )
         if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
             raise ConfigError("--gpus-per-replica must be 0 or more")
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict with secret-looking storage options redacted."""
+        """A JSON-ready dict with the token and secret-looking storage options redacted."""
         data = dataclasses.asdict(self)
         data["storage_options"] = redact(self.storage_options)
+        data["token"] = "***" if self.token else None
         return data

@@ -15,6 +15,9 @@ HTTP API (the page uses it; so can ``curl``):
   200 with the score, label and model; 413 for a body over the upload limit
   or an image over ``max_pixels``; 415 for a file that is not an image this
   build decodes; 422 for a truncated image. Failures carry a ``message``.
+  With ``--token`` (or ``AIDETECT_TOKEN``) it needs ``Authorization: Bearer TOKEN``, else 401; the page
+  asks for the token once per tab. Listening off loopback without a token is refused unless
+  ``--insecure`` says the operator's own authentication sits in front.
 - ``GET /healthz``: the model the replica loaded.
 
 The replicas read the checkpoint themselves, so on a multi-node cluster it
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import html
 import json
 import logging
@@ -140,6 +144,18 @@ def http_status(status: str) -> int:
     return _STATUS_HTTP.get(schema.Status(status), 415)
 
 
+UNAUTHORISED = "this page needs its access token: ask whoever runs it"
+
+
+def authorised(header: str | None, token: str | None) -> bool:
+    """Whether an ``Authorization`` header carries the bearer ``token`` (any request, when there is none);
+    compared in constant time."""
+    if token is None:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
 async def read_limited(request: Any, limit: int) -> bytes | None:
     """The request body, or ``None`` as soon as it is known to exceed ``limit`` bytes (header or stream)."""
     declared = request.headers.get("content-length")
@@ -165,7 +181,7 @@ def _deployment() -> Any:
         def __init__(self, cfg: ServeConfig) -> None:
             self.cfg = cfg
             self.scorer = UploadScorer(cfg)
-            self.page = render_page(self.scorer.model, cfg.max_upload_bytes)
+            self.page = render_page(self.scorer.model, cfg.max_upload_bytes, token_required=cfg.token is not None)
             self._predict.set_max_batch_size(cfg.max_batch_size)
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -183,6 +199,12 @@ def _deployment() -> Any:
             if request.method != "POST":
                 return PlainTextResponse("POST the image file as the request body", status_code=405)
             name = request.query_params.get("name") or "upload"
+            if not authorised(request.headers.get("authorization"), self.cfg.token):
+                return JSONResponse(
+                    {"name": name, "status": "unauthorized", "message": UNAUTHORISED},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             data = await read_limited(request, self.cfg.max_upload_bytes)
             if data is None:
                 limit_mb = self.cfg.max_upload_bytes / 2**20
@@ -222,7 +244,11 @@ def build_app(args: dict[str, str]) -> Any:
         "native_max_pixels": int,
         "max_tiles": int,
     }
-    cfg = ServeConfig(**{k: fields.get(k, str)(v) for k, v in args.items()})
+    values: dict[str, Any] = {k: fields.get(k, str)(v) for k, v in args.items()}
+    if "insecure" in values:
+        values["insecure"] = str(values["insecure"]).lower() in ("1", "true", "yes")
+    values.setdefault("token", os.environ.get("AIDETECT_TOKEN") or None)
+    cfg = ServeConfig(**values)
     return application(cfg, cfg.gpus_per_replica or 0.0)
 
 
@@ -256,8 +282,9 @@ def start(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}/"
 
 
-def render_page(info: dict[str, Any], max_upload_bytes: int) -> str:
-    """The self-contained upload page: no external scripts, styles or fonts."""
+def render_page(info: dict[str, Any], max_upload_bytes: int, *, token_required: bool = False) -> str:
+    """The self-contained upload page: no external scripts, styles or fonts. With ``token_required`` it
+    asks for the access token once per tab; the token itself is never in the page."""
     model_line = html.escape(
         f"{info['arch']} · model {info['model_id']} ({info['checkpoint']}) · preprocess {info['preprocess']} "
         f"{info['input_size']} px · threshold {info['threshold']:.3f} · {info['device']}"
@@ -271,6 +298,7 @@ def render_page(info: dict[str, Any], max_upload_bytes: int) -> str:
         _PAGE.replace("__MODEL__", model_line)
         .replace("__WARNING__", warning)
         .replace("__MAX_BYTES__", json.dumps(max_upload_bytes))
+        .replace("__TOKEN_REQUIRED__", json.dumps(token_required))
         .replace("__MODEL_NAME__", json.dumps(f"{info['arch']} {info['model_id']}"))
     )
 
@@ -299,7 +327,16 @@ __WARNING__
 Scores are P(AI); calibrate the threshold on your own data before acting on them.</p></div>
 <div id="results" data-done="0"></div>
 <script>
-const MAX_BYTES = __MAX_BYTES__, MODEL_NAME = __MODEL_NAME__;
+const MAX_BYTES = __MAX_BYTES__, MODEL_NAME = __MODEL_NAME__, TOKEN_REQUIRED = __TOKEN_REQUIRED__;
+function authHeaders() {
+  if (!TOKEN_REQUIRED) return {};
+  let token = sessionStorage.getItem("aidetect-token");
+  if (!token) {
+    token = window.prompt("Access token for this page") || "";
+    sessionStorage.setItem("aidetect-token", token);
+  }
+  return {"Authorization": "Bearer " + token};
+}
 const results = document.getElementById("results");
 function el(tag, cls, text) {
   const e = document.createElement(tag); if (cls) e.className = cls;
@@ -316,7 +353,9 @@ async function score(file) {
     if (file.size > MAX_BYTES) {
       throw new Error(file.name + " is larger than the " + (MAX_BYTES / 1048576) + " MiB upload limit.");
     }
-    const resp = await fetch("score?name=" + encodeURIComponent(file.name), {method: "POST", body: file});
+    const resp = await fetch("score?name=" + encodeURIComponent(file.name),
+                             {method: "POST", body: file, headers: authHeaders()});
+    if (resp.status === 401) sessionStorage.removeItem("aidetect-token");
     const r = await resp.json();
     card.dataset.status = r.status;
     if (!resp.ok) throw new Error(r.message || ("HTTP " + resp.status));

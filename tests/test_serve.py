@@ -22,6 +22,7 @@ from aidetect_batch.preprocess import POLICIES, Framing
 from aidetect_batch.serve import UploadScorer, build_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+TOKEN = "test-token-5f1c"
 MAX_PIXELS = 1_000_000
 MAX_UPLOAD = 2 * 2**20
 
@@ -55,15 +56,23 @@ def server(ray_cluster, tiny_checkpoint):
     from ray import serve
 
     port = free_port()
-    args = {"checkpoint": tiny_checkpoint, "max_pixels": str(MAX_PIXELS), "max_upload_bytes": str(MAX_UPLOAD)}
+    args = {
+        "checkpoint": tiny_checkpoint,
+        "max_pixels": str(MAX_PIXELS),
+        "max_upload_bytes": str(MAX_UPLOAD),
+        "token": TOKEN,
+    }
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="aidetect", route_prefix="/")
     yield f"http://127.0.0.1:{port}/"
     serve.shutdown()
 
 
-def post(url: str, name: str, data: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}score?name={urllib.parse.quote(name)}", data=data, method="POST")
+def post(url: str, name: str, data: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    request = urllib.request.Request(
+        f"{url}score?name={urllib.parse.quote(name)}", data=data, method="POST", headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -126,6 +135,26 @@ def test_bad_uploads_get_a_status_code_and_a_message(server):
         assert "score" not in body
 
 
+def test_the_scoring_endpoint_needs_the_token_and_the_page_never_holds_it(server):
+    data = encode(photo(120, 90, seed=2), "PNG")
+    assert post(server, "a.png", data, token=None)[0] == 401
+    code, body = post(server, "a.png", data, token="wrong-token")
+    assert code == 401 and body["status"] == "unauthorized" and "score" not in body
+    assert post(server, "a.png", data)[0] == 200
+    page = urllib.request.urlopen(server, timeout=30).read().decode()
+    assert TOKEN not in page and "TOKEN_REQUIRED = true" in page
+
+
+def test_the_page_is_not_opened_to_the_network_without_a_token(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--insecure"):
+        ServeConfig(checkpoint="x.pt", host="0.0.0.0")
+    assert ServeConfig(checkpoint="x.pt", host="0.0.0.0", insecure=True).insecure
+    secured = ServeConfig(checkpoint="x.pt", host="0.0.0.0", token="s3cret-value")
+    assert "s3cret-value" not in repr(secured) and secured.to_json()["token"] == "***"
+    assert main(["serve", "--checkpoint", str(tmp_path / "m.pt"), "--host", "0.0.0.0"]) == 2
+    assert "no --token" in capsys.readouterr().err
+
+
 def test_health_and_routes(server):
     with urllib.request.urlopen(server + "healthz", timeout=30) as resp:
         assert json.loads(resp.read())["model"]["arch"] == "resnet_tiny"
@@ -151,6 +180,8 @@ def test_upload_in_a_real_browser(server, scan_scores, tmp_path):
         )
         try:
             page = browser.new_page()
+            asked = []
+            page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept(TOKEN)))
             page.goto(server)
             assert "resnet_tiny" in page.text_content("#model")
             page.set_input_files("#files", uploads)
@@ -166,6 +197,7 @@ def test_upload_in_a_real_browser(server, scan_scores, tmp_path):
             browser.close()
     by_name = {c["name"]: c for c in cards}
     assert set(by_name) == {*files, "notes.txt"}
+    assert asked == ["Access token for this page"], "the page asks for the token once"
     for name in files:
         card = by_name[name]
         assert not card["failed"] and card["preview"] > 0, card
