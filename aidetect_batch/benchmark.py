@@ -183,6 +183,7 @@ def policies(
     photos: int,
     max_tiles: int = preprocess.DEFAULT_MAX_TILES,
     memory_sides: tuple[int, ...] = (512, 1024, 2048),
+    sizes: tuple[tuple[int, int], ...] = measure.PHOTO_SIZES,
 ) -> dict[str, Any]:
     """Every preprocess policy scanned end to end on the same photographs in one run, each against the
     bare model's ceiling for the views it produced, and how close tile-averaged logits come to the
@@ -192,7 +193,7 @@ def policies(
         torch.manual_seed(0)
         ckpt = os.path.join(tmp, f"{arch}.pt")
         save_checkpoint(ckpt, build_model(arch, 1), arch, info={"untrained": True, "purpose": "benchmark"})
-        paths = measure.write_jpegs(os.path.join(tmp, "photos"), photos, measure.PHOTO_SIZES)
+        paths = measure.write_jpegs(os.path.join(tmp, "photos"), photos, sizes)
         manifest = os.path.join(tmp, "photos.parquet")
         pq.write_table(pa.table({"path": paths}), manifest)
         runtime.start_ray()

@@ -259,12 +259,13 @@ def test_resume_refuses_another_policy_or_tile_setting(ray_cluster, tiny_checkpo
 def test_the_policy_benchmark_scans_every_policy_on_the_same_photographs(ray_cluster):
     from aidetect_batch import benchmark  # heavy: the benchmark suites import training and the demo
 
-    section = benchmark.policies("resnet_tiny", 8, "fp32", photos=1, max_tiles=4, memory_sides=(64,))
+    section = benchmark.policies(
+        "resnet_tiny", 8, "fp32", photos=1, max_tiles=4, memory_sides=(64,), sizes=((600, 500),)
+    )
     rows = {row["policy"]: row for row in section["policies"]}
     assert set(rows) == {"resize", "center-crop", "tiles", "native"}
-    assert all(
-        row["images"] == 2 and row["images_per_s"] > 0 and row["ceiling_images_per_s"] > 0 for row in rows.values()
-    )
+    for row in rows.values():
+        assert row["images"] == 1 and row["images_per_s"] > 0 and row["ceiling_images_per_s"] > 0
     assert rows["tiles"]["views_per_image"] == 4 and rows["native"]["mean_coverage"] == 1.0
     assert rows["center-crop"]["mean_coverage"] < rows["tiles"]["mean_coverage"] < 1.0
     assert section["tile_logits"]["photos"] == 5 and section["tile_logits"]["mean_abs_difference"] >= 0
