@@ -195,6 +195,31 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     _add_storage_option(parser)
 
 
+def _add_serve_arguments(srv: argparse.ArgumentParser) -> None:
+    srv.add_argument("--checkpoint", help="detector checkpoint (local path or s3:// URI)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 opens it to the network)")
+    srv.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"bearer token the scoring endpoint requires (default: ${TOKEN_ENV}); needed off loopback",
+    )
+    srv.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback --host without a token (your own auth in front)"
+    )
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--threshold", type=float, help="decision threshold on P(AI) (default: the checkpoint's)")
+    srv.add_argument("--preprocess", choices=POLICIES, help="preprocess policy (default: the checkpoint's)")
+    srv.add_argument("--arch", choices=ARCHS, help="architecture of a plain state dict without metadata")
+    srv.add_argument("--ai-class-index", type=int, help="which of two logits is AI, for plain state dicts")
+    srv.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
+    srv.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload")
+    srv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas of the detector")
+    srv.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    srv.add_argument("--max-batch-size", type=int, default=16, help="concurrent uploads scored in one forward pass")
+    _add_framing(srv)
+    _add_storage_option(srv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``aidetect-batch`` argument parser."""
     parser = argparse.ArgumentParser(prog="aidetect-batch", description="Batch real-vs-AI image scanner on Ray.")
@@ -252,28 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--thumbnails", type=int, default=24, help="images per thumbnail grid")
     _add_storage_option(rep)
     srv = sub.add_parser("serve", help="the upload page: score single images over HTTP with Ray Serve")
-    srv.add_argument("--checkpoint", help="detector checkpoint (local path or s3:// URI)")
-    srv.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 opens it to the network)")
-    srv.add_argument(
-        "--token",
-        default=os.environ.get(TOKEN_ENV),
-        help=f"bearer token the scoring endpoint requires (default: ${TOKEN_ENV}); needed off loopback",
-    )
-    srv.add_argument(
-        "--insecure", action="store_true", help="allow a non-loopback --host without a token (your own auth in front)"
-    )
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--threshold", type=float, help="decision threshold on P(AI) (default: the checkpoint's)")
-    srv.add_argument("--preprocess", choices=POLICIES, help="preprocess policy (default: the checkpoint's)")
-    srv.add_argument("--arch", choices=ARCHS, help="architecture of a plain state dict without metadata")
-    srv.add_argument("--ai-class-index", type=int, help="which of two logits is AI, for plain state dicts")
-    srv.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="decompression-bomb guard")
-    srv.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload")
-    srv.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas of the detector")
-    srv.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
-    srv.add_argument("--max-batch-size", type=int, default=16, help="concurrent uploads scored in one forward pass")
-    _add_framing(srv)
-    _add_storage_option(srv)
+    _add_serve_arguments(srv)
     demo = sub.add_parser("demo", help="offline: build a labelled corpus, train, evaluate and scan on local Ray")
     demo.add_argument("--dir", default="aidetect-demo", help="where to write the corpus and results")
     demo.add_argument("--epochs", type=int, default=20, help="training epochs of the demo detector")

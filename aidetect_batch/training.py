@@ -321,19 +321,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     )
     write_parquet(join(cfg.out, schema.HISTORY_FILE), pa.Table.from_pylist(kept.history), cfg.storage_options)
     plots.history(join(cfg.out, "history.png"), kept.history, kept.epoch, storage_options=cfg.storage_options)
-    throughput = [h["images_per_s_per_worker"] for h in kept.history]
-    run.save(
-        status="complete",
-        finished=datetime.now(timezone.utc).isoformat(),
-        wall_seconds=wall,
-        checkpoint=checkpoint_uri,
-        threshold=threshold,
-        val_metrics=val_metrics,
-        best_epoch=kept.epoch,
-        epochs_run=len(kept.history),
-        images_per_s_per_worker=float(np.median(throughput)) if throughput else None,
-        workers=cfg.workers,
-    )
+    _record_complete(cfg, run, kept, wall=wall, checkpoint=checkpoint_uri, threshold=threshold, val_metrics=val_metrics)
     return TrainResult(
         cfg.out,
         checkpoint_uri,
@@ -344,6 +332,32 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
         dataset=prepared.described,
         input_size=size,
         use_gpu=use_gpu,
+    )
+
+
+def _record_complete(
+    cfg: TrainConfig,
+    run: runtime.RunRecord,
+    kept: _KeptEpoch,
+    *,
+    wall: float,
+    checkpoint: str,
+    threshold: float,
+    val_metrics: dict[str, Any],
+) -> None:
+    """``_run.json`` of a finished run: the kept epoch, its threshold and metrics, and the throughput."""
+    throughput = [h["images_per_s_per_worker"] for h in kept.history]
+    run.save(
+        status="complete",
+        finished=datetime.now(timezone.utc).isoformat(),
+        wall_seconds=wall,
+        checkpoint=checkpoint,
+        threshold=threshold,
+        val_metrics=val_metrics,
+        best_epoch=kept.epoch,
+        epochs_run=len(kept.history),
+        images_per_s_per_worker=float(np.median(throughput)) if throughput else None,
+        workers=cfg.workers,
     )
 
 

@@ -152,11 +152,18 @@ def tune_and_train(
     run = read_json(join(out, schema.RUN_FILE), base.storage_options)
     if run.get("status") != "complete":
         raise RuntimeError(f"the best trial {trial_id} did not finish writing its checkpoint")
-    history = _history(out, base.storage_options)
-    result = TrainResult(
+    result = _kept_trial(out, run, base=base, prepared=prepared)
+    summary = TuneSummary(rows, trial_id, {k: v for k, v in best.config.items() if k != "seed"})
+    _logger.info("tune: best trial %s %s, val loss %.4f", trial_id, summary.best_config, best.metrics["val_loss"])
+    return result, summary
+
+
+def _kept_trial(out: str, run: dict[str, Any], *, base: TrainConfig, prepared: Any) -> TrainResult:
+    """The best trial's training result, read back from its output folder."""
+    return TrainResult(
         out,
         run["checkpoint"],
-        history,
+        _history(out, base.storage_options),
         run["val_metrics"],
         run["threshold"],
         run,
@@ -164,9 +171,6 @@ def tune_and_train(
         input_size=run["resolved"]["input_size"],
         use_gpu=run["resolved"]["use_gpu"],
     )
-    summary = TuneSummary(rows, trial_id, {k: v for k, v in best.config.items() if k != "seed"})
-    _logger.info("tune: best trial %s %s, val loss %.4f", trial_id, summary.best_config, best.metrics["val_loss"])
-    return result, summary
 
 
 def _trial_id_of(result: Any) -> str:

@@ -13,7 +13,9 @@ from aidetect_batch.model import save_checkpoint
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (about 28 minutes on 2 cores; run before changes to signals, clusters, training)")
+    parser.addoption(
+        "--runslow", action="store_true", help="also run the slow tests (signals, clusters, restarts, the demo)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
