@@ -86,35 +86,35 @@ def _small_cnn(num_logits: int, input_size: int) -> Any:
     return SmallCNN(num_logits, input_size)
 
 
+# The torchvision ResNet50 that the published ResNet50 detectors share: same keys, same head.
+_RESNET50 = Arch(
+    "resnet50",
+    _torchvision("resnet50"),
+    head="fc",
+    head_prefix="fc",
+    signature=("layer4.0.conv3.weight",),
+    imagenet=True,
+    structured_pruning=True,
+)
+
 REGISTRY: dict[str, Arch] = {
     arch.name: arch
     for arch in (
-        Arch(
-            "resnet50",
-            _torchvision("resnet50"),
-            head="fc",
-            head_prefix="fc",
-            signature=("layer4.0.conv3.weight",),
-            imagenet=True,
-            structured_pruning=True,
-        ),
-        Arch(
-            "cnndetection",
-            _torchvision("resnet50"),
-            head="fc",
-            head_prefix="fc",
-            signature=("layer4.0.conv3.weight",),
+        _RESNET50,
+        dataclasses.replace(
+            _RESNET50,
+            name="cnndetection",
             preprocess="native",
-            structured_pruning=True,
+            imagenet=False,
             published="Wang et al. 2020, PeterWang512/CNNDetection: {'model': state_dict}, CC BY-NC-SA 4.0",
         ),
-        Arch(
-            "resnet50_nodown",
-            _resnet50_nodown,
-            head="fc",
-            head_prefix="fc",
-            signature=("layer4.0.conv3.weight",),
+        dataclasses.replace(
+            _RESNET50,
+            name="resnet50_nodown",
+            build=_resnet50_nodown,
             preprocess="native",
+            imagenet=False,
+            structured_pruning=False,
             native_tiles=(1536, 1024),
             published="Corvi et al. 2023, grip-unina/DMimageDetection (Grag2021_*): GRIP licence, non-profit use only",
         ),

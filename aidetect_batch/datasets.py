@@ -106,14 +106,8 @@ class Description:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            **dataclasses.asdict(self.listing),
-            "split": self.split,
-            "balance": self.balance_json(),
-            "fingerprint": self.fingerprint,
-            "statuses": self.statuses,
-            "not_used": self.not_used,
-        }
+        """``dataset.json``: the listing and what ``_run.json`` records of the split."""
+        return {**dataclasses.asdict(self.listing), **self.run_json()}
 
 
 CLASS_DIRS = {
