@@ -50,6 +50,17 @@ NO_CHECKPOINT = (
 )
 
 
+def _add_provenance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-c2pa", dest="c2pa", action="store_false", help="do not read C2PA manifests (read only where marked)"
+    )
+    parser.add_argument(
+        "--watermark",
+        action="store_true",
+        help="also decode the Stable Diffusion invisible watermark (costly; pip install 'aidetect-batch[watermark]')",
+    )
+
+
 def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sources", nargs="*", help="folders, files, globs or s3://bucket/prefix")
     parser.add_argument(
@@ -67,6 +78,7 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
         "--gpu-decode", action="store_true", help="decode JPEGs on the GPU (nvJPEG) in the Classifier; CPU fallback"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in each Classifier")
+    _add_provenance_arguments(parser)
     parser.add_argument("--checkpoint", help="detector checkpoint, local or s3://")
     parser.add_argument("--out", required=True, help="output directory, local or s3://")
     parser.add_argument(
@@ -192,6 +204,7 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-files", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
     _add_framing(parser)
+    _add_provenance_arguments(parser)
     _add_storage_option(parser)
 
 
@@ -321,6 +334,8 @@ def config_from_args(args: argparse.Namespace) -> ScanConfig:
         compile=args.compile,
         native_max_pixels=args.native_max_pixels,
         max_tiles=args.max_tiles,
+        c2pa=args.c2pa,
+        watermark=args.watermark,
     )
 
 
@@ -374,6 +389,8 @@ def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
         "batch_size": args.batch_size,
         "native_max_pixels": args.native_max_pixels,
         "max_tiles": args.max_tiles,
+        "c2pa": args.c2pa,
+        "watermark": args.watermark,
     }
     if args.actors:
         scan_options["actors"] = parse_actors(args.actors)

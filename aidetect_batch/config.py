@@ -8,11 +8,12 @@ written next to the results (``OUT/_run.json``) with secrets redacted.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from typing import Any
 
-from aidetect_batch import archs, perturb
+from aidetect_batch import archs, perturb, provenance
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.preprocess import (
     DEFAULT_MAX_TILES,
@@ -22,7 +23,7 @@ from aidetect_batch.preprocess import (
     Framing,
 )
 
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic", "heif", "avif")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ARCHS = archs.ARCHS
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold: ~89 MP, about 9500x9500.
@@ -90,6 +91,8 @@ class ScanConfig:
         compile: ``torch.compile`` the model in each Classifier actor.
         native_max_pixels: ``native``: larger images are center-cropped to this many pixels, never resized.
         max_tiles: ``tiles``: at most this many tiles per image, spread evenly over it.
+        c2pa: Read and validate a C2PA manifest wherever the bytes carry its marker.
+        watermark: Also look for the Stable Diffusion invisible watermark (costly; needs the ``watermark`` extra).
     """
 
     sources: tuple[str, ...]
@@ -125,6 +128,8 @@ class ScanConfig:
     compile: bool = False
     native_max_pixels: int = DEFAULT_NATIVE_MAX_PIXELS
     max_tiles: int = DEFAULT_MAX_TILES
+    c2pa: bool = True
+    watermark: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,8 +138,14 @@ class ScanConfig:
     def framing(self) -> Framing:
         return Framing(native_max_pixels=self.native_max_pixels, max_tiles=self.max_tiles)
 
+    @property
+    def checks(self) -> provenance.Checks:
+        return provenance.Checks(c2pa=self.c2pa, watermark=self.watermark, max_pixels=self.max_pixels)
+
     def validate(self) -> None:
         """Check value ranges and names; raises :class:`ConfigError` with the flag to fix."""
+        if self.watermark:
+            check_watermark()
         if not self.sources and not self.manifest:
             raise ConfigError(
                 "no sources given: name at least one folder, file, glob or s3:// prefix, or --manifest FILE"
@@ -193,6 +204,12 @@ class ScanConfig:
         data = dataclasses.asdict(self)
         data["storage_options"] = redact(self.storage_options)
         return data
+
+
+def check_watermark() -> None:
+    """``--watermark`` needs the optional invisible-watermark package; say how to get it."""
+    if importlib.util.find_spec("imwatermark") is None:
+        raise ConfigError("--watermark needs the invisible-watermark package: pip install 'aidetect-batch[watermark]'")
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

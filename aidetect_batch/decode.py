@@ -7,7 +7,7 @@ error string. The decoder:
   decoding any pixel data (decompression-bomb guard);
 - records truncated files as ``truncated`` instead of padding them with grey
   (Pillow's global ``LOAD_TRUNCATED_IMAGES`` is left off);
-- applies EXIF orientation; takes the first frame of animations;
+- applies EXIF orientation; takes the first frame of animations and the primary image of a HEIF;
 - converts every mode to RGB: alpha is composited on white (how a browser on a
   white page shows it), 16/32-bit integer images are scaled to 8 bits rather
   than clipped, CMYK goes through Pillow's conversion;
@@ -23,9 +23,16 @@ import io
 import warnings
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aidetect_batch.schema import Status
+
+# HEIC/HEIF through libheif: 10-bit images arrive as 8-bit RGB, the HEIF transforms (the phone's
+# orientation) are applied by libheif, which then reports EXIF orientation 1 so it is not applied twice.
+# One thread per decode: a decode task holds one CPU, and the parallelism is across tasks.
+pillow_heif.options.DECODE_THREADS = 1
+pillow_heif.register_heif_opener()
 
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
@@ -50,6 +57,11 @@ _FTYP_BRANDS = {
     b"qt  ": "QuickTime video",
     b"M4V ": "MP4 video",
 }
+
+# Sniffed kinds that do have a decoder here (pillow-heif, Pillow's AVIF): failing to open one is corruption.
+DECODABLE_KINDS = frozenset(("HEIC image", "HEIF image", "HEIF image sequence", "AVIF image", "AVIF image sequence"))
+# How Pillow and libheif say that the data ends early.
+_TRUNCATION_WORDS = ("truncat", "end of file")
 
 
 @dataclasses.dataclass
@@ -130,7 +142,7 @@ def _draft(img: Image.Image, min_short_side: int) -> None:
 
 def _failure(exc: BaseException) -> Decoded:
     message = f"{type(exc).__name__}: {exc}"[:300]
-    if isinstance(exc, EOFError) or "truncat" in message.lower():
+    if isinstance(exc, EOFError) or any(word in message.lower() for word in _TRUNCATION_WORDS):
         return Decoded(Status.TRUNCATED, message)
     return Decoded(Status.UNDECODABLE, message)
 
@@ -154,6 +166,8 @@ def decode_image(data: bytes, max_pixels: int, min_short_side: int | None = None
             return Decoded(Status.TOO_LARGE, f"{exc} (Pillow's hard limit; max_pixels={max_pixels})"[:300])
         except UnidentifiedImageError:
             kind = sniff(data)
+            if kind in DECODABLE_KINDS:
+                return Decoded(Status.UNDECODABLE, f"{kind} that the decoder could not open (corrupt or truncated)")
             if kind:
                 return Decoded(Status.UNSUPPORTED, f"{kind} (no decoder for it here)")
             what = "text, not an image" if _looks_like_text(data) else "not a recognised image format"

@@ -3,7 +3,8 @@
 Everything is inline (plots and thumbnails as base64 data URIs, a few lines of
 script to sort the prefix table), so the file can be mailed or opened offline.
 It shows totals and statuses, the score histogram with the threshold, the
-per-prefix table, formats and top errors, two thumbnail grids (the images
+per-prefix table, formats and top errors, provenance counts and the files whose
+own bytes state AI origin, two thumbnail grids (the images
 most likely AI, and those nearest the threshold, which a person should look
 at), and an evaluation's plots when present.
 
@@ -37,17 +38,26 @@ THUMBNAILS = 24
 THUMB_PX = 160
 THUMB_MAX_SOURCE_BYTES = 64 << 20
 THUMB_MAX_PIXELS = 50_000_000
+PROVENANCE_ROWS = 200
+_DEFINITE = pa.array(schema.DEFINITE_AI, pa.string())
 EVAL_PLOTS = ("roc.png", "pr.png", "confusion.png", "histograms.png", "reliability.png", "robustness.png")
 
 
 def pick_rows(scores_dir: str, n: int, threshold: float, *, storage_options: dict[str, Any] | None = None) -> dict:
-    """The ``n`` highest-scored ok rows and the ``n`` nearest ``threshold``, in one pass over the scores."""
+    """In one pass over the scores: the ``n`` highest-scored ok rows, the ``n`` nearest ``threshold``, and
+    the first ``PROVENANCE_ROWS`` files (by path) whose own bytes state AI origin, whatever their status."""
     fs, root = filesystem(scores_dir, storage_options)
     dataset = pads.dataset(root, filesystem=fs, format="parquet", schema=schema.SCORES_SCHEMA)
     columns = [schema.PATH, schema.SCORE, schema.LABEL]
+    evidence = [*columns, schema.STATUS, schema.PROVENANCE, schema.PROVENANCE_DETAIL]
     top = pa.schema([schema.SCORES_SCHEMA.field(c) for c in columns]).empty_table()
     near = top
-    for batch in dataset.to_batches(columns=[*columns, schema.STATUS], batch_size=65_536):
+    definite = pa.schema([schema.SCORES_SCHEMA.field(c) for c in evidence]).empty_table()
+    for batch in dataset.to_batches(columns=evidence, batch_size=65_536):
+        stated = pa.Table.from_batches([batch]).filter(pc.is_in(batch.column(schema.PROVENANCE), _DEFINITE))
+        if stated.num_rows:
+            both = pa.concat_tables([definite, stated])
+            definite = _keep(both, np.zeros(both.num_rows), PROVENANCE_ROWS)
         table = pa.Table.from_batches([batch]).filter(pc.equal(batch.column(schema.STATUS), schema.Status.OK.value))
         table = table.select(columns)
         if not table.num_rows:
@@ -56,7 +66,7 @@ def pick_rows(scores_dir: str, n: int, threshold: float, *, storage_options: dic
         top = _keep(both, -_scores(both), n)
         both = pa.concat_tables([near, table])
         near = _keep(both, np.abs(_scores(both) - threshold), n)
-    return {"top_ai": top.to_pylist(), "near_threshold": near.to_pylist()}
+    return {"top_ai": top.to_pylist(), "near_threshold": near.to_pylist(), "provenance": definite.to_pylist()}
 
 
 def _scores(table: pa.Table) -> np.ndarray:
@@ -125,6 +135,25 @@ def _grid(rows: list[dict[str, Any]], storage_options: dict[str, Any] | None) ->
             f'<br><span title="{name}">{name}</span></figcaption></figure>'
         )
     return '<div class="grid">' + "".join(cards) + "</div>"
+
+
+def _provenance_section(summary: Summary, rows: list[dict[str, Any]]) -> list[str]:
+    """Counts by provenance kind, then the files whose own bytes state AI origin, with the evidence."""
+    total = sum(r["files"] for r in summary.provenance if r["definite_ai"])
+    shown = f"the first {len(rows)} by path" if total > len(rows) else "all of them"
+    listing = _table(
+        rows,
+        [schema.PATH, schema.PROVENANCE, schema.PROVENANCE_DETAIL, schema.STATUS, schema.SCORE, schema.LABEL],
+        "provenance",
+        sortable=True,
+    )
+    return [
+        "<h2>Provenance</h2><p>What each file's own bytes say about its origin (C2PA, IPTC, generator metadata, "
+        "watermark), beside the model's label. A C2PA manifest that fails validation is never proof.</p>",
+        _table(summary.provenance, ["provenance", "files", "ai", "real", "definite_ai"]),
+        f"<h3>Files with definite AI provenance ({total:,}; {shown})</h3>",
+        listing if rows else "<p>None.</p>",
+    ]
 
 
 _STYLE = """
@@ -200,6 +229,7 @@ def render(
         _table(formats, ["format", "files"]),
         "<h2>Top errors</h2>",
         _table(errors, ["status", "error", "count", "example_path", "example_error"]) if errors else "<p>None.</p>",
+        *_provenance_section(summary, picks["provenance"]),
         f"<h2>Most likely AI ({len(picks['top_ai'])})</h2>",
         _grid(picks["top_ai"], storage_options),
         f"<h2>Nearest the threshold ({len(picks['near_threshold'])}): worth a person's look</h2>",

@@ -330,6 +330,8 @@ def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
         "input_size": detector.ckpt.input_size,
         "perturbation": cfg.perturbation,
         "dedup": cfg.dedup,
+        "c2pa": cfg.c2pa,
+        "watermark": cfg.watermark,
     }
     if detector.policy == "native":
         identity["native_max_pixels"] = cfg.native_max_pixels
@@ -593,6 +595,7 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: dict[str, Any], ds: An
         storage_options=cfg.storage_options,
         decode_later=cfg.gpu_decode,
         framing=cfg.framing,
+        checks=cfg.checks,
     )
     ds = ds.map_batches(
         prepare.prepare_batch,

@@ -20,9 +20,17 @@ import pyarrow as pa
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from aidetect_batch import perturb, preprocess, schema, sources
+from aidetect_batch import perturb, preprocess, provenance, schema, sources
 
-DECODE_COLUMNS = (*schema.DECODED_COLUMNS, schema.FILE_SIZE, schema.SHA256, schema.T_READ_MS, schema.DUPLICATE_OF)
+DECODE_COLUMNS = (
+    *schema.DECODED_COLUMNS,
+    schema.FILE_SIZE,
+    schema.SHA256,
+    schema.T_READ_MS,
+    schema.DUPLICATE_OF,
+    schema.PROVENANCE,
+    schema.PROVENANCE_DETAIL,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +46,7 @@ class PrepareOptions:
         storage_options: fsspec options for remote files.
         decode_later: ``--gpu-decode``: stop after reading and hand the bytes on in ``_data``.
         framing: How ``tiles`` and ``native`` frame an image (``--max-tiles``, ``--native-max-pixels``).
+        checks: Which provenance checks run on the bytes (``--no-c2pa``, ``--watermark``).
     """
 
     policy: str
@@ -48,6 +57,7 @@ class PrepareOptions:
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     decode_later: bool = False
     framing: preprocess.Framing = preprocess.Framing()
+    checks: provenance.Checks = provenance.Checks()
 
     @property
     def fixed(self) -> bool:
@@ -72,6 +82,9 @@ def prepare_batch(batch: pa.Table, options: PrepareOptions, registry: Any = None
     payload = [read_into(rows, i, path, raw_path=raw[i], options=options) for i, path in enumerate(paths)]
     if registry is not None:
         _claim_duplicates(rows, payload, paths, registry=registry)
+    for i, data in enumerate(payload):
+        if data is not None:
+            inspect_into(rows, i, data, options.checks)
     images = None if options.decode_later else _decode_all(rows, payload, options)
     return _to_table(batch, rows, payload if options.decode_later else None, images=images, policy=options.policy)
 
@@ -92,6 +105,13 @@ def read_into(
     rows[schema.FILE_SIZE][i] = len(data)
     rows[schema.SHA256][i] = hashlib.sha256(data).hexdigest()
     return data
+
+
+def inspect_into(rows: dict[str, list[Any]], i: int, data: bytes, checks: provenance.Checks) -> None:
+    """Fill file ``i``'s provenance columns from its bytes (before decoding, so a failed decode keeps them)."""
+    found = provenance.inspect(data, checks)
+    rows[schema.PROVENANCE][i] = found.kind
+    rows[schema.PROVENANCE_DETAIL][i] = found.detail
 
 
 def read_failure(exc: BaseException) -> tuple[schema.Status, int | None]:

@@ -26,6 +26,7 @@ from aidetect_batch.storage import filesystem, join, read_json, write_json, writ
 HISTOGRAM_BINS = 20
 TOP_ERRORS = 20
 _NO_PREFIX = "(root)"
+_NO_PROVENANCE = "none"
 
 
 def prefix_of(path: str, source: str | None, depth: int) -> str:
@@ -45,6 +46,7 @@ _COLUMNS = [
     schema.SCORE,
     schema.LABEL,
     schema.FORMAT,
+    schema.PROVENANCE,
     schema.T_READ_MS,
     schema.T_DECODE_MS,
     schema.T_INFER_MS,
@@ -72,6 +74,7 @@ class _Aggregates:
         self.counts: dict[str, pa.Table | None] = {"status": None, "label": None, "format": None}
         self.prefixes: pa.Table | None = None
         self.errors: pa.Table | None = None
+        self.provenance: pa.Table | None = None
 
     def add(self, batch: pa.RecordBatch) -> None:
         table = pa.Table.from_batches([batch])
@@ -87,6 +90,7 @@ class _Aggregates:
             self.counts[key] = _merge(self.counts[key], pa.table({"key": values, "n": ones}), ["key"], {"n": "sum"})
         self._add_prefixes(table)
         self._add_errors(table)
+        self._add_provenance(table)
 
     def _add_histograms(self, table: pa.Table) -> None:
         scores = table.column(schema.SCORE).to_numpy().astype(np.float64)
@@ -142,6 +146,24 @@ class _Aggregates:
         how = {"count": "sum", "example_path": "first", "example_error": "first"}
         self.errors = _merge(self.errors, rows, ["status", "error"], how)
 
+    def _add_provenance(self, table: pa.Table) -> None:
+        label = table.column(schema.LABEL)
+        rows = pa.table(
+            {
+                "provenance": pc.fill_null(table.column(schema.PROVENANCE), _NO_PROVENANCE),
+                "files": pa.array(np.ones(table.num_rows, np.int64)),
+                "ai": pc.cast(pc.fill_null(pc.equal(label, schema.LABEL_AI), False), pa.int64()),
+                "real": pc.cast(pc.fill_null(pc.equal(label, schema.LABEL_REAL), False), pa.int64()),
+            }
+        )
+        self.provenance = _merge(self.provenance, rows, ["provenance"], {"files": "sum", "ai": "sum", "real": "sum"})
+
+    def _provenance_rows(self) -> list[dict[str, Any]]:
+        """One row per provenance kind found (strongest first, then none): files, and how the model labelled them."""
+        found = {} if self.provenance is None else {r["provenance"]: r for r in self.provenance.to_pylist()}
+        order = [*schema.PROVENANCE_KINDS, _NO_PROVENANCE]
+        return [{**found[k], "definite_ai": k in schema.DEFINITE_AI} for k in order if k in found]
+
     def result(self) -> Summary:
         status_counts = _as_dict(self.counts["status"])
         label_counts = _as_dict(self.counts["label"])
@@ -164,6 +186,7 @@ class _Aggregates:
             },
             prefixes=self._prefix_rows(),
             errors=self._error_rows(),
+            provenance=self._provenance_rows(),
             stage_images_per_s={
                 stage: (self.stage_rows[stage] * 1000.0 / ms) if ms > 0 else None for stage, ms in self.stage_ms.items()
             },
@@ -278,6 +301,8 @@ def write_report(
         "count": pa.array([], pa.int64()),
     }
     write_parquet(join(report_dir, "errors.parquet"), summary.errors or no_errors, storage_options)
+    no_provenance = {"provenance": pa.array([], pa.string()), "files": pa.array([], pa.int64())}
+    write_parquet(join(report_dir, "provenance.parquet"), summary.provenance or no_provenance, storage_options)
     write_json(join(report_dir, schema.SUMMARY_FILE), summary.to_json(prefixes=100, errors=TOP_ERRORS), storage_options)
     png = _plot_histogram(summary)
     with fs.open(f"{root}/histogram.png", "wb") as handle:

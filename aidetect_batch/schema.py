@@ -29,7 +29,7 @@ class Status(str, enum.Enum):
     TOO_LARGE = "too_large"
     """The header announces more pixels than ``max_pixels`` (decompression-bomb guard)."""
     UNSUPPORTED = "unsupported"
-    """A recognised media type that this build cannot decode (HEIC, video, PDF, SVG, odd modes)."""
+    """A recognised media type that this build cannot decode (video, PDF, SVG, odd modes)."""
     DUPLICATE = "duplicate"
     """``--dedup``: the same bytes (SHA-256) as the file named in ``duplicate_of``, which was scored instead."""
 
@@ -62,6 +62,22 @@ DUPLICATE_OF = "duplicate_of"
 SCORE_MAX = "score_max"
 N_TILES = "n_tiles"
 COVERAGE = "coverage"
+PROVENANCE = "provenance"
+PROVENANCE_DETAIL = "provenance_detail"
+
+# What a file's own bytes say about its origin (:mod:`aidetect_batch.provenance`), strongest first.
+PROVENANCE_KINDS = (
+    "c2pa_ai",  # a validated C2PA manifest declares trainedAlgorithmicMedia
+    "c2pa_ai_composite",  # ... compositeWithTrainedAlgorithmicMedia, or an ingredient that is AI media
+    "iptc_ai",  # XMP Iptc4xmpExt:DigitalSourceType declares (composite) trained algorithmic media
+    "generator_params",  # AUTOMATIC1111 / ComfyUI / InvokeAI parameters in text chunks or EXIF UserComment
+    "watermark_sd",  # the Stable Diffusion invisible watermark (--watermark)
+    "c2pa_other",  # a validated C2PA manifest that declares no AI source
+    "software_hint",  # EXIF/PNG Software names a generator or an editor
+    "c2pa_invalid",  # a C2PA manifest that fails validation or cannot be parsed: never proof
+)
+# The kinds that state AI origin outright; the report lists these files and evaluation scores them as a detector.
+DEFINITE_AI = ("c2pa_ai", "c2pa_ai_composite", "iptc_ai", "generator_params", "watermark_sd")
 
 # Intermediate columns between the stages; never written: the preprocessed image, the
 # file's bytes (``--gpu-decode``), a name's raw bytes, the input shard a row belongs to
@@ -101,6 +117,8 @@ SCORES_SCHEMA = pa.schema(
         pa.field(SCORE, pa.float32()),
         pa.field(SCORE_MAX, pa.float32()),
         pa.field(LABEL, pa.string()),
+        pa.field(PROVENANCE, pa.string()),
+        pa.field(PROVENANCE_DETAIL, pa.string()),
         pa.field(FORMAT, pa.string()),
         pa.field(MODE, pa.string()),
         pa.field(WIDTH, pa.int32()),
@@ -163,8 +181,9 @@ class RunFacts:
 class Summary:
     """A scan's aggregates over its scores, as ``report/summary.json`` holds them.
 
-    ``histogram`` is columnar (``bin_start``, ``bin_end``, ``all``, ``ai``, ``real``); ``prefixes`` and
-    ``errors`` are the rows of ``prefixes.parquet`` and ``errors.parquet``.
+    ``histogram`` is columnar (``bin_start``, ``bin_end``, ``all``, ``ai``, ``real``); ``prefixes``,
+    ``errors`` and ``provenance`` are the rows of ``prefixes.parquet``, ``errors.parquet`` and
+    ``provenance.parquet`` (files per provenance kind, strongest first, and how many the model labelled ai/real).
     """
 
     total: int
@@ -178,6 +197,7 @@ class Summary:
     prefixes: list[dict[str, Any]]
     errors: list[dict[str, Any]]
     stage_images_per_s: dict[str, float | None]
+    provenance: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     facts: RunFacts = RunFacts()
 
     def to_json(self, *, prefixes: int, errors: int) -> dict[str, Any]:

@@ -7,9 +7,21 @@ from __future__ import annotations
 import os
 
 import pytest
-from helpers import CORPUS, HIDDEN, NO_EXT, NOT_IMAGE_EXT, free_port, own_ray, start_ray, tiny_model, write_files
+from helpers import (
+    CORPUS,
+    HIDDEN,
+    NO_EXT,
+    NOT_IMAGE_EXT,
+    PROVENANCE,
+    free_port,
+    own_ray,
+    start_ray,
+    tiny_model,
+    write_files,
+)
 
 from aidetect_batch.model import save_checkpoint
+from aidetect_batch.schema import Status
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -67,12 +79,11 @@ def corpus(tmp_path_factory) -> dict:
     and ``all_files`` (path → status with ``--all-files``).
     """
     root = str(tmp_path_factory.mktemp("corpus"))
-    listed = write_files(root, CORPUS)
+    listed = write_files(root, CORPUS + [(path, factory, Status.OK) for path, factory, _ in PROVENANCE])
     extra = write_files(root, NO_EXT + NOT_IMAGE_EXT)
     write_files(root, HIDDEN)
     os.makedirs(os.path.join(root, "empty_dir", "nested_empty"))
-    default = {p: s for p, s in listed.items() if not p.endswith(".heic")}
-    return {"root": root, "default": default, "all_files": {**listed, **extra}}
+    return {"root": root, "default": listed, "all_files": {**listed, **extra}}
 
 
 @pytest.fixture(scope="session")

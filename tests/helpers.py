@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import socket
 import struct
@@ -98,6 +99,10 @@ def heic_like() -> bytes:
     return struct.pack(">I", 24) + b"ftypheic" + b"\x00" * 4 + b"mif1heic" + b"\x00" * 64
 
 
+def mp4_like() -> bytes:
+    return struct.pack(">I", 24) + b"ftypisom" + b"\x00" * 4 + b"isomiso2" + b"\x00" * 64
+
+
 def corrupt_png_crc() -> bytes:
     data = bytearray(encode(photo(30, 30, seed=9), "PNG"))
     data[40:60] = b"\xff" * 20
@@ -128,11 +133,18 @@ CORPUS = [
     ("broken/corrupt.png", corrupt_png_crc, Status.UNDECODABLE),
     ("broken/zero.jpg", lambda: b"", Status.EMPTY),
     ("broken/text.jpg", lambda: b"hello, I am plain text pretending to be a JPEG\n", Status.UNDECODABLE),
-    ("broken/phone.heic", heic_like, Status.UNSUPPORTED),
+    ("broken/phone.heic", heic_like, Status.UNDECODABLE),
+    ("broken/truncated.heic", lambda: encode(photo(300, 200, seed=11), "HEIF")[:-2000], Status.TRUNCATED),
+    ("phone/photo.heic", lambda: encode(photo(seed=12), "HEIF"), Status.OK),
+    ("phone/renamed_heic.jpg", lambda: encode(photo(seed=13), "HEIF"), Status.OK),
+    ("other/photo.avif", lambda: encode(photo(seed=14), "AVIF"), Status.OK),
 ]
 # Files the default listing skips: no image extension, or hidden.
 NO_EXT = [("misc/no_extension", lambda: encode(photo(seed=10), "JPEG"), Status.OK)]
-NOT_IMAGE_EXT = [("misc/readme.txt", lambda: b"notes", Status.UNDECODABLE)]
+NOT_IMAGE_EXT = [
+    ("misc/readme.txt", lambda: b"notes", Status.UNDECODABLE),
+    ("misc/clip.mp4", mp4_like, Status.UNSUPPORTED),
+]
 HIDDEN = [(".hidden/photo.jpg", lambda: encode(photo(), "JPEG")), ("jpeg/.DS_Store", lambda: b"\x00\x00\x00\x01Bud1")]
 
 
@@ -196,3 +208,157 @@ def write_labelled_set(root: str, per_class: int, side: int = 64, layout: str = 
             img.save(path, "PNG")
             labels[os.path.abspath(path)] = label
     return labels
+
+
+# --- provenance fixtures --------------------------------------------------------------------------
+
+IPTC_TYPES = "http://cv.iptc.org/newscodes/digitalsourcetype/"
+A1111_PARAMETERS = (
+    "a lighthouse at dusk, volumetric light\nNegative prompt: blurry\n"
+    "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, Size: 512x512, Model hash: 31e35c80fc, "
+    "Model: sd_xl_base_1.0"
+)
+COMFY_PROMPT = {
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-dev.safetensors"}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["4", 1]}},
+}
+
+
+def xmp_packet(source_type: str) -> str:
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description rdf:about="" xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" '
+        f'Iptc4xmpExt:DigitalSourceType="{IPTC_TYPES}{source_type}"/></rdf:RDF></x:xmpmeta>'
+    )
+
+
+def png_with_text(**chunks: str) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in chunks.items():
+        info.add_itxt(key, value) if key.startswith("XML:") else info.add_text(key, value)
+    return encode(photo(seed=31), "PNG", pnginfo=info)
+
+
+def jpeg_with_exif(*, software: str | None = None, user_comment: str | None = None) -> bytes:
+    """A JPEG whose EXIF says ``software`` and carries ``user_comment`` the way piexif writes it (UNICODE)."""
+    exif = Image.Exif()
+    if software:
+        exif[0x0131] = software
+    if user_comment:
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + user_comment.encode("utf-16-be")
+    return encode(photo(seed=32), "JPEG", exif=exif)
+
+
+def jpeg_with_xmp(source_type: str) -> bytes:
+    return encode(photo(seed=33), "JPEG", xmp=xmp_packet(source_type).encode())
+
+
+def png_with_xmp(source_type: str) -> bytes:
+    return png_with_text(**{"XML:com.adobe.xmp": xmp_packet(source_type)})
+
+
+def _test_signer():
+    """A signer whose certificate chain (a test CA and its leaf) is made here: nothing is fetched."""
+    import datetime
+
+    import c2pa
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(common: str) -> x509.Name:
+        return x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, common), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tests")]
+        )
+
+    def usage(*, sign: bool) -> x509.KeyUsage:
+        return x509.KeyUsage(
+            digital_signature=not sign, content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, key_cert_sign=sign, crl_sign=sign, encipher_only=False, decipher_only=False,
+        )  # fmt: skip
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+
+    def certificate(subject, issuer, public, signing_key, *, ca: bool):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(usage(sign=ca), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False
+            ).add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca = certificate(name("test CA"), name("test CA"), ca_key.public_key(), ca_key, ca=True)
+    leaf = certificate(name("test signer"), ca.subject, key.public_key(), ca_key, ca=False)
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, ca))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return c2pa.Signer.from_info(c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, chain, pem, None))
+
+
+def c2pa_signed_jpeg(source_type: str, agent: str = "TestDiffusion 2.1") -> bytes:
+    """A JPEG with an embedded C2PA manifest whose ``c2pa.created`` action declares ``source_type``."""
+    import c2pa
+
+    action = {"action": "c2pa.created", "digitalSourceType": IPTC_TYPES + source_type, "softwareAgent": {"name": agent}}
+    manifest = {
+        "claim_generator_info": [{"name": "aidetect-batch tests", "version": "1"}],
+        "title": "generated.jpg",
+        "assertions": [{"label": "c2pa.actions", "data": {"actions": [action]}}],
+    }
+    signed = io.BytesIO()
+    with c2pa.Builder(manifest) as builder:
+        builder.sign(_test_signer(), "image/jpeg", io.BytesIO(encode(photo(seed=34), "JPEG")), signed)
+    return signed.getvalue()
+
+
+def tampered(data: bytes) -> bytes:
+    """``data`` with one bit flipped inside the JPEG's entropy-coded image data."""
+    changed = bytearray(data)
+    changed[data.rfind(b"\xff\xda") + 64] ^= 0x01
+    return bytes(changed)
+
+
+def watermarked_png(message: bytes | None = b"StableDiffusionV1") -> bytes:
+    """A photograph (512×512), with the Stable Diffusion reference scripts' dwtDct watermark when ``message``."""
+    from aidetect_batch.demo import photo_bytes
+
+    rgb = np.asarray(Image.open(io.BytesIO(photo_bytes("astronaut.jpg"))).convert("RGB"))
+    if message is not None:
+        from imwatermark import WatermarkEncoder
+
+        encoder = WatermarkEncoder()
+        encoder.set_watermark("bytes", message)
+        rgb = encoder.encode(np.ascontiguousarray(rgb[:, :, ::-1]), "dwtDct")[:, :, ::-1]
+    return encode(Image.fromarray(np.ascontiguousarray(rgb)), "PNG")
+
+
+# (relative path, bytes factory, expected provenance): provenance fixtures, all decodable.
+PROVENANCE = [
+    ("provenance/a1111.png", lambda: png_with_text(parameters=A1111_PARAMETERS), "generator_params"),
+    (
+        "provenance/comfyui.png",
+        lambda: png_with_text(prompt=json.dumps(COMFY_PROMPT), workflow=json.dumps({"nodes": []})),
+        "generator_params",
+    ),
+    ("provenance/a1111_exif.jpg", lambda: jpeg_with_exif(user_comment=A1111_PARAMETERS), "generator_params"),
+    ("provenance/iptc.jpg", lambda: jpeg_with_xmp("trainedAlgorithmicMedia"), "iptc_ai"),
+    ("provenance/iptc.png", lambda: png_with_xmp("trainedAlgorithmicMedia"), "iptc_ai"),
+    ("provenance/camera.jpg", lambda: jpeg_with_exif(software="Canon EOS R5 Firmware Version 1.8.1"), None),
+    ("provenance/edited.jpg", lambda: jpeg_with_exif(software="Adobe Photoshop 25.4 (Windows)"), "software_hint"),
+    ("provenance/c2pa_ai.jpg", lambda: c2pa_signed_jpeg("trainedAlgorithmicMedia"), "c2pa_ai"),
+    ("provenance/c2pa_tampered.jpg", lambda: tampered(c2pa_signed_jpeg("trainedAlgorithmicMedia")), "c2pa_invalid"),
+    ("provenance/c2pa_camera.jpg", lambda: c2pa_signed_jpeg("digitalCapture", "CameraApp 3"), "c2pa_other"),
+]

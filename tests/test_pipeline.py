@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision.transforms as T
-from helpers import encode, photo, tiny_model
+from helpers import PROVENANCE, encode, photo, tiny_model
 from PIL import Image
 
 from aidetect_batch import schema
@@ -73,6 +73,39 @@ def test_statuses_and_scores(corpus_scan, corpus):
         else:
             assert math.isnan(row[schema.SCORE]) and row[schema.LABEL] is None and row[schema.ERROR]
         assert row[schema.MODEL_ID] == result_model_id(cfg)
+
+
+def test_provenance_sits_beside_the_score(corpus_scan, corpus):
+    _, cfg = corpus_scan
+    expected = {os.path.join(corpus["root"], relative): kind for relative, _, kind in PROVENANCE}
+    rows = read_scores(cfg.out)
+    for row in rows:
+        assert row[schema.PROVENANCE] == expected.get(row[schema.PATH]), row[schema.PATH]
+        assert (row[schema.PROVENANCE_DETAIL] is None) == (row[schema.PROVENANCE] is None)
+    marked = [r for r in rows if r[schema.PROVENANCE] in schema.DEFINITE_AI]
+    assert marked and all(r[schema.STATUS] == "ok" and 0.0 <= r[schema.SCORE] <= 1.0 for r in marked)
+
+
+def test_report_counts_provenance_and_lists_the_definite_files(corpus_scan, corpus):
+    result, cfg = corpus_scan
+    expected = collections.Counter(kind for _, _, kind in PROVENANCE if kind)
+    counts = {row["provenance"]: row["files"] for row in result.summary.provenance}
+    assert {k: v for k, v in counts.items() if k != "none"} == expected
+    assert counts["none"] == len(corpus["all_files"]) - sum(expected.values())
+    assert [r["provenance"] for r in result.summary.provenance][:-1] == sorted(
+        expected, key=schema.PROVENANCE_KINDS.index
+    )
+    table = pq.read_table(os.path.join(cfg.out, schema.REPORT_DIR, "provenance.parquet")).to_pylist()
+    assert table == result.summary.provenance
+    with open(os.path.join(cfg.out, schema.REPORT_DIR, schema.SUMMARY_FILE)) as handle:
+        assert json.load(handle)["provenance"] == result.summary.provenance
+    with open(os.path.join(cfg.out, schema.REPORT_DIR, "index.html"), encoding="utf-8") as handle:
+        page = handle.read()
+    section = page[page.index("<h3>Files with definite AI provenance") : page.index("Most likely AI")]
+    definite = [relative for relative, _, kind in PROVENANCE if kind in schema.DEFINITE_AI]
+    assert f"({len(definite)}; all of them)" in section
+    assert all(os.path.join(corpus["root"], relative) in section for relative in definite)
+    assert "c2pa_tampered" not in section and "TestDiffusion" in section
 
 
 def result_model_id(cfg):
