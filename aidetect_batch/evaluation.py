@@ -23,6 +23,7 @@ does not get to re-tune for each platform's processing.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -109,7 +110,8 @@ def _labelled_scores(scores_dir: str, storage_options: dict[str, Any]) -> pa.Tab
     import pyarrow.dataset as pads
 
     fs, root = filesystem(scores_dir, storage_options)
-    columns = [schema.PATH, schema.STATUS, schema.SCORE, schema.TRUE_LABEL, schema.GROUP]
+    columns = [schema.PATH, schema.STATUS, schema.SCORE, schema.LABEL, schema.TRUE_LABEL, schema.GROUP]
+    columns.append(schema.PROVENANCE)
     return pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
@@ -155,6 +157,44 @@ def measure(
             )
         nested[scope] = entry
     return nested, rows
+
+
+def provenance_metrics(table: pa.Table) -> dict[str, Any]:
+    """How many files carry each provenance kind per true class, and provenance as a detector beside the model.
+
+    Provenance counts over every file that was read (a file that fails to decode still has its metadata);
+    "flagged" means a kind in :data:`schema.DEFINITE_AI`. The model is measured on the decoded files at
+    its own label, and ``either`` flags a file when the model or its provenance says AI.
+    """
+    kinds = pc.fill_null(table.column(schema.PROVENANCE), "none").to_pylist()
+    truth = table.column(schema.TRUE_LABEL).to_pylist()
+    per_kind = collections.Counter(zip(kinds, truth, strict=True))
+    by_class = {
+        label: {k: per_kind[(k, label)] for k in (*schema.PROVENANCE_KINDS, "none") if per_kind[(k, label)]}
+        for label in (schema.LABEL_REAL, schema.LABEL_AI)
+    }
+    is_ai = np.array([t == schema.LABEL_AI for t in truth])
+    flagged = np.isin(np.array(kinds, dtype=object), schema.DEFINITE_AI)
+    ok = np.array([s == schema.Status.OK.value for s in table.column(schema.STATUS).to_pylist()])
+    model = np.array([label == schema.LABEL_AI for label in table.column(schema.LABEL).to_pylist()])
+    return {
+        "by_class": by_class,
+        "provenance": _detector(is_ai, flagged),
+        "model": _detector(is_ai[ok], model[ok]),
+        "either": _detector(is_ai[ok], model[ok] | flagged[ok]),
+    }
+
+
+def _detector(is_ai: np.ndarray, flagged: np.ndarray) -> dict[str, Any]:
+    tp, fp = int(np.sum(flagged & is_ai)), int(np.sum(flagged & ~is_ai))
+    return {
+        "files": len(is_ai),
+        "flagged": tp + fp,
+        "tp": tp,
+        "fp": fp,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / int(np.sum(is_ai)) if np.any(is_ai) else None,
+    }
 
 
 def run_evaluate(cfg: EvalConfig) -> EvalResult:
@@ -212,6 +252,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         "groups": {k[len("group:") :]: v for k, v in nested.items() if k.startswith("group:")},
         "calibration": {"ece": ece, "bins": reliability},
         "robustness": robustness,
+        "provenance": provenance_metrics(scored),
         "config": cfg.to_json(),
         "description": dataclasses.asdict(listed),
     }
@@ -317,6 +358,13 @@ def format_table(result: dict[str, Any]) -> str:
             f"{name:<12}{at['threshold']:>8.3f}{at['accuracy']:>8.3f}{at['balanced_accuracy']:>8.3f}"
             f"{at['precision']:>8.3f}{at['recall']:>8.3f}{at['specificity']:>8.3f}{at['f1']:>8.3f}"
             f"{at['kappa']:>8.3f}{at['fpr']:>8.3f}"
+        )
+    found, model_at = result["provenance"]["provenance"], result["provenance"]["model"]
+    if found["flagged"]:
+        lines.append(
+            f"provenance: {found['flagged']} file(s) state AI origin, precision {found['precision']:.3f}, "
+            f"recall {found['recall'] or 0:.3f} (model at its threshold: precision "
+            f"{model_at['precision'] or 0:.3f}, recall {model_at['recall'] or 0:.3f})"
         )
     if len(result["robustness"]) > 1:
         lines.append(

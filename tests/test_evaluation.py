@@ -7,12 +7,21 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_labelled_set
+from helpers import A1111_PARAMETERS, jpeg_with_exif, jpeg_with_xmp, png_with_text, write_labelled_set
 from sklearn import metrics as skm
 
 from aidetect_batch import schema
 from aidetect_batch.config import ConfigError, EvalConfig
-from aidetect_batch.evaluation import run_evaluate
+from aidetect_batch.evaluation import format_table, run_evaluate
+
+# Files whose bytes state their origin: two true AI, and one "real" photo that carries generator
+# parameters (an img2img edit, say), so provenance's precision is 2/3 and its recall 2 of the 14 AI files.
+PROVENANCE_FILES = {
+    "faces/ai/a1111.png": lambda: png_with_text(parameters=A1111_PARAMETERS),
+    "scenes/ai/iptc.jpg": lambda: jpeg_with_xmp("trainedAlgorithmicMedia"),
+    "faces/real/img2img.png": lambda: png_with_text(parameters=A1111_PARAMETERS),
+    "scenes/real/edited.jpg": lambda: jpeg_with_exif(software="Adobe Photoshop 25.4 (Windows)"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +30,11 @@ def evaluated(ray_cluster, tiny_checkpoint, tmp_path_factory):
     labels = write_labelled_set(root, per_class=12, side=96, layout="groups")
     with open(os.path.join(root, "faces", "real", "broken.png"), "wb") as handle:
         handle.write(b"\x89PNG\r\n\x1a\n truncated")
+    for relative, data in PROVENANCE_FILES.items():
+        path = os.path.join(root, relative)
+        with open(path, "wb") as handle:
+            handle.write(data())
+        labels[path] = relative.split("/")[1]
     out = str(tmp_path_factory.mktemp("eval"))
     cfg = EvalConfig(
         dataset=root, checkpoint=tiny_checkpoint, out=out, perturb=("jpeg:50", "downscale:0.5"), target_fpr=0.1
@@ -59,6 +73,26 @@ def test_overall_metrics_equal_sklearn_on_the_scanned_scores(evaluated):
         assert at["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred)), name
     assert overall["thresholds"]["checkpoint"]["threshold"] == 0.5
     assert overall["thresholds"]["target_fpr"]["fpr"] <= 0.1
+
+
+def test_provenance_is_counted_per_class_and_measured_as_a_detector(evaluated, capsys):
+    cfg, labels, result = evaluated
+    found = result.metrics["provenance"]
+    assert found["by_class"]["ai"] == {"generator_params": 1, "iptc_ai": 1, "none": 12}
+    assert found["by_class"]["real"] == {"generator_params": 1, "software_hint": 1, "none": 13}
+    assert found["provenance"] | {"precision": None} == {
+        "files": len(labels) + 1, "flagged": 3, "tp": 2, "fp": 1, "precision": None, "recall": 2 / 14,
+    }  # fmt: skip
+    assert found["provenance"]["precision"] == pytest.approx(2 / 3)
+    rows, y, s, _ = scored(cfg)
+    ok = [r for r in rows if r[schema.STATUS] == "ok"]
+    model = np.array([r[schema.LABEL] == "ai" for r in ok])
+    assert found["model"]["precision"] == pytest.approx(skm.precision_score(y, model, zero_division=0))
+    assert found["model"]["recall"] == pytest.approx(skm.recall_score(y, model))
+    either = model | np.array([r[schema.PROVENANCE] in schema.DEFINITE_AI for r in ok])
+    assert found["either"]["recall"] == pytest.approx(skm.recall_score(y, either))
+    main_table = format_table(result.metrics)
+    assert "provenance: 3 file(s) state AI origin, precision 0.667" in main_table
 
 
 def test_per_group_metrics(evaluated):
