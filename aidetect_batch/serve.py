@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from aidetect_batch import model, preprocess, runtime, schema
+from aidetect_batch import model, preprocess, provenance, runtime, schema
 from aidetect_batch.classifier import Classifier
 from aidetect_batch.config import ServeConfig, check_policy
 
@@ -100,6 +100,8 @@ class UploadScorer:
             "height": result.height,
             "t_decode_ms": (time.perf_counter() - start) * 1000.0,
         }
+        found = provenance.inspect(data, provenance.Checks(max_pixels=self.max_pixels))
+        row.update(provenance=found.kind, provenance_detail=found.detail)
         if view is None:
             row["message"] = failure_message(name, result.status, result.error)
             return row, None
@@ -136,7 +138,9 @@ def failure_message(name: str, status: schema.Status, error: str | None) -> str:
         return f"{name} is a damaged image: its data ends early{detail}."
     if status is schema.Status.EMPTY:
         return f"{name} is empty (0 bytes)."
-    return f"{name} is not an image this scanner can read{detail}. Upload a JPEG, PNG, WebP, GIF, BMP or TIFF."
+    return (
+        f"{name} is not an image this scanner can read{detail}. Upload a JPEG, PNG, WebP, HEIC, AVIF, GIF, BMP or TIFF."
+    )
 
 
 def http_status(status: str) -> int:
@@ -299,6 +303,7 @@ def render_page(info: dict[str, Any], max_upload_bytes: int, *, token_required: 
         .replace("__WARNING__", warning)
         .replace("__MAX_BYTES__", json.dumps(max_upload_bytes))
         .replace("__TOKEN_REQUIRED__", json.dumps(token_required))
+        .replace("__DEFINITE_AI__", json.dumps(schema.DEFINITE_AI))
         .replace("__MODEL_NAME__", json.dumps(f"{info['arch']} {info['model_id']}"))
     )
 
@@ -317,17 +322,25 @@ body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:60rem;color:#22
 .card img{width:100%;height:12rem;object-fit:contain;background:#eee}
 .label{font-weight:700;font-size:1.1rem}.label.ai{color:#c0392b}.label.real{color:#1e7d32}
 .card.failed{border-color:#c0392b;background:#fff5f5}.message{color:#c0392b}
+.provenance{font-size:.85rem;color:#555}.provenance.definite{color:#c0392b;font-weight:600}
 </style></head><body>
 <h1>Real photograph or AI-generated?</h1>
 <p class="model" id="model">__MODEL__</p>
 __WARNING__
 <div id="drop"><p>Drop images here, or</p>
-<input type="file" id="files" multiple accept="image/*,.tif,.tiff,.webp">
+<input type="file" id="files" multiple accept="image/*,.tif,.tiff,.webp,.heic,.heif,.avif">
 <p class="model">Each file is scored on its own, with the scan's decode, preprocessing and model.
 Scores are P(AI); calibrate the threshold on your own data before acting on them.</p></div>
 <div id="results" data-done="0"></div>
 <script>
 const MAX_BYTES = __MAX_BYTES__, MODEL_NAME = __MODEL_NAME__, TOKEN_REQUIRED = __TOKEN_REQUIRED__;
+const DEFINITE_AI = __DEFINITE_AI__;
+function provenanceLine(r) {
+  if (!r.provenance) return el("div", "provenance", "provenance: none found in the file");
+  const definite = DEFINITE_AI.includes(r.provenance);
+  return el("div", "provenance" + (definite ? " definite" : ""),
+            "provenance: " + r.provenance + " (" + r.provenance_detail + ")");
+}
 function authHeaders() {
   if (!TOKEN_REQUIRED) return {};
   let token = sessionStorage.getItem("aidetect-token");
@@ -358,10 +371,12 @@ async function score(file) {
     if (resp.status === 401) sessionStorage.removeItem("aidetect-token");
     const r = await resp.json();
     card.dataset.status = r.status;
+    if (r.provenance) card.dataset.provenance = r.provenance;
     if (!resp.ok) throw new Error(r.message || ("HTTP " + resp.status));
     state.remove();
     card.append(el("div", "label " + r.label, r.label === "ai" ? "AI-generated" : "real"),
                 el("div", "score", "P(AI) = " + r.score.toFixed(4)),
+                provenanceLine(r),
                 el("div", "dims", r.format + " " + r.width + "×" + r.height),
                 el("div", "model", r.model.arch + " " + r.model.model_id));
   } catch (err) {

@@ -10,7 +10,7 @@ import urllib.request
 
 import pyarrow as pa
 import pytest
-from helpers import encode, free_port, photo
+from helpers import A1111_PARAMETERS, encode, free_port, photo, png_with_text
 from PIL import Image
 
 from aidetect_batch import schema
@@ -32,6 +32,7 @@ def images() -> dict[str, bytes]:
         "street.jpg": encode(photo(400, 300, seed=3), "JPEG", quality=92),
         "portrait.png": encode(photo(180, 260, seed=5), "PNG"),
         "tiny.webp": encode(photo(64, 48, seed=7), "WEBP", quality=90),
+        "generated.png": png_with_text(parameters=A1111_PARAMETERS),
     }
 
 
@@ -89,6 +90,9 @@ def test_uploads_score_exactly_as_the_scan(server, scan_scores):
         assert body["label"] == ("ai" if body["score"] >= 0.5 else "real")
         assert body["model"]["arch"] == "resnet_tiny" and len(body["model"]["model_id"]) == 16
         assert body["model"]["preprocess"] == "resize" and body["model"]["device"] == "cpu"
+        assert body["provenance"] == ("generator_params" if name == "generated.png" else None)
+    code, body = post(server, "IMG_0001.jpg", encode(photo(300, 200, seed=8), "HEIF"))
+    assert code == 200 and body["status"] == "ok" and body["format"] == "HEIF", body
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -204,6 +208,8 @@ def test_upload_in_a_real_browser(server, scan_scores, tmp_path):
         assert f"P(AI) = {scan_scores[name]:.4f}" in card["text"]
         assert ("AI-generated" if scan_scores[name] >= 0.5 else "real") in card["text"]
         assert "resnet_tiny" in card["text"]
+        provenance = "provenance: generator_params (A1111" if name == "generated.png" else "provenance: none found"
+        assert provenance in card["text"], card
     assert by_name["notes.txt"]["failed"] and "not an image" in by_name["notes.txt"]["text"]
     shot = Image.open(tmp_path / "upload.png").convert("RGB")
     assert len(shot.getcolors(1 << 20) or range(1 << 20)) > 500, "the previews rendered, not a blank page"
