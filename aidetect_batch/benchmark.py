@@ -28,6 +28,10 @@ Suites:
   the views it produced (224 views at the batched rate, native images one forward pass at their
   shape), how close tile-averaged logits come to whole-image logits on the bundled photographs, and
   the peak memory one CPU forward pass adds per megapixel. ``--suite policies`` runs (f) alone.
+- ``provenance``: the added cost per image of each provenance check (EXIF/XMP/text chunks, the C2PA
+  marker scan, reading and validating a signed manifest, the invisible watermark) on the benchmark's
+  photographs, beside their decode + ``resize``; and HEIC full decode against the embedded-thumbnail
+  draft: time and how far the draft moves the model's input.
 - ``report``: the report's aggregation over 10 million synthetic score rows
   (``--report-rows``) in a fresh interpreter: time and peak RSS.
 - ``gpu``: one GPU's ceiling (eager and compiled), and end-to-end scans with CPU decoding, GPU
@@ -226,6 +230,33 @@ def policies(
         result["tile_logits"] = measure.tile_logit_agreement(arch, photographs)
     result["forward_memory"] = forward_memory(arch, memory_sides)
     return result
+
+
+def provenance_suite(photos: int, sizes: tuple[tuple[int, int], ...] = measure.PHOTO_SIZES) -> dict[str, Any]:
+    """The provenance suite (module docstring), on ``photos`` benchmark photographs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = measure.write_jpegs(os.path.join(tmp, "photos"), photos, sizes)
+        return {"checks": measure.provenance_costs(paths), "heic": measure.heic_draft(paths)}
+
+
+def provenance_lines(section: dict[str, Any]) -> list[str]:
+    """The provenance suite as printed lines: each check's ms per image and its share of the decode."""
+    checks, heic = section["checks"], section["heic"]
+    base = checks["decode_resize_ms"]
+    lines = [f"provenance checks on {checks['files']} photographs, one core; decode + resize {base:.1f} ms/image"]
+    for key, name in (
+        ("metadata_ms", "EXIF/XMP/text chunks"),
+        ("c2pa_marker_ms", "C2PA marker scan"),
+        ("c2pa_read_validate_ms", "C2PA read + validate (signed copy)"),
+        ("watermark_ms", f"invisible watermark ({checks['watermark_files']} files)"),
+    ):
+        lines.append(f"  {name:<40}{checks[key]:9.2f} ms  ({checks[key] / base:6.1%} of decode)")
+    lines.append(
+        f"HEIC {heic['files']} files: full decode + resize {heic['full_ms']:.1f} ms, {heic['thumbnail_px']} px "
+        f"thumbnail draft {heic['draft_ms']:.1f} ms; draft moves the input by {heic['mean_abs_diff']:.2f} "
+        f"grey levels on average, {heic['max_abs_diff']} at most"
+    )
+    return lines
 
 
 def _policy_row(cfg: ScanConfig, seconds: Any) -> dict[str, Any]:
@@ -489,6 +520,8 @@ def run_benchmark(
             options.get("precision", "bf16"),
             photos=policy_photos,
         )
+    if suite in ("provenance", "all"):
+        result["provenance"] = provenance_suite(policy_photos)
     if suite == "listing":
         result["listing"] = listing(**(listing_options or {}))
     if suite == "report":
@@ -509,6 +542,8 @@ def run_benchmark(
         lines += scan_lines(result["scan"])
     if "policies" in result:
         lines += policy_lines(result["policies"])
+    if "provenance" in result:
+        lines += provenance_lines(result["provenance"])
     if "listing" in result:
         lines += listing_lines(result["listing"])
     if "gpu" in result:

@@ -264,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_option(prune)
     bench = sub.add_parser("benchmark", help="measure scan and training throughput and the demo's wall time")
     bench.add_argument(
-        "--suite", choices=("scan", "training", "demo", "all", "listing", "report", "gpu", "policies"), default="scan"
+        "--suite",
+        choices=("scan", "training", "demo", "all", "listing", "report", "gpu", "policies", "provenance"),
+        default="scan",
     )
     bench.add_argument(
         "--report-rows", type=int, default=10_000_000, help="report suite: synthetic score rows to aggregate"
@@ -275,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--photos", type=int, default=48, help="scan suite: distinct 1080-2048 px JPEGs")
     bench.add_argument("--repeats", type=int, default=5, help="scan suite: times each photo is scanned end to end")
     bench.add_argument(
-        "--policy-photos", type=int, default=8, help="scan and policies suites: photographs per preprocess policy"
+        "--policy-photos",
+        type=int,
+        default=8,
+        help="scan, policies and provenance suites: photographs per policy or check",
     )
     bench.add_argument("--memory-sizes", default="2000,20000", help="scan suite: small-image corpus sizes for RSS")
     bench.add_argument("--archs", default="cifake_cnn,resnet_tiny,resnet50", help="architectures to train")

@@ -16,6 +16,7 @@ import struct
 import numpy as np
 from PIL import Image
 
+from aidetect_batch.credentials import IPTC_TYPES
 from aidetect_batch.demo import png_header_only
 from aidetect_batch.model import build_model
 from aidetect_batch.schema import Status
@@ -212,7 +213,6 @@ def write_labelled_set(root: str, per_class: int, side: int = 64, layout: str = 
 
 # --- provenance fixtures --------------------------------------------------------------------------
 
-IPTC_TYPES = "http://cv.iptc.org/newscodes/digitalsourcetype/"
 A1111_PARAMETERS = (
     "a lighthouse at dusk, volumetric light\nNegative prompt: blurry\n"
     "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, Size: 512x512, Model hash: 31e35c80fc, "
@@ -259,69 +259,11 @@ def png_with_xmp(source_type: str) -> bytes:
     return png_with_text(**{"XML:com.adobe.xmp": xmp_packet(source_type)})
 
 
-def _test_signer():
-    """A signer whose certificate chain (a test CA and its leaf) is made here: nothing is fetched."""
-    import datetime
-
-    import c2pa
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    def name(common: str) -> x509.Name:
-        return x509.Name(
-            [x509.NameAttribute(NameOID.COMMON_NAME, common), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tests")]
-        )
-
-    def usage(*, sign: bool) -> x509.KeyUsage:
-        return x509.KeyUsage(
-            digital_signature=not sign, content_commitment=False, key_encipherment=False, data_encipherment=False,
-            key_agreement=False, key_cert_sign=sign, crl_sign=sign, encipher_only=False, decipher_only=False,
-        )  # fmt: skip
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-
-    def certificate(subject, issuer, public, signing_key, *, ca: bool):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-            .add_extension(usage(sign=ca), critical=True)
-        )
-        if not ca:
-            builder = builder.add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False
-            ).add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        return builder.sign(signing_key, hashes.SHA256())
-
-    ca = certificate(name("test CA"), name("test CA"), ca_key.public_key(), ca_key, ca=True)
-    leaf = certificate(name("test signer"), ca.subject, key.public_key(), ca_key, ca=False)
-    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, ca))
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return c2pa.Signer.from_info(c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, chain, pem, None))
-
-
 def c2pa_signed_jpeg(source_type: str, agent: str = "TestDiffusion 2.1") -> bytes:
-    """A JPEG with an embedded C2PA manifest whose ``c2pa.created`` action declares ``source_type``."""
-    import c2pa
+    """A JPEG with an embedded C2PA manifest declaring ``source_type``, signed under a chain made here."""
+    from aidetect_batch.credentials import sign_jpeg
 
-    action = {"action": "c2pa.created", "digitalSourceType": IPTC_TYPES + source_type, "softwareAgent": {"name": agent}}
-    manifest = {
-        "claim_generator_info": [{"name": "aidetect-batch tests", "version": "1"}],
-        "title": "generated.jpg",
-        "assertions": [{"label": "c2pa.actions", "data": {"actions": [action]}}],
-    }
-    signed = io.BytesIO()
-    with c2pa.Builder(manifest) as builder:
-        builder.sign(_test_signer(), "image/jpeg", io.BytesIO(encode(photo(seed=34), "JPEG")), signed)
-    return signed.getvalue()
+    return sign_jpeg(encode(photo(seed=34), "JPEG"), source_type, agent)
 
 
 def tampered(data: bytes) -> bytes:
