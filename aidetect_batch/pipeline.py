@@ -330,9 +330,9 @@ def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
         "input_size": detector.ckpt.input_size,
         "perturbation": cfg.perturbation,
         "dedup": cfg.dedup,
-        "c2pa": cfg.c2pa,
-        "watermark": cfg.watermark,
     }
+    if cfg.watermark or not cfg.c2pa:
+        identity["provenance_checks"] = {"c2pa": cfg.c2pa, "watermark": cfg.watermark}
     if detector.policy == "native":
         identity["native_max_pixels"] = cfg.native_max_pixels
     if detector.policy == "tiles":

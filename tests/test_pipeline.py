@@ -108,6 +108,19 @@ def test_report_counts_provenance_and_lists_the_definite_files(corpus_scan, corp
     assert "c2pa_tampered" not in section and "TestDiffusion" in section
 
 
+def test_the_readme_query_combines_the_model_and_provenance(corpus_scan):
+    duckdb = pytest.importorskip("duckdb")
+    _, cfg = corpus_scan
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as handle:
+        (line,) = [x for x in handle.read().splitlines() if x.startswith("SELECT path, score, label, provenance")]
+    found = duckdb.sql(line.replace("'OUT/", f"'{cfg.out}/")).fetchall()
+    rows = read_scores(cfg.out)
+    expected = [r[schema.PATH] for r in rows if r[schema.LABEL] == "ai" or r[schema.PROVENANCE] in schema.DEFINITE_AI]
+    assert [r[0] for r in found] == sorted(expected)
+    listed = line.split("provenance IN (")[1].split(")")[0]
+    assert listed == ", ".join(f"'{kind}'" for kind in schema.DEFINITE_AI), "the README names the schema's kinds"
+
+
 def result_model_id(cfg):
     return parse_checkpoint(read_checkpoint_bytes(cfg.checkpoint)).model_id
 

@@ -242,13 +242,17 @@ def test_every_decoded_mode_scores_under_native_and_tiles(ray_cluster, tiny_chec
         assert rows["big.png"][schema.N_TILES] == 4 and rows["cmyk.jpg"][schema.N_TILES] == 1
 
 
-def test_resume_refuses_another_policy_or_tile_setting(ray_cluster, tiny_checkpoint, tmp_path):
+def test_resume_refuses_another_policy_tile_setting_or_provenance_check(ray_cluster, tiny_checkpoint, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     photo(300, 200, seed=40).save(folder / "a.png")
     out = str(tmp_path / "out")
     run_scan(ScanConfig(sources=(str(folder),), out=out, checkpoint=tiny_checkpoint, preprocess="tiles", max_tiles=4))
-    changes = (({"preprocess": "tiles", "max_tiles": 2}, "max_tiles"), ({"preprocess": "native"}, "preprocess"))
+    changes = (
+        ({"preprocess": "tiles", "max_tiles": 2}, "max_tiles"),
+        ({"preprocess": "native"}, "preprocess"),
+        ({"preprocess": "tiles", "max_tiles": 4, "watermark": True}, "provenance_checks"),
+    )
     for change, named in changes:
         cfg = ScanConfig(sources=(str(folder),), out=out, checkpoint=tiny_checkpoint, resume=True, **change)
         with pytest.raises(ConfigError, match=named):
