@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 import urllib.parse
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import encode, photo
+from helpers import c2pa_signed_jpeg, encode, photo
 
 from aidetect_batch import schema, sources
 from aidetect_batch.config import DEFAULT_EXTENSIONS, ScanConfig
@@ -33,6 +35,23 @@ def _read_bytes() -> int:
     """Bytes this process has read through read(2) so far (Linux ``/proc/self/io``)."""
     with open("/proc/self/io") as handle:
         return int(next(line for line in handle if line.startswith("rchar:")).split()[1])
+
+
+def _hostile_metadata(good: bytes) -> list[tuple[str, bytes, str]]:
+    """Files whose metadata attacks the provenance reader: a zTXt chunk that inflates to 55 MB, a C2PA
+    marker with no manifest behind it, and a signed manifest with its claim overwritten."""
+    png = encode(photo(96, 64, seed=4), "PNG")
+    body = b"parameters\x00\x00" + zlib.compress(b"Steps: 20, " * 5_000_000, 9)
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    forged = good[:2] + b"\xff\xeb\x00\x20JP\x00\x01\x00\x00\x00\x01jumb\x00\x00\x00\x10jumdc2pa" + bytes(6) + good[2:]
+    damaged = bytearray(c2pa_signed_jpeg("trainedAlgorithmicMedia"))
+    claim = damaged.find(b"c2pa.claim")
+    damaged[claim + 40 : claim + 48] = bytes(8)
+    return [
+        ("text_bomb.png", png[:33] + chunk + png[33:], "undecodable"),
+        ("forged_c2pa.jpg", forged, "ok"),
+        ("damaged_c2pa.jpg", bytes(damaged), "ok"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +81,10 @@ def dump(tmp_path_factory) -> dict:
     with open(huge, "wb") as handle:
         handle.truncate(SPARSE_BYTES)
     rows[huge] = "too_large"
+    for name, data, status in _hostile_metadata(good):
+        with open(os.path.join(root, name), "wb") as handle:
+            handle.write(data)
+        rows[os.path.join(root, name)] = status
     yield {"root": root, "rows": rows, "huge": huge, "latin1": latin1}
     server.close()
 
@@ -97,6 +120,8 @@ def test_hostile_dump_scans_to_one_row_per_listed_file(ray_cluster, dump, tiny_c
     latin1 = rows[sources.escape_path(dump["latin1"])[0]]
     assert latin1[schema.SHA256] == rows[os.path.join(dump["root"], "plain.jpg")][schema.SHA256]
     assert result.summary.total == len(dump["rows"])
+    assert rows[os.path.join(dump["root"], "damaged_c2pa.jpg")][schema.PROVENANCE] == "c2pa_invalid"
+    assert rows[os.path.join(dump["root"], "text_bomb.png")][schema.PROVENANCE] is None
 
 
 def test_special_and_oversized_files_named_directly_are_rows_and_never_read(dump):
