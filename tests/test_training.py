@@ -149,6 +149,7 @@ def latest_state(out):
     return torch.load(os.path.join(latest, STATE_FILE), weights_only=True)
 
 
+@pytest.mark.slow  # 55-85 s: the default suite stays under its 10-minute budget (run it with --runslow)
 def test_a_crashed_run_resumes_from_its_last_epoch(ray_cluster, labelled, tmp_path):
     from ray.train import TrainingFailedError
 
