@@ -72,6 +72,9 @@ def _add_scan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue a stopped scan in --out, skipping its work")
     parser.add_argument("--dedup", action="store_true", help="score identical bytes once; copies get duplicate_of")
     parser.add_argument(
+        "--phash", action="store_true", help="add each image's PDQ perceptual hash, for 'aidetect-batch reposts'"
+    )
+    parser.add_argument(
         "--commit-every", type=float, default=60.0, help="seconds between commits of finished shards (resume grain)"
     )
     parser.add_argument(
@@ -294,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("out", help="a scan's --out, or an evaluation's (its plots are included)")
     rep.add_argument("--thumbnails", type=int, default=24, help="images per thumbnail grid")
     _add_storage_option(rep)
+    rp = sub.add_parser("reposts", help="group a finished --phash scan's near-duplicates (PDQ) into OUT/reposts")
+    rp.add_argument("out", help="a scan's --out, scanned with --phash")
+    rp.add_argument("--distance", type=int, default=31, help="largest PDQ Hamming distance within a group")
+    rp.add_argument("--min-quality", type=int, default=50, help="hashes of lower PDQ quality join no group")
+    rp.add_argument("--group-depth", type=int, default=1, help="path components kept as each group's prefixes")
+    rp.add_argument("--time-column", help="a manifest column with when each file was posted (first/last seen)")
+    _add_storage_option(rp)
     srv = sub.add_parser("serve", help="the upload page: score single images over HTTP with Ray Serve")
     _add_serve_arguments(srv)
     demo = sub.add_parser("demo", help="offline: build a labelled corpus, train, evaluate and scan on local Ray")
@@ -341,6 +351,7 @@ def config_from_args(args: argparse.Namespace) -> ScanConfig:
         max_tiles=args.max_tiles,
         c2pa=args.c2pa,
         watermark=args.watermark,
+        phash=args.phash,
     )
 
 
@@ -601,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "report":
             return _report(args.out, parse_storage_options(args.storage_option), args.thumbnails)
+        if args.command == "reposts":
+            return _reposts(args)
         if args.command == "serve":
             return _serve(serve_config_from_args(args))
         if args.command == "prune":
@@ -624,6 +637,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "scan"):
             print("aidetect-batch: rerun the same command with --resume to continue", file=sys.stderr)
         return 1
+
+
+def _reposts(args: argparse.Namespace) -> int:
+    from aidetect_batch import reposts  # faiss and scipy load only for this command
+
+    cfg = reposts.RepostsConfig(
+        out=args.out,
+        distance=args.distance,
+        min_quality=args.min_quality,
+        group_depth=args.group_depth,
+        time_column=args.time_column,
+        storage_options=parse_storage_options(args.storage_option),
+    )
+    print(reposts.summary_line(reposts.run_reposts(cfg)), flush=True)
+    return 0
 
 
 RESUMABLE = ("scan", "train")

@@ -93,6 +93,7 @@ class ScanConfig:
         max_tiles: ``tiles``: at most this many tiles per image, spread evenly over it.
         c2pa: Read and validate a C2PA manifest wherever the bytes carry its marker.
         watermark: Also look for the Stable Diffusion invisible watermark (costly; needs the ``watermark`` extra).
+        phash: Compute each decoded image's PDQ hash and quality, for ``aidetect-batch reposts``.
     """
 
     sources: tuple[str, ...]
@@ -130,6 +131,7 @@ class ScanConfig:
     max_tiles: int = DEFAULT_MAX_TILES
     c2pa: bool = True
     watermark: bool = False
+    phash: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

@@ -24,7 +24,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from aidetect_batch import perturb, preprocess, schema
+from aidetect_batch import perturb, phash, preprocess, schema
 from aidetect_batch.prepare import PrepareOptions, decode_into
 
 _logger = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ class DeviceDecoder:
         except RuntimeError as exc:
             _logger.warning("batched JPEG decode failed (%s); decoding these %d files on the CPU", exc, len(tensors))
             return [], torch.empty(0)
+        if opts.phash:
+            _hash_on_host(decoded, chosen, cols)
         crops = []
         for img in decoded:
             if policy == "resize":
@@ -120,3 +122,10 @@ class DeviceDecoder:
             cols[schema.STATUS][i], cols[schema.ERROR][i] = schema.Status.OK.value, None
             cols[schema.T_DECODE_MS][i] = each_ms
         return chosen, stacked
+
+
+def _hash_on_host(decoded: list[torch.Tensor], rows: list[int], cols: dict[str, list[Any]]) -> None:
+    """``--phash`` for device-decoded rows: PDQ needs the full decoded image, so each comes back to the host."""
+    for i, img in zip(rows, decoded, strict=True):
+        hashed = phash.pdq_of(Image.fromarray(img.permute(1, 2, 0).cpu().numpy()))
+        cols[schema.PDQ][i], cols[schema.PDQ_QUALITY][i] = hashed.hash, hashed.quality

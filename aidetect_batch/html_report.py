@@ -21,12 +21,14 @@ import base64
 import html
 import io
 import logging
+import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from aidetect_batch import decode, schema, sources
 from aidetect_batch.schema import Summary
@@ -39,6 +41,7 @@ THUMB_PX = 160
 THUMB_MAX_SOURCE_BYTES = 64 << 20
 THUMB_MAX_PIXELS = 50_000_000
 PROVENANCE_ROWS = 200
+REPOST_GROUPS = 10
 _DEFINITE = pa.array(schema.DEFINITE_AI, pa.string())
 EVAL_PLOTS = ("roc.png", "pr.png", "confusion.png", "histograms.png", "reliability.png", "robustness.png")
 
@@ -156,6 +159,44 @@ def _provenance_section(summary: Summary, rows: list[dict[str, Any]]) -> list[st
     ]
 
 
+def pick_groups(groups_uri: str, n: int, storage_options: dict[str, Any] | None = None) -> dict[str, list[dict]]:
+    """From ``reposts/groups.parquet``: the ``n`` largest groups most of whose members are labelled ai, and the
+    ``n`` largest whose members disagree."""
+    fs, path = filesystem(groups_uri, storage_options)
+    with fs.open(path, "rb") as handle:
+        groups = pq.read_table(handle)
+    flagged = groups.filter(pc.greater(groups.column("n_ai"), groups.column("n_real")))
+    split = groups.filter(groups.column("disagree"))
+    largest = [("size", "descending"), ("group_id", "ascending")]
+    return {
+        "flagged": flagged.sort_by(largest).slice(0, n).to_pylist(),
+        "disagree": split.sort_by(largest).slice(0, n).to_pylist(),
+        "total": [groups.num_rows],
+    }
+
+
+def _reposts_section(reposts: dict[str, list[dict[str, Any]]], storage_options: dict[str, Any] | None) -> list[str]:
+    """Repost groups (``aidetect-batch reposts``): the largest flagged ai, and those whose copies disagree."""
+    columns = ["group_id", "size", "n_prefixes", "n_ai", "n_real", "score_min", "score_median", "score_max"]
+
+    def cards(rows: list[dict[str, Any]]) -> str:
+        if not rows:
+            return "<p>None.</p>"
+        shown = [{schema.PATH: r["representative"], schema.SCORE: r["score_median"] or math.nan,
+                  schema.LABEL: f"group {r['group_id']}: {r['size']} copies"} for r in rows]  # fmt: skip
+        return _grid(shown, storage_options) + _table(rows, [*columns, "representative"], sortable=True)
+
+    return [
+        f"<h2>Reposts ({reposts['total'][0]:,} groups of near-duplicates)</h2>",
+        "<p>Groups of the same picture re-encoded, resized, cropped or overlaid (PDQ distance), each shown by "
+        "one member with its group's median score.</p>",
+        f"<h3>Largest groups flagged AI ({len(reposts['flagged'])})</h3>",
+        cards(reposts["flagged"]),
+        f"<h3>Groups whose copies disagree ({len(reposts['disagree'])}): worth a person's look</h3>",
+        cards(reposts["disagree"]),
+    ]
+
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{margin-bottom:4px} .warn{background:#fde2e1;padding:8px;border-radius:4px}
@@ -197,6 +238,7 @@ def render(
     *,
     storage_options: dict[str, Any] | None = None,
     eval_plots: dict[str, bytes] | None = None,
+    reposts: dict[str, list[dict[str, Any]]] | None = None,
     title: str = "aidetect-batch scan report",
 ) -> str:
     """The whole page as one HTML string."""
@@ -235,6 +277,8 @@ def render(
         f"<h2>Nearest the threshold ({len(picks['near_threshold'])}): worth a person's look</h2>",
         _grid(picks["near_threshold"], storage_options),
     ]
+    if reposts is not None:
+        parts += _reposts_section(reposts, storage_options)
     if eval_plots:
         parts.append("<h2>Evaluation</h2>")
         parts += [f'<img class="plot" src="{_png_uri(data)}" alt="{html.escape(n)}">' for n, data in eval_plots.items()]
@@ -265,7 +309,12 @@ def write_html(
         for name in EVAL_PLOTS:
             if fs.exists(f"{root}/{name}"):
                 eval_plots[name] = fs.cat_file(f"{root}/{name}")
-    page = render(summary, picks, histogram_png, storage_options=storage_options, eval_plots=eval_plots)
+    groups_uri = join(out, schema.REPOSTS_DIR, schema.REPOST_GROUPS_FILE)
+    fs, groups_path = filesystem(groups_uri, storage_options)
+    reposts = pick_groups(groups_uri, REPOST_GROUPS, storage_options) if fs.exists(groups_path) else None
+    page = render(
+        summary, picks, histogram_png, storage_options=storage_options, eval_plots=eval_plots, reposts=reposts
+    )
     uri = join(out, schema.REPORT_DIR, "index.html")
     fs, path = filesystem(uri, storage_options)
     with fs.open(path, "w", encoding="utf-8") as handle:

@@ -54,7 +54,7 @@ STREAM_BLOCK_BYTES = 64 << 10
 # in-flight batches re-run), and decode tasks are retried when their worker dies. Passing
 # them again as map_batches(**ray_remote_args) is deprecated from Ray 2.60. Per-file errors
 # never raise, so retries only ever see system failures.
-_OWN_ENTRIES = (schema.SCORES_DIR, schema.REPORT_DIR, schema.RUN_FILE)
+_OWN_ENTRIES = (schema.SCORES_DIR, schema.REPORT_DIR, schema.RUN_FILE, schema.REPOSTS_DIR)
 
 
 @dataclasses.dataclass
@@ -331,6 +331,8 @@ def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
         "perturbation": cfg.perturbation,
         "dedup": cfg.dedup,
     }
+    if cfg.phash:
+        identity["phash"] = True
     if cfg.watermark or not cfg.c2pa:
         identity["provenance_checks"] = {"c2pa": cfg.c2pa, "watermark": cfg.watermark}
     if detector.policy == "native":
@@ -596,6 +598,7 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: dict[str, Any], ds: An
         decode_later=cfg.gpu_decode,
         framing=cfg.framing,
         checks=cfg.checks,
+        phash=cfg.phash,
     )
     ds = ds.map_batches(
         prepare.prepare_batch,

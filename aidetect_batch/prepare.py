@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 from ray.data.extensions import ArrowTensorArray
 
-from aidetect_batch import perturb, preprocess, provenance, schema, sources
+from aidetect_batch import perturb, phash, preprocess, provenance, schema, sources
 
 DECODE_COLUMNS = (
     *schema.DECODED_COLUMNS,
@@ -47,6 +47,7 @@ class PrepareOptions:
         decode_later: ``--gpu-decode``: stop after reading and hand the bytes on in ``_data``.
         framing: How ``tiles`` and ``native`` frame an image (``--max-tiles``, ``--native-max-pixels``).
         checks: Which provenance checks run on the bytes (``--no-c2pa``, ``--watermark``).
+        phash: Compute each decoded image's PDQ hash (``--phash``), for near-duplicate grouping.
     """
 
     policy: str
@@ -58,6 +59,7 @@ class PrepareOptions:
     decode_later: bool = False
     framing: preprocess.Framing = preprocess.Framing()
     checks: provenance.Checks = provenance.Checks()
+    phash: bool = False
 
     @property
     def fixed(self) -> bool:
@@ -169,6 +171,9 @@ def decode_into(
     if view is not None:
         images[i] = view.pixels
         rows[schema.COVERAGE][i] = view.coverage
+    if options.phash and result.image is not None:
+        hashed = phash.pdq_of(result.image)
+        rows[schema.PDQ][i], rows[schema.PDQ_QUALITY][i] = hashed.hash, hashed.quality
     rows[schema.STATUS][i] = result.status.value
     rows[schema.ERROR][i] = result.error
     rows[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0

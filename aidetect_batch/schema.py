@@ -62,6 +62,8 @@ DUPLICATE_OF = "duplicate_of"
 SCORE_MAX = "score_max"
 N_TILES = "n_tiles"
 COVERAGE = "coverage"
+PDQ = "pdq"
+PDQ_QUALITY = "pdq_quality"
 PROVENANCE = "provenance"
 PROVENANCE_DETAIL = "provenance_detail"
 
@@ -125,6 +127,8 @@ SCORES_SCHEMA = pa.schema(
         pa.field(HEIGHT, pa.int32()),
         pa.field(FILE_SIZE, pa.int64()),
         pa.field(SHA256, pa.string()),
+        pa.field(PDQ, pa.binary(32)),
+        pa.field(PDQ_QUALITY, pa.int16()),
         pa.field(PREPROCESS, pa.string()),
         pa.field(N_TILES, pa.int32()),
         pa.field(COVERAGE, pa.float32()),
@@ -138,7 +142,7 @@ SCORES_SCHEMA = pa.schema(
 
 SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
 # The columns decoding one file fills in, on the CPU stage or in the Classifier (--gpu-decode).
-DECODED_COLUMNS = (STATUS, ERROR, FORMAT, MODE, WIDTH, HEIGHT, COVERAGE, T_DECODE_MS)
+DECODED_COLUMNS = (STATUS, ERROR, FORMAT, MODE, WIDTH, HEIGHT, COVERAGE, T_DECODE_MS, PDQ, PDQ_QUALITY)
 
 # Directory layout of OUT
 SCORES_DIR = "scores"
@@ -147,6 +151,9 @@ SHARDS_METADATA_KEY = b"aidetect.shards"
 # ... and each of those shards' order-independent path digest (a resumed streamed listing checks them).
 SHARD_DIGESTS_METADATA_KEY = b"aidetect.shard_digests"
 REPORT_DIR = "report"
+# aidetect-batch reposts: members.parquet, groups.parquet, summary.json
+REPOSTS_DIR = "reposts"
+REPOST_GROUPS_FILE = "groups.parquet"
 RUN_FILE = "_run.json"
 SUMMARY_FILE = "summary.json"
 
