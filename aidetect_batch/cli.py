@@ -189,6 +189,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the stopped run in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     parser.add_argument("--all-files", action="store_true", help="use every file, not only image extensions")
+    parser.add_argument(
+        "--no-near-duplicates",
+        dest="near_duplicates",
+        action="store_false",
+        help="split by identical bytes only, not also by PDQ near-duplicate groups",
+    )
     _add_storage_option(parser)
 
 
@@ -396,6 +402,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         storage_options=parse_storage_options(args.storage_option),
         resume=args.resume,
         overwrite=args.overwrite,
+        near_duplicates=args.near_duplicates,
     )
 
 

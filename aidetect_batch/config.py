@@ -341,6 +341,7 @@ class TrainConfig:
         max_failures: Worker-group restarts from the last epoch's checkpoint before failing.
         resume: Continue a stopped run in ``out`` from its last epoch.
         overwrite: Replace a previous run in ``out``.
+        near_duplicates: Keep every near-duplicate group (PDQ) in one split, not only identical bytes.
         crash_after_epoch: Fault injection for tests: fail the first attempt after this epoch.
         validate_first: Measure the initial model on validation as epoch 0 (pruning's "before").
         keep_zeros: Keep weights that start at zero at zero (fine-tuning an unstructured-pruned model).
@@ -375,6 +376,7 @@ class TrainConfig:
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     resume: bool = False
     overwrite: bool = False
+    near_duplicates: bool = True
     crash_after_epoch: int | None = None
     validate_first: bool = False
     keep_zeros: bool = False

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from aidetect_batch import inputs, schema, sources
+from aidetect_batch import inputs, phash, schema, sources
 from aidetect_batch.config import DEFAULT_EXTENSIONS
 from aidetect_batch.storage import filesystem, to_uri
 
@@ -290,10 +290,12 @@ def assign_splits(
     """Choose each row's split: stratified by (label, group), seeded, and grouped by content.
 
     ``table`` needs ``true_label``, ``group``, ``split`` (the dataset's own,
-    may be null), ``sha256`` and ``status``. Rows are units of identical bytes
-    (same SHA-256), so an image and its exact copies always land in the same
-    split and never leak from train into val or test. Identical bytes
-    carrying both labels are excluded (split null) and counted. When the
+    may be null), ``sha256`` and ``status``, and may carry ``pdq`` and
+    ``pdq_quality``. Rows are units of content (:func:`content_units`): identical
+    bytes, and with PDQ hashes every near-duplicate group, so an image, its
+    exact copies and its reposts always land in the same split and never leak
+    from train into val or test. A unit carrying both labels is excluded
+    (split null) and counted. When the
     dataset has its own splits they are kept; a missing ``val`` (or ``val``
     and ``test``) is carved out of ``train`` with the same rules, and copies
     of val/test images found in ``train`` are removed from ``train``.
@@ -304,11 +306,11 @@ def assign_splits(
     n = table.num_rows
     labels = np.array(table.column(schema.TRUE_LABEL).to_pylist(), dtype=object)
     groups = np.array([g or "" for g in table.column(schema.GROUP).to_pylist()], dtype=object)
-    hashes = np.array(table.column(schema.SHA256).to_pylist(), dtype=object)
     ok = np.array([s == schema.Status.OK.value for s in table.column(schema.STATUS).to_pylist()])
+    hashes, near_groups = content_units(table, ok)
     own = np.array(table.column(schema.SPLIT).to_pylist(), dtype=object)
     split = np.full(n, None, dtype=object)
-    record: dict[str, Any] = {"fractions": list(fractions), "seed": seed}
+    record: dict[str, Any] = {"fractions": list(fractions), "seed": seed, "near_duplicate_groups": near_groups}
 
     labels_of: dict[str, set[str]] = {}
     for h, label, good in zip(hashes, labels, ok, strict=True):
@@ -319,6 +321,8 @@ def assign_splits(
     record["conflicting_label_files"] = int(
         sum(1 for h, good in zip(hashes, ok, strict=True) if good and h in conflicting)
     )
+    exact = _conflicting(np.array(table.column(schema.SHA256).to_pylist(), dtype=object), labels, ok)
+    record["near_duplicate_conflict_files"] = record["conflicting_label_files"] - exact
 
     has_own = any(s is not None for s in own[usable])
     if has_own:
@@ -352,6 +356,43 @@ def assign_splits(
         rows = np.flatnonzero(usable)
         split[rows] = _stratified(labels[rows], groups[rows], hashes[rows], fractions=fractions, seed=seed)
     return pa.array(split.tolist(), pa.string()), record
+
+
+def _conflicting(units: np.ndarray, labels: np.ndarray, ok: np.ndarray) -> int:
+    """Readable files whose unit carries both labels."""
+    labels_of: dict[str, set[str]] = {}
+    for unit, label, good in zip(units, labels, ok, strict=True):
+        if good:
+            labels_of.setdefault(unit, set()).add(label)
+    return int(sum(1 for u, good in zip(units, ok, strict=True) if good and len(labels_of[u]) > 1))
+
+
+def content_units(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each row's unit of content, and how many near-duplicate groups joined files of different bytes.
+
+    The unit is the row's SHA-256, except that readable rows whose PDQ hashes are within the match
+    distance (quality at least 50) share one unit, named by the smallest SHA-256 among them, so data
+    without near-duplicates splits exactly as by SHA-256 alone.
+    """
+    hashes = np.array(table.column(schema.SHA256).to_pylist(), dtype=object)
+    if schema.PDQ not in table.column_names:
+        return hashes, 0
+    quality = pc.fill_null(table.column(schema.PDQ_QUALITY), -1).to_numpy(zero_copy_only=False)
+    usable = np.flatnonzero(ok & (quality >= phash.MIN_QUALITY))
+    if len(usable) < 2:
+        return hashes, 0
+    from aidetect_batch import groups  # faiss and scipy load only when a dataset carries hashes
+
+    codes = phash.unpack(table.column(schema.PDQ).take(pa.array(usable)).to_pylist())
+    component = groups.near_duplicate_groups(codes)
+    smallest: dict[int, str] = {}
+    members: dict[int, set[str]] = {}
+    for c, h in zip(component.tolist(), hashes[usable], strict=True):
+        smallest[c] = min(smallest.get(c, h), h)
+        members.setdefault(c, set()).add(h)
+    unit_of = {h: smallest[c] for c, h in zip(component.tolist(), hashes[usable], strict=True)}
+    units = np.array([unit_of.get(h, h) for h in hashes], dtype=object)
+    return units, sum(1 for found in members.values() if len(found) > 1)
 
 
 def _stratified(

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
+from aidetect_batch import groups as neardup
 from aidetect_batch import phash, report, schema
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.storage import filesystem, join, write_json, write_parquet
@@ -40,9 +37,6 @@ from aidetect_batch.storage import filesystem, join, write_json, write_parquet
 _logger = logging.getLogger(__name__)
 
 MAX_PREFIXES = 50
-# Candidate buckets hold about this many rows on average: the chunk width grows with log2(rows / this).
-BUCKET_ROWS = 16
-MIN_CHUNK_BITS = 16
 TIME_COLUMNS = ("timestamp", "posted_at", "created_at", "time", "date")
 
 
@@ -95,30 +89,6 @@ class RepostsSummary:
         return dataclasses.asdict(self)
 
 
-def near_pairs(codes: np.ndarray, distance: int) -> np.ndarray:
-    """Row pairs ``(i, j)``, ``i < j``, whose hashes (``(n, 32)`` uint8) differ in at most ``distance`` bits."""
-    if len(codes) < 2:
-        return np.empty((0, 2), np.int64)
-    bits = chunk_bits(len(codes))
-    index = faiss.IndexBinaryMultiHash(phash.PDQ_BYTES * 8, (phash.PDQ_BYTES * 8) // bits, bits)
-    index.add(codes)
-    lims, _, found = index.range_search(codes, distance + 1)
-    query = np.repeat(np.arange(len(codes), dtype=np.int64), np.diff(lims.astype(np.int64)))
-    keep = query < found
-    return np.stack([query[keep], found[keep].astype(np.int64)], axis=1)
-
-
-def chunk_bits(rows: int) -> int:
-    """Bits per hash table: buckets of about :data:`BUCKET_ROWS` rows, never under 16 bits."""
-    return max(MIN_CHUNK_BITS, math.ceil(math.log2(max(rows, 2) / BUCKET_ROWS)))
-
-
-def components(rows: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected component of each of ``rows`` rows under the ``pairs`` edges (labels 0..k-1)."""
-    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(rows, rows))
-    return connected_components(graph, directed=False)[1].astype(np.int64)
-
-
 def run_reposts(cfg: RepostsConfig) -> RepostsSummary:
     """Group a finished scan's rows by PDQ distance and write ``OUT/reposts/``; then rebuild its report."""
     start = time.perf_counter()
@@ -146,7 +116,7 @@ def run_reposts(cfg: RepostsConfig) -> RepostsSummary:
         grouped_rows=int(np.sum(size >= 2)),
         largest_group=int(size.max(initial=0)),
         disagreeing_groups=int(pc.sum(groups.column("disagree")).as_py() or 0),
-        chunk_bits=chunk_bits(hashed),
+        chunk_bits=neardup.chunk_bits(hashed),
         seconds=time.perf_counter() - start,
         distance=cfg.distance,
         min_quality=cfg.min_quality,
@@ -190,10 +160,10 @@ def _group_ids(table: pa.Table, cfg: RepostsConfig) -> tuple[np.ndarray, int, in
     has_hash = quality >= 0
     usable = np.flatnonzero(quality >= cfg.min_quality)
     codes = phash.unpack(table.column(schema.PDQ).take(pa.array(usable)).to_pylist())
-    pairs = near_pairs(codes, cfg.distance)
+    pairs = neardup.near_pairs(codes, cfg.distance)
     _logger.info("reposts: %d usable hashes, %d near pairs", len(usable), len(pairs))
     group_id = np.full(table.num_rows, -1, np.int64)
-    group_id[usable] = components(len(usable), pairs)
+    group_id[usable] = neardup.components(len(usable), pairs)
     _join_exact_copies(table, group_id)
     return group_id, int(has_hash.sum()), int(has_hash.sum() - len(usable))
 

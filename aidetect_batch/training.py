@@ -193,6 +193,7 @@ def _decode_labelled(cfg: TrainConfig, size: int, table: pa.Table) -> Any:
         size=train_window(cfg.preprocess, size),
         max_file_bytes=cfg.max_file_bytes,
         storage_options=cfg.storage_options,
+        phash=cfg.near_duplicates,
     )
     return (
         ray.data.from_arrow(blocks)
@@ -210,7 +211,7 @@ class _SplitTable:
 def _split_table(cfg: TrainConfig, decoded: Any, *, listing: datasets.Listing) -> _SplitTable:
     """One row per labelled file with its split, or a note saying why it is not used."""
     keep = [schema.PATH, schema.SOURCE, schema.TRUE_LABEL, schema.GROUP, schema.SPLIT, schema.SHA256]
-    keep += [schema.STATUS, schema.ERROR, schema.WIDTH, schema.HEIGHT]
+    keep += [schema.STATUS, schema.ERROR, schema.WIDTH, schema.HEIGHT, schema.PDQ, schema.PDQ_QUALITY]
     meta = pa.concat_tables(ray.get(decoded.select_columns(keep).to_arrow_refs())).sort_by(schema.PATH)
     split, record = datasets.assign_splits(meta, cfg.fractions, cfg.seed)
     meta = meta.set_column(meta.schema.get_field_index(schema.SPLIT), schema.SPLIT, split)
@@ -223,7 +224,10 @@ def _split_table(cfg: TrainConfig, decoded: Any, *, listing: datasets.Listing) -
         elif status != schema.Status.OK.value:
             notes.append(f"not used: {status}: {error}")
         else:
-            notes.append("not used: identical bytes carry both labels, or a copy of a val/test image")
+            notes.append(
+                "not used: identical bytes or near-duplicates carry both labels, or a copy of a val/test image"
+            )
+    meta = meta.drop_columns([schema.PDQ, schema.PDQ_QUALITY])
     return _SplitTable(meta.append_column("note", pa.array(notes, pa.string())), record)
 
 

@@ -22,11 +22,12 @@ import pytest
 from helpers import encode
 from PIL import Image, ImageDraw
 
-from aidetect_batch import phash, reposts, schema
+from aidetect_batch import datasets, groups, phash, schema
 from aidetect_batch.cli import main
 from aidetect_batch.config import ScanConfig
 from aidetect_batch.demo import PHOTOS, photo_bytes
 from aidetect_batch.pipeline import run_scan
+from aidetect_batch.prepare import PrepareOptions, prepare_batch
 
 
 def photograph(name: str) -> Image.Image:
@@ -97,7 +98,7 @@ def test_near_pairs_are_exact_at_the_distance():
         bits = np.unpackbits(codes[0])
         bits[rng.choice(256, flips, replace=False)] ^= 1
         codes[row] = np.packbits(bits)
-    found = {tuple(p) for p in reposts.near_pairs(codes, 31).tolist()}
+    found = {tuple(p) for p in groups.near_pairs(codes, 31).tolist()}
     assert found == {(0, 1), (0, 5), (0, 7), (1, 5), (5, 7), (1, 7)} - {
         (a, b) for a, b in ((1, 5), (1, 7), (5, 7)) if phash.distance(codes[a].tobytes(), codes[b].tobytes()) > 31
     }
@@ -110,11 +111,11 @@ def test_each_planted_family_is_one_group_and_none_merge():
         for data in family(photograph(name)).values():
             hashes.append(phash.pdq_of(Image.open(io.BytesIO(data)).convert("RGB")).hash)
             families.append(index)
-    groups = reposts.components(len(hashes), reposts.near_pairs(phash.unpack(hashes), phash.MATCH_DISTANCE))
+    found = groups.components(len(hashes), groups.near_pairs(phash.unpack(hashes), phash.MATCH_DISTANCE))
     families = np.array(families)
     for index in range(len(PHOTOS)):
-        assert len(set(groups[families == index])) == 1, f"{PHOTOS[index]} split: {groups[families == index]}"
-    assert len(set(groups)) == len(PHOTOS), "no two families merge"
+        assert len(set(found[families == index])) == 1, f"{PHOTOS[index]} split: {found[families == index]}"
+    assert len(set(found)) == len(PHOTOS), "no two families merge"
 
 
 def test_a_flat_image_has_low_quality():
@@ -244,3 +245,47 @@ def test_reposts_refuses_a_scan_without_hashes(ray_cluster, tiny_checkpoint, tmp
     run_scan(ScanConfig(sources=(str(tmp_path / "in"),), out=out, checkpoint=tiny_checkpoint))
     assert main(["reposts", out]) == 2
     assert "--phash" in capsys.readouterr().err
+
+
+def test_splits_keep_each_near_duplicate_group_together(tmp_path):
+    """Families spread over classes' folders and subject groups: none crosses splits, and a family carrying
+    both labels is left out and counted like identical bytes with both labels."""
+    files = []
+    for index, name in enumerate(PHOTOS):
+        label = "ai" if index % 2 else "real"
+        for n, (variant, data) in enumerate(family(photograph(name)).items()):
+            conflicting = name == PHOTOS[0] and variant == "overlay.jpg"
+            folder = tmp_path / ("faces", "scenes")[n % 2] / ("ai" if conflicting else label)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{name[:-4]}_{variant}").write_bytes(data)
+            files.append((str(folder / f"{name[:-4]}_{variant}"), "ai" if conflicting else label, name))
+    listing = pa.table(
+        {
+            schema.PATH: [f[0] for f in files],
+            schema.SOURCE: [str(tmp_path)] * len(files),
+            schema.TRUE_LABEL: [f[1] for f in files],
+            schema.GROUP: [f[0].split("/")[-3] for f in files],
+            schema.SPLIT: pa.array([None] * len(files), pa.string()),
+        }
+    )
+    decoded = prepare_batch(listing, PrepareOptions(policy="center-crop", max_pixels=10**8, phash=True))
+    split, record = datasets.assign_splits(decoded, (0.6, 0.2, 0.2), seed=3)
+    by_family: dict[str, set] = {}
+    for (_, _, name), chosen in zip(files, split.to_pylist(), strict=True):
+        by_family.setdefault(name, set()).add(chosen)
+    assert by_family[PHOTOS[0]] == {None}, "the family with both labels is not used"
+    assert all(len(chosen) == 1 and None not in chosen for name, chosen in by_family.items() if name != PHOTOS[0])
+    assert record["near_duplicate_groups"] == len(PHOTOS)
+    assert (
+        record["near_duplicate_conflict_files"]
+        == record["conflicting_label_files"]
+        == len(family(photograph(PHOTOS[0])))
+    )
+    plain, plain_record = datasets.assign_splits(
+        decoded.drop_columns([schema.PDQ, schema.PDQ_QUALITY]), (0.6, 0.2, 0.2), 3
+    )
+    assert plain_record["near_duplicate_groups"] == 0 and plain_record["conflicting_label_files"] == 0
+    spread = {}
+    for (_, _, name), chosen in zip(files, plain.to_pylist(), strict=True):
+        spread.setdefault(name, set()).add(chosen)
+    assert any(len(chosen) > 1 for chosen in spread.values()), "by bytes alone, reposts leak across splits"
