@@ -32,6 +32,10 @@ Suites:
   marker scan, reading and validating a signed manifest, the invisible watermark) on the benchmark's
   photographs, beside their decode + ``resize``; and HEIC full decode against the embedded-thumbnail
   draft: time and how far the draft moves the model's input.
+- ``reposts``: PDQ's cost per image on the benchmark's photographs (full decode and the ``resize``
+  draft), then near-duplicate grouping of ``--reposts-rows`` (1 million) synthetic hashes with planted
+  groups at several distances, in a fresh interpreter: time, peak RSS, pairwise precision and recall
+  by distance against the planted groups.
 - ``report``: the report's aggregation over 10 million synthetic score rows
   (``--report-rows``) in a fresh interpreter: time and peak RSS.
 - ``gpu``: one GPU's ceiling (eager and compiled), and end-to-end scans with CPU decoding, GPU
@@ -67,6 +71,7 @@ import torch
 from PIL import Image
 
 from aidetect_batch import gpu_suite, inputs, measure, pipeline, preprocess, runtime, schema, sources
+from aidetect_batch import groups as neardup
 from aidetect_batch.config import ScanConfig, TrainConfig
 from aidetect_batch.demo import PHOTOS, photo_bytes, run_demo, write_labelled_corpus
 from aidetect_batch.model import build_model, save_checkpoint
@@ -476,6 +481,77 @@ def report_aggregation(rows: int = 10_000_000) -> dict[str, Any]:
     return result
 
 
+_GROUP = f"""
+import json, sys, time
+import numpy as np
+from aidetect_batch import groups
+codes = np.load(sys.argv[1])
+start = time.monotonic()
+found = groups.near_duplicate_groups(codes, int(sys.argv[2]))
+np.save(sys.argv[3], found)
+print(json.dumps({{"seconds": time.monotonic() - start, "peak_rss_mb": {_PEAK_RSS_MB}}}))
+"""
+_GROUP_IMPORT_ONLY = f"""
+import json
+import numpy as np
+from aidetect_batch import groups
+codes = np.load(__import__("sys").argv[1])
+print(json.dumps({{"peak_rss_mb": {_PEAK_RSS_MB}}}))
+"""
+
+
+def reposts_grouping(
+    rows: int = 1_000_000, *, groups: int = 20_000, members: int = 5, distances: tuple[int, ...] = (4, 12, 20, 28, 31)
+) -> dict[str, Any]:
+    """Near-duplicate grouping over ``rows`` synthetic PDQ hashes with planted groups (copies at each of
+    ``distances`` bits from their base), in a fresh interpreter: time, peak RSS beside the RSS of the loaded
+    hashes, pairwise precision and recall per distance against the planted groups."""
+    codes, truth, offset = measure.planted_hashes(rows, groups=groups, members=members, distances=distances)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(os.path.join(tmp, "codes.npy"), codes)
+        argv = [os.path.join(tmp, "codes.npy"), "31", os.path.join(tmp, "found.npy")]
+        run = subprocess.run([sys.executable, "-c", _GROUP, *argv], capture_output=True, text=True, check=True)
+        base = subprocess.run(
+            [sys.executable, "-c", _GROUP_IMPORT_ONLY, argv[0]], capture_output=True, text=True, check=True
+        )
+        found = np.load(argv[2])
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result.update(
+        rows=rows,
+        planted_groups=groups,
+        members=members,
+        chunk_bits=neardup.chunk_bits(rows),
+        loaded_rss_mb=json.loads(base.stdout.strip().splitlines()[-1])["peak_rss_mb"],
+        **measure.grouping_quality(truth, found, offset),
+    )
+    return result
+
+
+def reposts_suite(photos: int, rows: int) -> dict[str, Any]:
+    """The reposts suite (module docstring): PDQ's cost per image, then grouping ``rows`` planted hashes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = measure.write_jpegs(os.path.join(tmp, "photos"), photos, measure.PHOTO_SIZES)
+        hashing = measure.phash_cost(paths)
+    return {"hashing": hashing, "grouping": reposts_grouping(rows)}
+
+
+def reposts_lines(section: dict[str, Any]) -> list[str]:
+    """The reposts suite as printed lines."""
+    h, g = section["hashing"], section["grouping"]
+    per_mb = (g["peak_rss_mb"] - g["loaded_rss_mb"]) / (g["rows"] / 1e6)
+    apart = h["full_vs_draft_bits"]
+    return [
+        f"PDQ on {h['files']} photographs, one core: {h['pdq_full_ms']:.1f} ms on the full decode, "
+        f"{h['pdq_draft_ms']:.1f} ms on the resize draft (decode + resize {h['decode_resize_ms']:.1f} ms); "
+        f"the two hashes differ by {apart['mean']:.1f} bits on average, {apart['max']} at most",
+        f"grouping {g['rows']:,} hashes ({g['planted_groups']:,} planted groups of {g['members']}), "
+        f"{g['chunk_bits']}-bit chunks: {g['seconds']:.1f} s, peak RSS {g['peak_rss_mb']:.0f} MB "
+        f"({per_mb:.0f} MB per million hashes above the loaded hashes); "
+        f"pairwise precision {g['pairwise_precision']:.4f}; recall by distance "
+        + ", ".join(f"{d}: {r:.3f}" for d, r in g["recall_by_distance"].items()),
+    ]
+
+
 def demo() -> dict[str, Any]:
     """Run the whole demo once and time it."""
 
@@ -499,6 +575,7 @@ def run_benchmark(
     report_rows: int = 10_000_000,
     gpu_options: gpu_suite.GpuSuiteOptions | None = None,
     policy_photos: int = 8,
+    reposts_rows: int = 1_000_000,
 ) -> dict[str, Any]:
     """Run a suite, print its table, and write the JSON to ``out`` when given."""
     result: dict[str, Any] = {
@@ -522,6 +599,8 @@ def run_benchmark(
         )
     if suite in ("provenance", "all"):
         result["provenance"] = provenance_suite(policy_photos)
+    if suite in ("reposts", "all"):
+        result["reposts"] = reposts_suite(policy_photos, reposts_rows)
     if suite == "listing":
         result["listing"] = listing(**(listing_options or {}))
     if suite == "report":
@@ -544,6 +623,8 @@ def run_benchmark(
         lines += policy_lines(result["policies"])
     if "provenance" in result:
         lines += provenance_lines(result["provenance"])
+    if "reposts" in result:
+        lines += reposts_lines(result["reposts"])
     if "listing" in result:
         lines += listing_lines(result["listing"])
     if "gpu" in result:

@@ -274,11 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("benchmark", help="measure scan and training throughput and the demo's wall time")
     bench.add_argument(
         "--suite",
-        choices=("scan", "training", "demo", "all", "listing", "report", "gpu", "policies", "provenance"),
+        choices=("scan", "training", "demo", "all", "listing", "report", "gpu", "policies", "provenance", "reposts"),
         default="scan",
     )
     bench.add_argument(
         "--report-rows", type=int, default=10_000_000, help="report suite: synthetic score rows to aggregate"
+    )
+    bench.add_argument(
+        "--reposts-rows", type=int, default=1_000_000, help="reposts suite: synthetic PDQ hashes to group"
     )
     bench.add_argument("--listing-prefix", help="listing suite: the s3:// prefix to list (not part of 'all')")
     bench.add_argument("--scan-arch", default="resnet50", help="scan suite: the model (random weights)")
@@ -615,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                 listing_options=listing_options,
                 report_rows=args.report_rows,
                 policy_photos=args.policy_photos,
+                reposts_rows=args.reposts_rows,
             )
             return 0
         if args.command == "report":

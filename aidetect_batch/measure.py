@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from aidetect_batch import credentials, decode, preprocess, provenance
+from aidetect_batch import credentials, decode, phash, preprocess, provenance
 from aidetect_batch.archs import IMAGENET_MEAN, IMAGENET_STD
 from aidetect_batch.classifier import cpu_chunk
 from aidetect_batch.config import DEFAULT_MAX_PIXELS
@@ -342,3 +342,62 @@ def _heic_view(blob: bytes, *, draft: bool) -> np.ndarray:
 def _read(path: str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read()
+
+
+def planted_hashes(
+    rows: int, *, groups: int, members: int, distances: tuple[int, ...], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``rows`` random 256-bit hashes in which ``groups`` groups are planted: a base and ``members - 1`` copies,
+    each exactly ``d`` bits from its base, ``d`` cycling through ``distances``. Returns the ``(rows, 32)`` codes,
+    each row's planted group (-1: background) and each row's distance from its base."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (rows, 32), dtype=np.uint8)
+    truth = np.full(rows, -1, np.int64)
+    offset = np.zeros(rows, np.int64)
+    for g in range(groups):
+        first, d = g * members, distances[g % len(distances)]
+        truth[first : first + members] = g
+        bits = np.unpackbits(codes[first])
+        for m in range(first + 1, first + members):
+            copy = bits.copy()
+            copy[rng.choice(256, d, replace=False)] ^= 1
+            codes[m] = np.packbits(copy)
+            offset[m] = d
+    return codes, truth, offset
+
+
+def grouping_quality(truth: np.ndarray, found: np.ndarray, offset: np.ndarray) -> dict[str, Any]:
+    """Against planted groups: pairwise precision (rows put together that were planted together), and per
+    planted distance the recall of copies joined to their base's group."""
+    sizes = np.unique(found, return_counts=True)[1]
+    predicted = int(np.sum(sizes * (sizes - 1) // 2))
+    planted = truth >= 0
+    pairs = np.unique(np.stack([found[planted], truth[planted]], 1), axis=0, return_counts=True)[1]
+    together = int(np.sum(pairs * (pairs - 1) // 2))
+    base_of = np.zeros(int(truth.max(initial=-1)) + 1, np.int64)
+    bases = np.flatnonzero(planted & (offset == 0))
+    base_of[truth[bases]] = bases
+    recall = {}
+    for d in sorted(set(offset[planted & (offset > 0)].tolist())):
+        copies = np.flatnonzero(planted & (offset == d))
+        recall[str(d)] = float(np.mean(found[copies] == found[base_of[truth[copies]]]))
+    return {"pairwise_precision": together / predicted if predicted else None, "recall_by_distance": recall}
+
+
+def phash_cost(paths: list[str]) -> dict[str, Any]:
+    """PDQ per image on one core, on the full decode and on the ``resize`` policy's draft decode (what
+    ``--phash`` hashes under ``resize``), beside those decodes, and how far apart the two hashes are."""
+    torch.set_num_threads(1)
+    full = [decode.decode_image(_read(p), DEFAULT_MAX_PIXELS).image for p in paths]
+    short = preprocess.needed_short_side("resize", preprocess.CROP)
+    drafted = [decode.decode_image(_read(p), DEFAULT_MAX_PIXELS, short).image for p in paths]
+    apart = [phash.distance(phash.pdq_of(a).hash, phash.pdq_of(b).hash) for a, b in zip(full, drafted, strict=True)]
+    return {
+        "files": len(paths),
+        "decode_resize_ms": _ms_per_item(
+            lambda p: decode_and_preprocess(_read(p), "resize", DEFAULT_MAX_PIXELS), paths
+        ),
+        "pdq_full_ms": _ms_per_item(phash.pdq_of, full),
+        "pdq_draft_ms": _ms_per_item(phash.pdq_of, drafted),
+        "full_vs_draft_bits": {"mean": float(np.mean(apart)), "max": int(max(apart))},
+    }
