@@ -29,6 +29,7 @@ from aidetect_batch.config import (
     ConfigError,
     EvalConfig,
     PruneConfig,
+    RepostsConfig,
     ScanConfig,
     ServeConfig,
     TrainConfig,
@@ -651,9 +652,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reposts(args: argparse.Namespace) -> int:
-    from aidetect_batch import reposts  # faiss and scipy load only for this command
-
-    cfg = reposts.RepostsConfig(
+    cfg = RepostsConfig(
         out=args.out,
         distance=args.distance,
         min_quality=args.min_quality,
@@ -661,6 +660,8 @@ def _reposts(args: argparse.Namespace) -> int:
         time_column=args.time_column,
         storage_options=parse_storage_options(args.storage_option),
     )
+    from aidetect_batch import reposts  # faiss and scipy load only for this command
+
     print(reposts.summary_line(reposts.run_reposts(cfg)), flush=True)
     return 0
 

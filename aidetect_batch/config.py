@@ -15,6 +15,7 @@ from typing import Any
 
 from aidetect_batch import archs, perturb, provenance
 from aidetect_batch.errors import ConfigError
+from aidetect_batch.phash import MATCH_DISTANCE, MIN_QUALITY
 from aidetect_batch.preprocess import (
     DEFAULT_MAX_TILES,
     DEFAULT_NATIVE_MAX_PIXELS,
@@ -669,3 +670,41 @@ class ServeConfig:
         data["storage_options"] = redact(self.storage_options)
         data["token"] = "***" if self.token else None
         return data
+
+
+# Manifest columns that say when a file was posted; reposts reports a group's first and last.
+TIME_COLUMNS = ("timestamp", "posted_at", "created_at", "time", "date")
+
+
+@dataclasses.dataclass(frozen=True)
+class RepostsConfig:
+    """How ``reposts`` groups a scan's rows.
+
+    Attributes:
+        out: The scan's output directory (local or ``s3://``).
+        distance: Largest Hamming distance between two hashes of one group.
+        min_quality: Hashes of lower PDQ quality join no group.
+        group_depth: Path components below the source root kept as each group's prefixes.
+        time_column: A listing column with when each file was posted; ``None`` picks one of
+            :data:`TIME_COLUMNS` if the scores carry it.
+        storage_options: fsspec options for a remote ``out``.
+    """
+
+    out: str
+    distance: int = MATCH_DISTANCE
+    min_quality: int = MIN_QUALITY
+    group_depth: int = 1
+    time_column: str | None = None
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.group_depth < 0:
+            raise ConfigError("--group-depth must be 0 or more")
+        if not 0 <= self.distance <= 64:
+            raise ConfigError(f"--distance must be between 0 and 64 bits, not {self.distance}")
+        if not 0 <= self.min_quality <= 100:
+            raise ConfigError(f"--min-quality must be between 0 and 100, not {self.min_quality}")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict with secret-looking storage options redacted."""
+        return {**dataclasses.asdict(self), "storage_options": redact(self.storage_options)}

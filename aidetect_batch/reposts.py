@@ -31,41 +31,13 @@ import pyarrow.dataset as pads
 
 from aidetect_batch import groups as neardup
 from aidetect_batch import phash, report, schema
+from aidetect_batch.config import TIME_COLUMNS, RepostsConfig
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.storage import filesystem, join, write_json, write_parquet
 
 _logger = logging.getLogger(__name__)
 
 MAX_PREFIXES = 50
-TIME_COLUMNS = ("timestamp", "posted_at", "created_at", "time", "date")
-
-
-@dataclasses.dataclass(frozen=True)
-class RepostsConfig:
-    """How ``reposts`` groups a scan's rows.
-
-    Attributes:
-        out: The scan's output directory (local or ``s3://``).
-        distance: Largest Hamming distance between two hashes of one group.
-        min_quality: Hashes of lower PDQ quality join no group.
-        group_depth: Path components below the source root kept as each group's prefixes.
-        time_column: A listing column with when each file was posted; ``None`` picks one of
-            :data:`TIME_COLUMNS` if the scores carry it.
-        storage_options: fsspec options for a remote ``out``.
-    """
-
-    out: str
-    distance: int = phash.MATCH_DISTANCE
-    min_quality: int = phash.MIN_QUALITY
-    group_depth: int = 1
-    time_column: str | None = None
-    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.distance <= 64:
-            raise ConfigError(f"--distance must be between 0 and 64 bits, not {self.distance}")
-        if not 0 <= self.min_quality <= 100:
-            raise ConfigError(f"--min-quality must be between 0 and 100, not {self.min_quality}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +56,7 @@ class RepostsSummary:
     distance: int
     min_quality: int
     time_column: str | None
+    config: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,6 +94,7 @@ def run_reposts(cfg: RepostsConfig) -> RepostsSummary:
         distance=cfg.distance,
         min_quality=cfg.min_quality,
         time_column=time_column,
+        config=cfg.to_json(),
     )
     write_json(join(directory, schema.SUMMARY_FILE), summary.to_json(), cfg.storage_options)
     report.rebuild(cfg.out, cfg.storage_options)
