@@ -256,6 +256,7 @@ def test_demo_and_job_entry_points_end_to_end(tmp_path, monkeypatch, capsys):
     scanned = job("scan.py", str(out / "corpus" / "dump"), "--checkpoint", checkpoint, "--out", str(tmp_path / "j"))
     assert scanned.returncode == 0, scanned.stderr[-3000:]
     assert "scanned 11 files: ok 7, failed 4" in scanned.stdout, "no_extension is skipped without --all-files"
-    for name, flag in (("train.py", "--freeze-backbone"), ("evaluate.py", "--perturb"), ("prune.py", "--structured")):
+    jobs = (("train.py", "--freeze-backbone"), ("evaluate.py", "--perturb"), ("prune.py", "--structured"))
+    for name, flag in (*jobs, ("reposts.py", "--min-quality")):
         helped = job(name, "--help")
         assert helped.returncode == 0 and flag in helped.stdout, name
