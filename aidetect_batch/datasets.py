@@ -294,8 +294,10 @@ def assign_splits(
     ``pdq_quality``. Rows are units of content (:func:`content_units`): identical
     bytes, and with PDQ hashes every near-duplicate group, so an image, its
     exact copies and its reposts always land in the same split and never leak
-    from train into val or test. A unit carrying both labels is excluded
-    (split null) and counted. When the
+    from train into val or test. Identical bytes carrying both labels are
+    excluded (split null) and counted; a near-duplicate group carrying both
+    labels (a photograph and its AI edit, say) is counted and kept, in one
+    split. When the
     dataset has its own splits they are kept; a missing ``val`` (or ``val``
     and ``test``) is carved out of ``train`` with the same rules, and copies
     of val/test images found in ``train`` are removed from ``train``.
@@ -312,17 +314,11 @@ def assign_splits(
     split = np.full(n, None, dtype=object)
     record: dict[str, Any] = {"fractions": list(fractions), "seed": seed, "near_duplicate_groups": near_groups}
 
-    labels_of: dict[str, set[str]] = {}
-    for h, label, good in zip(hashes, labels, ok, strict=True):
-        if good:
-            labels_of.setdefault(h, set()).add(label)
-    conflicting = {h for h, found in labels_of.items() if len(found) > 1}
-    usable = ok & np.array([h not in conflicting for h in hashes])
-    record["conflicting_label_files"] = int(
-        sum(1 for h, good in zip(hashes, ok, strict=True) if good and h in conflicting)
-    )
-    exact = _conflicting(np.array(table.column(schema.SHA256).to_pylist(), dtype=object), labels, ok)
-    record["near_duplicate_conflict_files"] = record["conflicting_label_files"] - exact
+    sha = np.array(table.column(schema.SHA256).to_pylist(), dtype=object)
+    contradicted = _conflicting(sha, labels, ok)
+    usable = ok & ~contradicted
+    record["conflicting_label_files"] = int(contradicted.sum())
+    record["near_duplicate_conflict_files"] = int(_conflicting(hashes, labels, usable).sum())
 
     has_own = any(s is not None for s in own[usable])
     if has_own:
@@ -358,13 +354,13 @@ def assign_splits(
     return pa.array(split.tolist(), pa.string()), record
 
 
-def _conflicting(units: np.ndarray, labels: np.ndarray, ok: np.ndarray) -> int:
-    """Readable files whose unit carries both labels."""
+def _conflicting(units: np.ndarray, labels: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Which of the ``among`` rows belong to a unit that carries both labels there."""
     labels_of: dict[str, set[str]] = {}
-    for unit, label, good in zip(units, labels, ok, strict=True):
-        if good:
+    for unit, label, counted in zip(units, labels, among, strict=True):
+        if counted:
             labels_of.setdefault(unit, set()).add(label)
-    return int(sum(1 for u, good in zip(units, ok, strict=True) if good and len(labels_of[u]) > 1))
+    return np.array([bool(c) and len(labels_of[u]) > 1 for u, c in zip(units, among, strict=True)], dtype=bool)
 
 
 def content_units(table: pa.Table, ok: np.ndarray) -> tuple[np.ndarray, int]:

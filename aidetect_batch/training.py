@@ -224,9 +224,7 @@ def _split_table(cfg: TrainConfig, decoded: Any, *, listing: datasets.Listing) -
         elif status != schema.Status.OK.value:
             notes.append(f"not used: {status}: {error}")
         else:
-            notes.append(
-                "not used: identical bytes or near-duplicates carry both labels, or a copy of a val/test image"
-            )
+            notes.append("not used: identical bytes carry both labels, or a copy or near-duplicate of a val/test image")
     meta = meta.drop_columns([schema.PDQ, schema.PDQ_QUALITY])
     return _SplitTable(meta.append_column("note", pa.array(notes, pa.string())), record)
 
