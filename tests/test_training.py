@@ -122,6 +122,7 @@ def test_scan_of_the_checkpoint_gives_the_scores_evaluation_measured(trained, tm
     )
 
 
+@pytest.mark.slow  # 39-62 s: keeps the default suite under its 10-minute budget on a slow day (--runslow runs it)
 def test_two_cpu_workers_train_one_epoch_with_a_frozen_backbone(ray_cluster, labelled, trained, tmp_path):
     _, first = trained
     cfg = TrainConfig(
