@@ -171,12 +171,12 @@ def decode_into(
     if view is not None:
         images[i] = view.pixels
         rows[schema.COVERAGE][i] = view.coverage
-    if options.phash and result.image is not None:
-        hashed = phash.pdq_of(result.image)
-        rows[schema.PDQ][i], rows[schema.PDQ_QUALITY][i] = hashed.hash, hashed.quality
     rows[schema.STATUS][i] = result.status.value
     rows[schema.ERROR][i] = result.error
     rows[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0
+    if options.phash and result.image is not None:
+        hashed = phash.pdq_of(result.image)
+        rows[schema.PDQ][i], rows[schema.PDQ_QUALITY][i] = hashed.hash, hashed.quality
 
 
 def _to_table(

@@ -6,12 +6,7 @@ bits (31, ThreatExchange's match threshold) and both hashes have quality of at l
 (each a little further from the first) is one group. An exact copy scored once under ``--dedup``
 joins its original's group.
 
-Candidate pairs come from a multi-index hash (faiss ``IndexBinaryMultiHash``): the 256 bits are cut
-into ``b``-bit chunks, one hash table each, and only rows sharing a whole chunk with the query are
-compared, exactly, by Hamming distance. No pair is reported above ``distance``; a pair whose
-differing bits touch every chunk is missed, so recall falls with distance and with the chunk width,
-which grows with the row count to keep buckets small (BENCHMARKS.md measures both). No all-pairs
-comparison happens.
+Candidate pairs and components come from :mod:`aidetect_batch.groups` (no all-pairs comparison).
 
 Outputs, under ``OUT/reposts/``: ``members.parquet`` (every row: ``path``, ``group_id``, ``group_size``;
 null where the row has no usable hash), ``groups.parquet`` (groups of two or more) and ``summary.json``.
