@@ -36,8 +36,8 @@ from aidetect_batch.config import (
     parse_actors,
     parse_storage_options,
 )
+from aidetect_batch.detectors.policies import DEFAULT_MAX_TILES, DEFAULT_NATIVE_MAX_PIXELS, POLICIES
 from aidetect_batch.errors import CheckpointError, SourceError
-from aidetect_batch.preprocess import DEFAULT_MAX_TILES, DEFAULT_NATIVE_MAX_PIXELS, POLICIES
 from aidetect_batch.storage import join
 
 _logger = logging.getLogger("aidetect_batch")
@@ -462,7 +462,7 @@ def prune_config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 
 def _prune(cfg: PruneConfig) -> int:
-    from aidetect_batch.pruning import run_prune  # heavy: only for its command
+    from aidetect_batch.train.pruning import run_prune  # heavy: only for its command
 
     result = run_prune(cfg)
     print(result.markdown, flush=True)
@@ -471,7 +471,7 @@ def _prune(cfg: PruneConfig) -> int:
 
 
 def _train(cfg: TrainConfig) -> int:
-    from aidetect_batch.training import run_train  # heavy: only for its command
+    from aidetect_batch.train.trainer import run_train  # heavy: only for its command
 
     result = run_train(cfg)
     at = result.val_metrics["at_threshold"]
@@ -485,7 +485,7 @@ def _train(cfg: TrainConfig) -> int:
 
 
 def _evaluate(cfg: EvalConfig) -> int:
-    from aidetect_batch.evaluation import format_table, run_evaluate  # heavy: only for its command
+    from aidetect_batch.train.evaluation import format_table, run_evaluate  # heavy: only for its command
 
     result = run_evaluate(cfg)
     print(format_table(result.metrics), flush=True)
@@ -494,8 +494,8 @@ def _evaluate(cfg: EvalConfig) -> int:
 
 
 def _scan(cfg: ScanConfig) -> int:
-    from aidetect_batch.pipeline import run_scan  # heavy: only for its command
-    from aidetect_batch.report import closing_line  # heavy: only for its command
+    from aidetect_batch.report.aggregate import closing_line  # heavy: only for its command
+    from aidetect_batch.scan.runner import run_scan  # heavy: only for its command
 
     result = run_scan(cfg)
     print(closing_line(result.summary), flush=True)
@@ -503,15 +503,15 @@ def _scan(cfg: ScanConfig) -> int:
 
 
 def _report(out: str, storage_options: dict[str, Any], thumbnails: int) -> int:
-    from aidetect_batch import report  # heavy: only for its command
+    from aidetect_batch.report import aggregate  # heavy: only for its command
 
     if thumbnails < 0:
         raise ConfigError("--thumbnails must be 0 or more")
     try:
-        scan_out, summary = report.rebuild(out, storage_options, thumbnails)
+        scan_out, summary = aggregate.rebuild(out, storage_options, thumbnails)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
-    print(report.closing_line(summary))
+    print(aggregate.closing_line(summary))
     print(f"report: {join(scan_out, 'report', 'index.html')}")
     return 0
 
@@ -564,7 +564,7 @@ def _serve(cfg: ServeConfig) -> int:
 
 
 def _demo(directory: str, epochs: int) -> int:
-    from aidetect_batch.demo import run_demo  # heavy: only for its command
+    from aidetect_batch.bench.demo import run_demo  # heavy: only for its command
 
     return run_demo(directory, epochs)
 
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return _demo(args.dir, args.epochs)
         if args.command == "benchmark":
-            from aidetect_batch.benchmark import run_benchmark  # heavy: only for its command
+            from aidetect_batch.bench.suites import run_benchmark  # heavy: only for its command
 
             archs = tuple(a for a in args.archs.split(",") if a)
             scan_options = {
@@ -660,7 +660,7 @@ def _reposts(args: argparse.Namespace) -> int:
         time_column=args.time_column,
         storage_options=parse_storage_options(args.storage_option),
     )
-    from aidetect_batch import reposts  # faiss and scipy load only for this command
+    from aidetect_batch.report import reposts  # faiss and scipy load only for this command
 
     print(reposts.summary_line(reposts.run_reposts(cfg)), flush=True)
     return 0

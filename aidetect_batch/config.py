@@ -13,20 +13,21 @@ import math
 import re
 from typing import Any
 
-from aidetect_batch import archs, perturb, provenance
-from aidetect_batch.errors import ConfigError
-from aidetect_batch.phash import MATCH_DISTANCE, MIN_QUALITY
-from aidetect_batch.preprocess import (
+from aidetect_batch.detectors import registry
+from aidetect_batch.detectors.policies import (
     DEFAULT_MAX_TILES,
     DEFAULT_NATIVE_MAX_PIXELS,
     FIXED_POLICIES,
     POLICIES,
     Framing,
 )
+from aidetect_batch.errors import ConfigError
+from aidetect_batch.media import perturb, provenance
+from aidetect_batch.media.pdq import MATCH_DISTANCE, MIN_QUALITY
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic", "heif", "avif")
 PRECISIONS = ("fp32", "bf16", "fp16")
-ARCHS = archs.ARCHS
+ARCHS = registry.ARCHS
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own bomb threshold: ~89 MP, about 9500x9500.
 # Files above this are too_large rows, never read. 256 MiB is DEFAULT_MAX_PIXELS as uncompressed
 # 8-bit RGB, the largest image the pixel guard admits in the plainest encoding; a decode task
@@ -44,7 +45,7 @@ def check_max_file_mb(value: float) -> None:
 
 def check_policy(policy: str, arch: str | None, *, gpu_decode: bool = False) -> None:
     """Refuse a policy the model or the decode path cannot serve; raises :class:`ConfigError`."""
-    if policy == "native" and arch is not None and not archs.get(arch).any_size:
+    if policy == "native" and arch is not None and not registry.get(arch).any_size:
         raise ConfigError(
             f"--preprocess native needs a network that pools globally; {arch} takes only its input size: "
             "use tiles (native pixels, fixed-size views)"
@@ -393,7 +394,7 @@ class TrainConfig:
     def resolved_init(self) -> str:
         if self.init is not None:
             return self.init
-        return "imagenet" if archs.get(self.arch).imagenet else "none"
+        return "imagenet" if registry.get(self.arch).imagenet else "none"
 
     @property
     def from_scratch(self) -> bool:
@@ -450,7 +451,7 @@ class TrainConfig:
             raise ConfigError("--resume continues the run in --out; --overwrite replaces it: pick one")
         init = self.resolved_init
         if init == "imagenet":
-            if not archs.get(self.arch).imagenet:
+            if not registry.get(self.arch).imagenet:
                 raise ConfigError(f"--init imagenet: torchvision has no ImageNet weights for {self.arch}")
 
     def to_json(self) -> dict[str, Any]:

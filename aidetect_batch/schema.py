@@ -67,7 +67,7 @@ PDQ_QUALITY = "pdq_quality"
 PROVENANCE = "provenance"
 PROVENANCE_DETAIL = "provenance_detail"
 
-# What a file's own bytes say about its origin (:mod:`aidetect_batch.provenance`), strongest first.
+# What a file's own bytes say about its origin (:mod:`aidetect_batch.media.provenance`), strongest first.
 PROVENANCE_KINDS = (
     "c2pa_ai",  # a validated C2PA manifest declares trainedAlgorithmicMedia
     "c2pa_ai_composite",  # ... compositeWithTrainedAlgorithmicMedia, or an ingredient that is AI media

@@ -3,7 +3,7 @@
 The studies behind this project serve their detector on a web page; this is
 that page, run the way the scan runs: the same decode (bomb guard, EXIF,
 mode conversion, truncation check), the same preprocess policy and the same
-:class:`~aidetect_batch.classifier.Classifier`, so an upload scores exactly as
+:class:`~aidetect_batch.scan.classifier.Classifier`, so an upload scores exactly as
 the file would in a scan. Concurrent uploads are scored in one forward pass
 (``serve.batch``), and replicas take a GPU each when the cluster has one.
 
@@ -39,9 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from aidetect_batch import model, preprocess, provenance, runtime, schema
-from aidetect_batch.classifier import Classifier
+from aidetect_batch import runtime, schema
 from aidetect_batch.config import ServeConfig, check_policy
+from aidetect_batch.detectors import checkpoints, policies
+from aidetect_batch.media import provenance
+from aidetect_batch.scan.classifier import Classifier
 
 _logger = logging.getLogger(__name__)
 
@@ -63,10 +65,10 @@ class UploadScorer:
 
     def __init__(self, cfg: ServeConfig, device: str | None = None) -> None:
 
-        data = model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options)
+        data = checkpoints.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options)
         self.classifier = Classifier(data, arch=cfg.arch, ai_class_index=cfg.ai_class_index, device=device)
         meta = self.classifier.checkpoint
-        self.policy = cfg.preprocess or meta["preprocess"] or preprocess.DEFAULT_POLICY
+        self.policy = cfg.preprocess or meta["preprocess"] or policies.DEFAULT_POLICY
         check_policy(self.policy, meta["arch"])
         self.framing = cfg.framing
         self.threshold = cfg.threshold if cfg.threshold is not None else meta["threshold"]
@@ -87,7 +89,7 @@ class UploadScorer:
     def decode(self, name: str, data: bytes) -> tuple[dict[str, Any], np.ndarray | None]:
         """Decode and preprocess one upload: its result fields so far and the model input (``None`` on failure)."""
         start = time.perf_counter()
-        result, view = preprocess.decode_and_preprocess(
+        result, view = policies.decode_and_preprocess(
             data, self.policy, self.max_pixels, size=self.size, framing=self.framing
         )
         row: dict[str, Any] = {
@@ -111,7 +113,7 @@ class UploadScorer:
     def predict(self, images: list[np.ndarray]) -> list[dict[str, float]]:
         """Scores of preprocessed uploads scored together: ``(S, S, 3)`` views in one forward pass, tiles and
         native images as the scan scores them (:meth:`Classifier.score_views`)."""
-        if self.policy in preprocess.FIXED_POLICIES:
+        if self.policy in policies.FIXED_POLICIES:
             scores = self.classifier.predict(np.stack(images)).tolist()
             return [{"score": s, "score_max": s, "n_tiles": 1} for s in scores]
         scored = self.classifier.score_views(images)
@@ -256,15 +258,15 @@ def build_app(args: dict[str, str]) -> Any:
     return application(cfg, cfg.gpus_per_replica or 0.0)
 
 
-def check(cfg: ServeConfig) -> model.Checkpoint:
+def check(cfg: ServeConfig) -> checkpoints.Checkpoint:
     """Read, parse and build the checkpoint on the driver, so a bad one fails before Ray starts."""
-    ckpt = model.parse_checkpoint(
-        model.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options),
+    ckpt = checkpoints.parse_checkpoint(
+        checkpoints.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options),
         arch=cfg.arch,
         ai_class_index=cfg.ai_class_index,
     )
     ckpt.build()
-    check_policy(cfg.preprocess or ckpt.preprocess or preprocess.DEFAULT_POLICY, ckpt.arch)
+    check_policy(cfg.preprocess or ckpt.preprocess or policies.DEFAULT_POLICY, ckpt.arch)
     return ckpt
 
 

@@ -20,7 +20,7 @@ from helpers import (
     write_files,
 )
 
-from aidetect_batch.model import save_checkpoint
+from aidetect_batch.detectors.checkpoints import save_checkpoint
 from aidetect_batch.schema import Status
 
 

@@ -16,9 +16,9 @@ import struct
 import numpy as np
 from PIL import Image
 
-from aidetect_batch.credentials import IPTC_TYPES
-from aidetect_batch.demo import png_header_only
-from aidetect_batch.model import build_model
+from aidetect_batch.bench.credentials import IPTC_TYPES
+from aidetect_batch.bench.demo import png_header_only
+from aidetect_batch.detectors.checkpoints import build_model
 from aidetect_batch.schema import Status
 
 RAY_FOR_TESTS = {"address": "local", "num_cpus": 2, "include_dashboard": False, "logging_level": "ERROR"}
@@ -261,7 +261,7 @@ def png_with_xmp(source_type: str) -> bytes:
 
 def c2pa_signed_jpeg(source_type: str, agent: str = "TestDiffusion 2.1") -> bytes:
     """A JPEG with an embedded C2PA manifest declaring ``source_type``, signed under a chain made here."""
-    from aidetect_batch.credentials import sign_jpeg
+    from aidetect_batch.bench.credentials import sign_jpeg
 
     return sign_jpeg(encode(photo(seed=34), "JPEG"), source_type, agent)
 
@@ -275,7 +275,7 @@ def tampered(data: bytes) -> bytes:
 
 def watermarked_png(message: bytes | None = b"StableDiffusionV1") -> bytes:
     """A photograph (512×512), with the Stable Diffusion reference scripts' dwtDct watermark when ``message``."""
-    from aidetect_batch.demo import photo_bytes
+    from aidetect_batch.bench.demo import photo_bytes
 
     rgb = np.asarray(Image.open(io.BytesIO(photo_bytes("astronaut.jpg"))).convert("RGB"))
     if message is not None:

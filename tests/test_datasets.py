@@ -6,8 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aidetect_batch import datasets, schema
-from aidetect_batch.sources import SourceError
+from aidetect_batch import schema
+from aidetect_batch.inputs.sources import SourceError
+from aidetect_batch.train import datasets
 
 
 @pytest.mark.parametrize(
@@ -180,11 +181,11 @@ def test_fingerprint_follows_content_not_names():
 
 def test_scan_and_training_resolve_a_manifests_relative_paths_by_one_rule(tmp_path):
     """``./a`` and ``x/../a`` are joined to the manifest's folder and normalised, the same for both readers."""
-    from aidetect_batch import inputs
+    from aidetect_batch.inputs import manifest
 
     (tmp_path / "m").mkdir()
-    manifest = tmp_path / "m" / "labels.csv"
-    manifest.write_text("path,label\n./real/a.png,real\nsub/../ai/b.png,ai\n/abs/c.png,real\n")
+    labels = tmp_path / "m" / "labels.csv"
+    labels.write_text("path,label\n./real/a.png,real\nsub/../ai/b.png,ai\n/abs/c.png,real\n")
     want = [str(tmp_path / "m" / "real" / "a.png"), str(tmp_path / "m" / "ai" / "b.png"), "/abs/c.png"]
-    assert inputs.read_manifest(str(manifest)).column(schema.PATH).to_pylist() == want
-    assert datasets._read_manifest(str(manifest), {}).column(schema.PATH).to_pylist() == want
+    assert manifest.read_manifest(str(labels)).column(schema.PATH).to_pylist() == want
+    assert datasets._read_manifest(str(labels), {}).column(schema.PATH).to_pylist() == want

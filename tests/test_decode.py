@@ -5,9 +5,9 @@ import pytest
 from helpers import CORPUS, encode, exif_rotated_jpeg, photo
 from PIL import Image
 
-from aidetect_batch.decode import decode_image, sniff, to_rgb
-from aidetect_batch.demo import png_header_only
-from aidetect_batch.preprocess import preprocess_image
+from aidetect_batch.bench.demo import png_header_only
+from aidetect_batch.detectors.policies import preprocess_image
+from aidetect_batch.media.decode import decode_image, sniff, to_rgb
 from aidetect_batch.schema import Status
 
 MAX = 89_478_485

@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 from aidetect_batch import schema
 from aidetect_batch.config import ConfigError, EvalConfig
-from aidetect_batch.evaluation import format_table, run_evaluate
+from aidetect_batch.train.evaluation import format_table, run_evaluate
 
 # Files whose bytes state their origin: two true AI, and one "real" photo that carries generator
 # parameters (an img2img edit, say), so provenance's precision is 2/3 and its recall 2 of the 14 AI files.

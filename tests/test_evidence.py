@@ -1,7 +1,7 @@
 """Training keeps the traces: random crops of native pixels, full-resolution blur/JPEG, defaults by initialisation.
 
 The measured case of issue 16: 32×32 crops of real photographs (the bundled scikit-image pictures, CC0 /
-public domain, see aidetect_batch/demo_data/LICENSES.md) against the same kind of crop downsampled 2× and
+public domain, see aidetect_batch/bench/demo_data/LICENSES.md) against the same kind of crop downsampled 2× and
 upsampled back with nearest-neighbour, a textbook generator trace. With the old defaults (resize, every
 augmentation, lr 1e-4) a held-out ROC-AUC of 0.57-0.62 was measured; the defaults must now reach 0.9.
 """
@@ -19,15 +19,16 @@ import torch
 from helpers import photo
 from PIL import Image
 
-from aidetect_batch import metrics, schema
-from aidetect_batch.classifier import Classifier
+from aidetect_batch import schema
+from aidetect_batch.bench.demo import PHOTOS, photo_bytes
 from aidetect_batch.config import DEFAULT_MAX_PIXELS, TrainConfig
-from aidetect_batch.demo import PHOTOS, photo_bytes
-from aidetect_batch.model import parse_checkpoint
-from aidetect_batch.prepare import PrepareOptions, prepare_batch
-from aidetect_batch.preprocess import center_crop
-from aidetect_batch.train_worker import native_crop, train_window, window_boxes
-from aidetect_batch.training import run_train
+from aidetect_batch.detectors.checkpoints import parse_checkpoint
+from aidetect_batch.detectors.policies import center_crop
+from aidetect_batch.scan.classifier import Classifier
+from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
+from aidetect_batch.train import metrics
+from aidetect_batch.train.trainer import run_train
+from aidetect_batch.train.worker import native_crop, train_window, window_boxes
 
 
 def upsampling_case(root: str, *, train: int, test: int, seed: int = 0) -> None:

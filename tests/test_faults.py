@@ -15,7 +15,7 @@ from helpers import encode, free_port, own_ray, photo
 
 from aidetect_batch import schema
 from aidetect_batch.config import ScanConfig
-from aidetect_batch.pipeline import run_scan
+from aidetect_batch.scan.runner import run_scan
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from helpers import own_ray
 
 from aidetect_batch import schema
 from aidetect_batch.config import ScanConfig
-from aidetect_batch.pipeline import run_scan
+from aidetect_batch.scan.runner import run_scan
 from tests.test_pipeline import reference_scores
 
 

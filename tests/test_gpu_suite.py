@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from aidetect_batch import measure
-from aidetect_batch.gpu_suite import NO_CUDA, GpuSuiteOptions, gpu_lines, run_gpu_suite
+from aidetect_batch.bench import measure
+from aidetect_batch.bench.gpu import NO_CUDA, GpuSuiteOptions, gpu_lines, run_gpu_suite
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

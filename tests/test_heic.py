@@ -1,7 +1,7 @@
 """Phone formats decode like every other: HEIC/HEIF through pillow-heif, AVIF through Pillow.
 
 Each file is encoded here from a crop of a bundled photograph (scikit-image's, CC0 / public domain, see
-aidetect_batch/demo_data/LICENSES.md) and compared with the same pixels, within the lossy codec's
+aidetect_batch/bench/demo_data/LICENSES.md) and compared with the same pixels, within the lossy codec's
 tolerance; the wrong answer (no rotation, the other frame) is far outside it.
 """
 
@@ -15,8 +15,8 @@ import pytest
 from helpers import encode, photo
 from PIL import Image
 
-from aidetect_batch.decode import decode_image
-from aidetect_batch.demo import PHOTOS, photo_bytes
+from aidetect_batch.bench.demo import PHOTOS, photo_bytes
+from aidetect_batch.media.decode import decode_image
 from aidetect_batch.schema import Status
 
 MAX = 89_478_485

@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import c2pa_signed_jpeg, encode, photo
 
-from aidetect_batch import schema, sources
+from aidetect_batch import schema
 from aidetect_batch.config import DEFAULT_EXTENSIONS, ScanConfig
-from aidetect_batch.pipeline import run_scan
-from aidetect_batch.prepare import PrepareOptions, prepare_batch
+from aidetect_batch.inputs import sources
+from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
+from aidetect_batch.scan.runner import run_scan
 
 LATIN1_NAME = b"caf\xe9 100%.jpg"
 ODD_NAMES = (
@@ -170,7 +171,7 @@ def test_a_stalled_s3_read_fails_over_within_its_timeout():
 
 def test_a_labelled_file_whose_name_is_not_utf8_is_listed_and_read(tmp_path):
     """Training lists datasets with the same walk: such a file keeps its label and is decoded, not dropped."""
-    from aidetect_batch import datasets
+    from aidetect_batch.train import datasets
 
     good = encode(photo(64, 64, seed=4), "PNG")
     for label, name in (("real", LATIN1_NAME.replace(b".jpg", b".png")), ("ai", b"plain.png")):

@@ -10,10 +10,11 @@ import pytest
 from helpers import encode, photo
 from PIL import Image
 
-from aidetect_batch import html_report, schema
+from aidetect_batch import schema
 from aidetect_batch.cli import main
 from aidetect_batch.config import ScanConfig
-from aidetect_batch.pipeline import run_scan
+from aidetect_batch.report import page
+from aidetect_batch.scan.runner import run_scan
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -41,17 +42,17 @@ def page_of(out: str) -> str:
 
 def test_page_is_self_contained_and_complete(scanned):
     result, out = scanned
-    page = page_of(out)
-    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    html = page_of(out)
+    sources = re.findall(r'(?:src|href)="([^"]*)"', html)
     assert sources and all(s.startswith("data:") for s in sources), "every image inline, nothing fetched"
-    assert not re.search(r"https?://", page), "no network reference at all"
-    assert 'id="histogram" src="data:image/png;base64,' in page
-    thumbs = re.findall(r'class="thumb" src="data:image/jpeg;base64,([^"]+)"', page)
+    assert not re.search(r"https?://", html), "no network reference at all"
+    assert 'id="histogram" src="data:image/png;base64,' in html
+    thumbs = re.findall(r'class="thumb" src="data:image/jpeg;base64,([^"]+)"', html)
     assert len(thumbs) == 2 * 23, "two grids of the 23 decodable images (fewer than 24)"
     assert max(len(t) for t in thumbs) < 40_000, "thumbnails are capped, the 900 px photo included"
-    assert "broken.jpg" in page and "undecodable" in page, "top errors name the failure and an example"
-    assert page.count("<tr>") >= 2 + 2 and 'class="sortable"' in page
-    assert f"total <b>{result.summary.total}</b>" in page
+    assert "broken.jpg" in html and "undecodable" in html, "top errors name the failure and an example"
+    assert html.count("<tr>") >= 2 + 2 and 'class="sortable"' in html
+    assert f"total <b>{result.summary.total}</b>" in html
 
 
 def test_pick_rows_are_the_top_scores_and_nearest_the_threshold(scanned):
@@ -60,7 +61,7 @@ def test_pick_rows_are_the_top_scores_and_nearest_the_threshold(scanned):
     _, out = scanned
     table = pq.read_table(os.path.join(out, schema.SCORES_DIR)).to_pandas()
     ok = table[table.status == "ok"]
-    picks = html_report.pick_rows(os.path.join(out, schema.SCORES_DIR), 5, 0.5)
+    picks = page.pick_rows(os.path.join(out, schema.SCORES_DIR), 5, 0.5)
     assert [r["score"] for r in picks["top_ai"]] == sorted(ok.score, reverse=True)[:5]
     nearest = np.sort(np.abs(ok.score.to_numpy(np.float64) - 0.5))[:5]
     assert np.allclose(sorted(abs(r["score"] - 0.5) for r in picks["near_threshold"]), nearest)
@@ -77,10 +78,10 @@ def test_report_command_rebuilds_the_page(scanned, tmp_path, capsys):
 
 
 def test_thumbnail_of_a_vanished_file_is_a_placeholder(tmp_path):
-    assert html_report.thumbnail(str(tmp_path / "gone.jpg")) is None
+    assert page.thumbnail(str(tmp_path / "gone.jpg")) is None
     path = tmp_path / "big.png"
     Image.new("RGB", (1200, 300), (10, 200, 10)).save(path)
-    uri = html_report.thumbnail(str(path))
+    uri = page.thumbnail(str(path))
     assert uri.startswith("data:image/jpeg;base64,")
 
 

@@ -9,7 +9,11 @@ import subprocess
 import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "aidetect_batch"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+MODULES = sorted(
+    ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix("__init__").rstrip(".")
+    for p in PACKAGE.rglob("*.py")
+    if p.stem != "__main__" and p.parent != PACKAGE or p.stem not in ("__init__", "__main__")
+)
 
 # Each module is imported with the package cleared from sys.modules first, so an import cycle shows up
 # whichever module is imported first; third-party modules stay loaded, which keeps this to seconds.
@@ -55,5 +59,5 @@ def _inner_package_imports(path: pathlib.Path) -> list[tuple[int, str]]:
 
 
 def test_imports_inside_functions_that_point_back_into_the_package_say_why():
-    unexplained = {p.name: _inner_package_imports(p) for p in PACKAGE.glob("*.py")}
+    unexplained = {p.name: _inner_package_imports(p) for p in PACKAGE.rglob("*.py")}
     assert not {k: v for k, v in unexplained.items() if v}

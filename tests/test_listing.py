@@ -13,10 +13,13 @@ import ray
 import s3fs
 from helpers import encode, photo
 
-from aidetect_batch import benchmark, inputs, pipeline, schema, sources
+from aidetect_batch import schema
+from aidetect_batch.bench import suites
 from aidetect_batch.config import ConfigError, ScanConfig
-from aidetect_batch.pipeline import run_scan
-from aidetect_batch.sinks import committed_shards
+from aidetect_batch.inputs import manifest, sources
+from aidetect_batch.scan import runner
+from aidetect_batch.scan.runner import run_scan
+from aidetect_batch.scan.sink import committed_shards
 
 EXTENSIONS = ScanConfig(sources=("x",), out="y", checkpoint="z").extensions
 
@@ -81,12 +84,12 @@ class CountingCalls:
 def stream(units, state, **kwargs):
     options = {"sample": None, "limit": None, "seed": 0, "committed": {}, "shard_rows": 4, "page_keys": 5}
     options.update(kwargs)
-    return inputs.stream_shards(None, units, EXTENSIONS, all_files=False, storage_options={}, state=state, **options)
+    return manifest.stream_shards(None, units, EXTENSIONS, all_files=False, storage_options={}, state=state, **options)
 
 
 def test_stream_shards_yields_the_first_shard_after_one_page(bucket, monkeypatch):
     counter = CountingCalls(monkeypatch)
-    state = ray.remote(num_cpus=0)(inputs.ListingState).remote()
+    state = ray.remote(num_cpus=0)(manifest.ListingState).remote()
     shards = stream([("s3://streamed/posts", True)], state, shard_rows=3)
     first = next(shards)
     assert counter.lists == 1, "the first shard (3 of the first page's 5 keys pass) comes after a single page"
@@ -97,24 +100,24 @@ def test_stream_shards_yields_the_first_shard_after_one_page(bucket, monkeypatch
     snapshot = ray.get(state.snapshot.remote())
     assert snapshot["finished"]["rows"] == 31 and snapshot["finished"]["changed"] is None
     full = sources.list_sources(("s3://streamed/posts",), EXTENSIONS)
-    assert snapshot["finished"]["fingerprint"] == inputs.fingerprint(full)
+    assert snapshot["finished"]["fingerprint"] == manifest.fingerprint(full)
     assert [p for t in [first, *rest] for p in t.column(schema.PATH).to_pylist()] == full.column("path").to_pylist()
 
 
 def test_stream_shards_select_like_the_driver_and_check_committed_shards(bucket):
     full = sources.list_sources(("s3://streamed/posts",), EXTENSIONS)
-    state = ray.remote(num_cpus=0)(inputs.ListingState).remote()
+    state = ray.remote(num_cpus=0)(manifest.ListingState).remote()
     got = list(stream([("s3://streamed/posts", True)], state, sample=0.5, limit=9, seed=4))
-    want = inputs.select(full, 0.5, 9, seed=4).column(schema.PATH).to_pylist()
+    want = manifest.select(full, 0.5, 9, seed=4).column(schema.PATH).to_pylist()
     assert [p for t in got for p in t.column(schema.PATH).to_pylist()] == want
     assert [t.column(schema.SHARD)[0].as_py() for t in got] == [0, 1, 2]
 
-    committed = {0: inputs.shard_digest(want[:4]), 1: inputs.shard_digest(list(reversed(want[4:8])))}
+    committed = {0: manifest.shard_digest(want[:4]), 1: manifest.shard_digest(list(reversed(want[4:8])))}
     again = list(stream([("s3://streamed/posts", True)], state, sample=0.5, limit=9, seed=4, committed=committed))
     assert [t.column(schema.SHARD)[0].as_py() for t in again] == [2], "committed shards are not listed again"
     assert ray.get(state.snapshot.remote())["finished"]["changed"] is None
 
-    moved = {0: inputs.shard_digest(want[1:5])}
+    moved = {0: manifest.shard_digest(want[1:5])}
     assert list(stream([("s3://streamed/posts", True)], state, sample=0.5, limit=9, seed=4, committed=moved)) == []
     assert "shard 0" in ray.get(state.snapshot.remote())["finished"]["changed"]
 
@@ -129,14 +132,14 @@ def test_a_streamed_listing_hands_on_about_a_page_per_block(s3_server, ray_after
     store = s3_backends[DEFAULT_ACCOUNT_ID]["global"]  # setup only (2,300 PUTs over HTTP take ~25 s); listing uses HTTP
     for i in range(2300):
         store.put_object("pages", f"dump/{i // 1000:04d}/{i:07d}.jpg", b"x")
-    result = benchmark.listing("s3://pages/dump", rounds=1)
+    result = suites.listing("s3://pages/dump", rounds=1)
     assert result["keys"] == 2300
     small, large = result["streamed"]
-    assert small["block_bytes"] == pipeline.STREAM_BLOCK_BYTES and large["block_bytes"] == 4 << 20
+    assert small["block_bytes"] == runner.STREAM_BLOCK_BYTES and large["block_bytes"] == 4 << 20
     assert small["keys"] == large["keys"] == 2300
     assert small["first_block_keys"] <= 1280 and small["blocks"] >= 2, "the first block is about one page"
     assert large["first_block_keys"] == 2300 and large["blocks"] == 1, "4 MiB waits for the whole listing"
-    assert benchmark.listing_lines(result)[1].startswith("streamed,    64 KiB blocks: first block after")
+    assert suites.listing_lines(result)[1].startswith("streamed,    64 KiB blocks: first block after")
 
 
 def scores(out):
@@ -145,7 +148,7 @@ def scores(out):
 
 @pytest.mark.slow
 def test_streamed_scan_matches_a_listed_scan_and_resumes(bucket, tmp_path, tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(pipeline, "STREAM_SHARD_ROWS", 4)
+    monkeypatch.setattr(runner, "STREAM_SHARD_ROWS", 4)
     base = ScanConfig(sources=("s3://streamed/posts",), out=str(tmp_path / "streamed"), checkpoint=tiny_checkpoint)
     base = replace(base, rows_per_file=4, commit_every_s=0.0, batch_size=4, decode_batch_size=4)
     streamed = run_scan(base)
@@ -158,7 +161,7 @@ def test_streamed_scan_matches_a_listed_scan_and_resumes(bucket, tmp_path, tiny_
     assert a.select(columns).to_pandas().equals(b.select(columns).to_pandas())
     assert a.column(schema.STATUS).to_pylist().count("empty") == 1
     identity = streamed.run["identity"]
-    assert identity["inputs"] == listed_scan.run["identity"]["inputs"] == inputs.fingerprint(full)
+    assert identity["inputs"] == listed_scan.run["identity"]["inputs"] == manifest.fingerprint(full)
     assert identity["input_rows"] == 31 and streamed.run["inputs"] == 31
     assert streamed.summary.status_counts["ok"] == 30
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from aidetect_batch import metrics
+from aidetect_batch.train import metrics
 
 RNG = np.random.default_rng(7)
 Y = RNG.integers(0, 2, 400)

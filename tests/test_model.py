@@ -9,8 +9,7 @@ import torch
 from helpers import tiny_model
 
 from aidetect_batch import schema
-from aidetect_batch.classifier import Classifier
-from aidetect_batch.model import (
+from aidetect_batch.detectors.checkpoints import (
     CheckpointError,
     build_model,
     parse_checkpoint,
@@ -18,6 +17,7 @@ from aidetect_batch.model import (
     save_checkpoint,
     scores_from_logits,
 )
+from aidetect_batch.scan.classifier import Classifier
 
 
 def to_bytes(obj) -> bytes:
@@ -66,7 +66,7 @@ def test_cnndetection_format_loads_resnet50_with_one_logit():
 
 def test_cpu_forward_runs_in_chunks_with_the_scores_of_one_pass():
     """On CPU a batch runs in chunks of ``cpu_chunk`` images (glibc mmap churn, see classifier.py)."""
-    from aidetect_batch.classifier import CPU_CHUNK_224, cpu_chunk
+    from aidetect_batch.scan.classifier import CPU_CHUNK_224, cpu_chunk
 
     assert (cpu_chunk(224), cpu_chunk(448), cpu_chunk(1024), cpu_chunk(32)) == (CPU_CHUNK_224, 2, 1, 392)
     model = tiny_model()
@@ -176,7 +176,7 @@ def test_scores_from_logits():
 
 @pytest.mark.parametrize("arch", ["mobilenet_v2", "efficientnet_b0", "cifake_cnn", "resnet_tiny", "resnet50"])
 def test_every_trainable_arch_builds_with_a_one_logit_head_and_a_separate_head(arch):
-    from aidetect_batch.model import default_input_size, head_parameters, initial_model
+    from aidetect_batch.detectors.checkpoints import default_input_size, head_parameters, initial_model
 
     net, record = initial_model(arch, 1, "none")
     size = default_input_size(arch)
@@ -189,7 +189,7 @@ def test_every_trainable_arch_builds_with_a_one_logit_head_and_a_separate_head(a
 
 
 def test_init_from_a_file_copies_fitting_weights_and_reinitialises_a_mismatched_head(tmp_path):
-    from aidetect_batch.model import build_model, initial_model
+    from aidetect_batch.detectors.checkpoints import build_model, initial_model
 
     imagenet_like = build_model("resnet_tiny", 1000).state_dict()
     torch.save(imagenet_like, tmp_path / "backbone.pth")

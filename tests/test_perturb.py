@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers import photo
 
-from aidetect_batch import perturb
+from aidetect_batch.media import perturb
 
 
 def test_parse_sweep_expands_value_lists():

@@ -15,8 +15,8 @@ from PIL import Image
 
 from aidetect_batch import schema
 from aidetect_batch.config import ConfigError, ScanConfig
-from aidetect_batch.model import parse_checkpoint, read_checkpoint_bytes
-from aidetect_batch.pipeline import plan_classifier, run_scan
+from aidetect_batch.detectors.checkpoints import parse_checkpoint, read_checkpoint_bytes
+from aidetect_batch.scan.runner import plan_classifier, run_scan
 
 
 def read_scores(out: str):
@@ -200,7 +200,7 @@ def test_plan_uses_gpus_when_present_and_leaves_cpus_for_decode(tiny_checkpoint)
 
 
 def test_block_size_spreads_small_scans_and_caps_large_ones():
-    from aidetect_batch.pipeline import block_size
+    from aidetect_batch.scan.runner import block_size
 
     assert block_size(600, 2) == 37
     assert block_size(10, 2) == 16
@@ -208,7 +208,7 @@ def test_block_size_spreads_small_scans_and_caps_large_ones():
 
 
 def test_block_size_divides_or_multiplies_the_classifier_batch():
-    from aidetect_batch.pipeline import block_size
+    from aidetect_batch.scan.runner import block_size
 
     assert block_size(600, 2, batch_size=64) == 32
     assert block_size(600, 2, batch_size=16) == 32
@@ -224,7 +224,7 @@ def test_block_size_divides_or_multiplies_the_classifier_batch():
 def test_classifier_actors_run_whole_batches(ray_cluster, tmp_path):
     """Rows scored in one forward pass share its per-image time, so equal ``t_infer_ms`` values count
     a batch's rows. 300 files on 2 CPUs made 18-row blocks before, run as batches of 16 + 2."""
-    from aidetect_batch.model import save_checkpoint
+    from aidetect_batch.detectors.checkpoints import save_checkpoint
 
     checkpoint = str(tmp_path / "small_input.pt")
     save_checkpoint(checkpoint, tiny_model(), "resnet_tiny", preprocess="center-crop", input_size=32)
@@ -245,7 +245,7 @@ def test_each_finished_block_reaches_the_driver_before_the_next_is_done(ray_clus
     """Ray Data's default prefetch held block k back until block k+1 was done (a whole Classifier task)."""
     from ray.data import ActorPoolStrategy
 
-    from aidetect_batch.pipeline import delivered
+    from aidetect_batch.scan.runner import delivered
 
     class _Stamped:
         """Takes a second per batch and stamps the time it finished on its rows (defined here so
@@ -269,7 +269,7 @@ def test_each_finished_block_reaches_the_driver_before_the_next_is_done(ray_clus
 def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster, corpus, tmp_path):
     from helpers import tiny_model
 
-    from aidetect_batch.model import save_checkpoint
+    from aidetect_batch.detectors.checkpoints import save_checkpoint
 
     model = tiny_model(seed=3)
     ckpt = str(tmp_path / "meta.pt")
@@ -294,7 +294,7 @@ def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster
 
 
 def test_file_vanished_after_listing_becomes_an_unreadable_row(corpus, tmp_path):
-    from aidetect_batch.prepare import PrepareOptions, prepare_batch
+    from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 
     good = os.path.join(corpus["root"], "png", "rgb.png")
     gone = str(tmp_path / "deleted-after-listing.jpg")

@@ -4,7 +4,7 @@ import torchvision.transforms as T
 from helpers import photo
 from PIL import Image
 
-from aidetect_batch.preprocess import center_crop, needed_short_side, preprocess_image
+from aidetect_batch.detectors.policies import center_crop, needed_short_side, preprocess_image
 
 
 def reference(img: Image.Image, policy: str) -> np.ndarray:

@@ -21,11 +21,11 @@ from helpers import animated, encode, exif_rotated_jpeg, photo, png_16bit, tiny_
 from PIL import Image
 
 from aidetect_batch import schema
-from aidetect_batch.classifier import Classifier, split_even
 from aidetect_batch.config import ConfigError, ScanConfig
-from aidetect_batch.model import build_model, parse_checkpoint
-from aidetect_batch.pipeline import load_detector, run_scan
-from aidetect_batch.preprocess import center_crop, native_view, tile_grid, tiles_view, view_of
+from aidetect_batch.detectors.checkpoints import build_model, parse_checkpoint
+from aidetect_batch.detectors.policies import center_crop, native_view, tile_grid, tiles_view, view_of
+from aidetect_batch.scan.classifier import Classifier, split_even
+from aidetect_batch.scan.runner import load_detector, run_scan
 
 NORMALISE = T.Compose([T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
 
@@ -261,11 +261,9 @@ def test_resume_refuses_another_policy_tile_setting_or_provenance_check(ray_clus
 
 @pytest.mark.slow
 def test_the_policy_benchmark_scans_every_policy_on_the_same_photographs(ray_cluster):
-    from aidetect_batch import benchmark  # heavy: the benchmark suites import training and the demo
+    from aidetect_batch.bench import suites  # heavy: the benchmark suites import training and the demo
 
-    section = benchmark.policies(
-        "resnet_tiny", 8, "fp32", photos=1, max_tiles=4, memory_sides=(64,), sizes=((600, 500),)
-    )
+    section = suites.policies("resnet_tiny", 8, "fp32", photos=1, max_tiles=4, memory_sides=(64,), sizes=((600, 500),))
     rows = {row["policy"]: row for row in section["policies"]}
     assert set(rows) == {"resize", "center-crop", "tiles", "native"}
     for row in rows.values():
@@ -273,5 +271,5 @@ def test_the_policy_benchmark_scans_every_policy_on_the_same_photographs(ray_clu
     assert rows["tiles"]["views_per_image"] == 4 and rows["native"]["mean_coverage"] == 1.0
     assert rows["center-crop"]["mean_coverage"] < rows["tiles"]["mean_coverage"] < 1.0
     assert section["tile_logits"]["photos"] == 5 and section["tile_logits"]["mean_abs_difference"] >= 0
-    assert benchmark.policy_lines(section)[1].lstrip().startswith("resize")
+    assert suites.policy_lines(section)[1].lstrip().startswith("resize")
     assert [row["side"] for row in section["forward_memory"]] == [64]

@@ -24,9 +24,10 @@ from helpers import (
     watermarked_png,
 )
 
-from aidetect_batch import provenance, schema
-from aidetect_batch.prepare import PrepareOptions, prepare_batch
-from aidetect_batch.provenance import Checks, inspect
+from aidetect_batch import schema
+from aidetect_batch.media import provenance
+from aidetect_batch.media.provenance import Checks, inspect
+from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 
 
 @pytest.mark.parametrize("relative,factory,expected", PROVENANCE, ids=[p[0] for p in PROVENANCE])

@@ -7,10 +7,11 @@ import pytest
 import torch
 from helpers import tiny_model, write_labelled_set
 
-from aidetect_batch import model, schema
+from aidetect_batch import schema
 from aidetect_batch.config import PruneConfig, ScanConfig
-from aidetect_batch.pipeline import run_scan
-from aidetect_batch.pruning import count_parameters, prune_structured, prune_unstructured, run_prune
+from aidetect_batch.detectors import checkpoints
+from aidetect_batch.scan.runner import run_scan
+from aidetect_batch.train.pruning import count_parameters, prune_structured, prune_unstructured, run_prune
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +25,18 @@ def labelled(tmp_path_factory):
 def cifake_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("ckpt") / "cifake.pt")
-    model.save_checkpoint(path, model.build_model("cifake_cnn", 1), "cifake_cnn", preprocess="center-crop")
+    checkpoints.save_checkpoint(path, checkpoints.build_model("cifake_cnn", 1), "cifake_cnn", preprocess="center-crop")
     return path
 
 
 def save(path, net, arch, **kwargs):
-    model.save_checkpoint(str(path), net, arch, **kwargs)
+    checkpoints.save_checkpoint(str(path), net, arch, **kwargs)
     return str(path)
 
 
 @pytest.mark.parametrize("arch,size", [("resnet_tiny", 64), ("cifake_cnn", 32), ("resnet50", 64)])
 def test_structured_pruning_removes_channels_and_still_runs(arch, size):
-    net = model.build_model(arch, 1).eval()
+    net = checkpoints.build_model(arch, 1).eval()
     pruned = prune_structured(net, arch, 0.5).eval()
     assert count_parameters(pruned)[0] < 0.75 * count_parameters(net)[0]
     with torch.no_grad():
@@ -48,7 +49,7 @@ def test_structured_checkpoint_is_smaller_and_scans_as_is(ray_cluster, corpus, t
     full = save(tmp_path / "full.pt", net, "resnet_tiny")
     small = save(tmp_path / "small.pt", pruned, "resnet_tiny", pruning={"method": "structured", "amount": 0.5})
     assert os.path.getsize(small) < 0.75 * os.path.getsize(full)
-    ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(small))
+    ckpt = checkpoints.parse_checkpoint(checkpoints.read_checkpoint_bytes(small))
     assert ckpt.structured and ckpt.metadata()["pruning"]["amount"] == 0.5
     assert count_parameters(ckpt.build())[0] == count_parameters(pruned)[0]
     result = run_scan(ScanConfig(sources=(corpus["root"],), out=str(tmp_path / "scan"), checkpoint=small))
@@ -75,7 +76,7 @@ def test_zero_pruning_scores_equal_the_original(ray_cluster, corpus, tmp_path):
 
 
 def test_unstructured_pruning_keeps_shapes_and_zeroes_weights():
-    net = model.build_model("resnet_tiny", 1)
+    net = checkpoints.build_model("resnet_tiny", 1)
     pruned = prune_unstructured(net, 0.4)
     assert {k: v.shape for k, v in pruned.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
     total, nonzero = count_parameters(pruned)
@@ -109,7 +110,7 @@ def test_prune_unstructured_reports_measured_size_and_speed(ray_cluster, labelle
     for name in ("prune.parquet", "prune.md", "prune.png", "prune.json"):
         assert os.path.exists(os.path.join(cfg.out, name)), name
     assert pq.read_table(os.path.join(cfg.out, "prune.parquet")).num_rows == 2
-    ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(half["checkpoint"]))
+    ckpt = checkpoints.parse_checkpoint(checkpoints.read_checkpoint_bytes(half["checkpoint"]))
     assert ckpt.pruning == {"method": "unstructured", "amount": 0.5, "source": cifake_checkpoint}
     assert count_parameters(ckpt.build())[1] == half["nonzero"], "fine-tuning kept the pruned weights at zero"
     assert not (half["val_auc_before"] != half["val_auc_before"]), "validation before fine-tuning is measured"
@@ -130,6 +131,6 @@ def test_prune_structured_fine_tunes_a_smaller_model(ray_cluster, labelled, cifa
     base, half = run_prune(cfg).rows
     assert half["params"] < 0.5 * base["params"] and half["file_bytes"] < 0.6 * base["file_bytes"]
     assert half["checkpoint"] == os.path.join(cfg.out, "amount_50", schema.MODEL_FILE)
-    ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(half["checkpoint"]))
+    ckpt = checkpoints.parse_checkpoint(checkpoints.read_checkpoint_bytes(half["checkpoint"]))
     assert ckpt.structured and ckpt.preprocess == "center-crop" and ckpt.input_size == 32
     assert count_parameters(ckpt.build())[0] == half["params"], "the fine-tuned checkpoint keeps the pruned widths"

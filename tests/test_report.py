@@ -10,8 +10,8 @@ import pytest
 
 from aidetect_batch import schema
 from aidetect_batch.config import ScanConfig, redact
-from aidetect_batch.report import RunFacts, closing_line, prefix_of, summarise, write_report
-from aidetect_batch.sinks import ScoreWriter
+from aidetect_batch.report.aggregate import RunFacts, closing_line, prefix_of, summarise, write_report
+from aidetect_batch.scan.sink import ScoreWriter
 
 
 def make_rows(spec):

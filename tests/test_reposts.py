@@ -1,7 +1,7 @@
 """Near-duplicate groups: PDQ in the scan (--phash), `aidetect-batch reposts`, and the planted families.
 
 The photographs are scikit-image's bundled pictures (CC0 / public domain, see
-aidetect_batch/demo_data/LICENSES.md). Each family is one photograph re-encoded as JPEG at quality 50
+aidetect_batch/bench/demo_data/LICENSES.md). Each family is one photograph re-encoded as JPEG at quality 50
 and 95, resized to 0.5 and 0.9, cropped by 1% a side (4% of its area), saved as PNG and given a small
 text overlay. A crop of 5% of the area (1.27% a side) measured 16-32 bits from the original on these
 five photographs, one past the default distance of 31: PDQ tolerates crops of about 1% a side.
@@ -21,12 +21,15 @@ import pytest
 from helpers import encode
 from PIL import Image, ImageDraw
 
-from aidetect_batch import datasets, groups, phash, schema
+from aidetect_batch import schema
+from aidetect_batch.bench.demo import PHOTOS, photo_bytes
 from aidetect_batch.cli import main
 from aidetect_batch.config import ScanConfig
-from aidetect_batch.demo import PHOTOS, photo_bytes
-from aidetect_batch.pipeline import run_scan
-from aidetect_batch.prepare import PrepareOptions, prepare_batch
+from aidetect_batch.media import pdq
+from aidetect_batch.report import groups
+from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
+from aidetect_batch.scan.runner import run_scan
+from aidetect_batch.train import datasets
 
 
 def photograph(name: str) -> Image.Image:
@@ -80,7 +83,7 @@ def _variant(name: str, variant: str) -> Image.Image:
 
 @pytest.mark.parametrize("name,variant,expected,quality", REFERENCE, ids=[f"{r[0]}-{r[1]}" for r in REFERENCE])
 def test_pdq_equals_the_reference_implementation(name, variant, expected, quality):
-    found = phash.pdq_of(_variant(name, variant))
+    found = pdq.pdq_of(_variant(name, variant))
     assert found.hash.hex() == expected and found.quality == quality
 
 
@@ -91,7 +94,7 @@ def test_pdq_equals_the_reference_live_on_odd_images():
     for k in range(1, 8):
         pixels = (rng.random((50 + 30 * k, 70 + 20 * k, 3)) * (k * 10 + 1) + 100).astype(np.uint8)
         bits, quality = pdqhash.compute(pixels)
-        found = phash.pdq_of(Image.fromarray(pixels))
+        found = pdq.pdq_of(Image.fromarray(pixels))
         assert found.hash == np.packbits(bits.astype(np.uint8)).tobytes() and found.quality == quality
 
 
@@ -104,7 +107,7 @@ def test_near_pairs_are_exact_at_the_distance():
         codes[row] = np.packbits(bits)
     found = {tuple(p) for p in groups.near_pairs(codes, 31).tolist()}
     assert found == {(0, 1), (0, 5), (0, 7), (1, 5), (5, 7), (1, 7)} - {
-        (a, b) for a, b in ((1, 5), (1, 7), (5, 7)) if phash.distance(codes[a].tobytes(), codes[b].tobytes()) > 31
+        (a, b) for a, b in ((1, 5), (1, 7), (5, 7)) if pdq.distance(codes[a].tobytes(), codes[b].tobytes()) > 31
     }
     assert (0, 3) not in found
 
@@ -113,9 +116,9 @@ def test_each_planted_family_is_one_group_and_none_merge():
     hashes, families = [], []
     for index, name in enumerate(PHOTOS):
         for data in family(photograph(name)).values():
-            hashes.append(phash.pdq_of(Image.open(io.BytesIO(data)).convert("RGB")).hash)
+            hashes.append(pdq.pdq_of(Image.open(io.BytesIO(data)).convert("RGB")).hash)
             families.append(index)
-    found = groups.components(len(hashes), groups.near_pairs(phash.unpack(hashes), phash.MATCH_DISTANCE))
+    found = groups.components(len(hashes), groups.near_pairs(pdq.unpack(hashes), pdq.MATCH_DISTANCE))
     families = np.array(families)
     for index in range(len(PHOTOS)):
         assert len(set(found[families == index])) == 1, f"{PHOTOS[index]} split: {found[families == index]}"
@@ -125,8 +128,8 @@ def test_each_planted_family_is_one_group_and_none_merge():
 def test_a_flat_image_has_low_quality():
     flat = Image.new("RGB", (200, 200), (128, 128, 128))
     nearly = Image.fromarray((128 + np.random.default_rng(0).normal(0, 1, (200, 200, 3))).clip(0, 255).astype(np.uint8))
-    assert phash.pdq_of(flat).quality < phash.MIN_QUALITY
-    assert phash.pdq_of(nearly).quality < phash.MIN_QUALITY
+    assert pdq.pdq_of(flat).quality < pdq.MIN_QUALITY
+    assert pdq.pdq_of(nearly).quality < pdq.MIN_QUALITY
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 
 from aidetect_batch import schema
 from aidetect_batch.config import DEFAULT_EXTENSIONS, ScanConfig, parse_storage_options
-from aidetect_batch.pipeline import run_scan
-from aidetect_batch.sources import SourceError, list_sources
+from aidetect_batch.inputs.sources import SourceError, list_sources
+from aidetect_batch.scan.runner import run_scan
 
 UPLOAD = [
     "jpeg/photo.jpg",
@@ -88,9 +88,9 @@ def test_train_on_s3_dataset_writes_a_checkpoint_to_s3_that_scan_and_evaluate_lo
     from helpers import write_labelled_set
 
     from aidetect_batch.config import EvalConfig, TrainConfig
-    from aidetect_batch.evaluation import run_evaluate
-    from aidetect_batch.model import parse_checkpoint, read_checkpoint_bytes
-    from aidetect_batch.training import run_train
+    from aidetect_batch.detectors.checkpoints import parse_checkpoint, read_checkpoint_bytes
+    from aidetect_batch.train.evaluation import run_evaluate
+    from aidetect_batch.train.trainer import run_train
 
     local = str(tmp_path / "labelled")
     labels = write_labelled_set(local, per_class=12, side=32, layout="groups")

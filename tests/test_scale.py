@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import encode, photo
 
-from aidetect_batch import inputs, schema
-from aidetect_batch.classifier import Classifier
+from aidetect_batch import schema
 from aidetect_batch.config import ConfigError, ScanConfig
-from aidetect_batch.pipeline import run_scan
-from aidetect_batch.prepare import PrepareOptions, prepare_batch
-from aidetect_batch.sinks import committed_shards
+from aidetect_batch.inputs import manifest
+from aidetect_batch.scan.classifier import Classifier
+from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
+from aidetect_batch.scan.runner import run_scan
+from aidetect_batch.scan.sink import committed_shards
 
 
 def scores(out: str) -> pa.Table:
@@ -43,36 +44,36 @@ def test_manifest_formats_resolve_relative_paths_and_keep_columns(tmp_path):
     root = tmp_path / "m"
     root.mkdir()
     (root / "list.txt").write_text("a/x.jpg\n\n  /abs/y.png  \ns3://bucket/k.jpg\n")
-    text = inputs.read_manifest(str(root / "list.txt"))
+    text = manifest.read_manifest(str(root / "list.txt"))
     assert text.column(schema.PATH).to_pylist() == [str(root / "a/x.jpg"), "/abs/y.png", "s3://bucket/k.jpg"]
     table = pa.table({"path": ["a.jpg", "/b.jpg"], "post_id": [7, 8], "user": ["u1", None]})
     pacsv.write_csv(table, str(root / "m.csv"))
     pq.write_table(table, str(root / "m.parquet"))
     for name in ("m.csv", "m.parquet"):
-        got = inputs.read_manifest(str(root / name))
+        got = manifest.read_manifest(str(root / name))
         assert got.column_names == ["path", "source", "post_id", "user"]
         assert got.column("post_id").to_pylist() == [7, 8] and got.column("user").to_pylist() == ["u1", None]
         assert got.column("path").to_pylist() == [str(root / "a.jpg"), "/b.jpg"]
     pq.write_table(pa.table({"file": ["a.jpg"]}), str(root / "bad.parquet"))
-    with pytest.raises(inputs.SourceError, match="no 'path' column"):
-        inputs.read_manifest(str(root / "bad.parquet"))
-    with pytest.raises(inputs.SourceError, match="does not exist"):
-        inputs.read_manifest(str(root / "missing.csv"))
+    with pytest.raises(manifest.SourceError, match="no 'path' column"):
+        manifest.read_manifest(str(root / "bad.parquet"))
+    with pytest.raises(manifest.SourceError, match="does not exist"):
+        manifest.read_manifest(str(root / "missing.csv"))
 
 
 def test_sample_and_limit_are_seeded_by_position():
     table = pa.table({"path": [f"/d/{i}.jpg" for i in range(20_000)]})
-    tenth = inputs.select(table, sample=0.1, seed=3)
+    tenth = manifest.select(table, sample=0.1, seed=3)
     assert 1_800 < tenth.num_rows < 2_200
-    assert inputs.select(table, sample=0.1, seed=3).equals(tenth), "the same seed picks the same rows"
-    assert not inputs.select(table, sample=0.1, seed=4).equals(tenth)
+    assert manifest.select(table, sample=0.1, seed=3).equals(tenth), "the same seed picks the same rows"
+    assert not manifest.select(table, sample=0.1, seed=4).equals(tenth)
     assert (
-        inputs.select(table, sample=0.1, limit=5, seed=3).column("path").to_pylist()
+        manifest.select(table, sample=0.1, limit=5, seed=3).column("path").to_pylist()
         == (tenth.column("path").to_pylist()[:5])
     )
-    assert inputs.select(table, limit=3).column("path").to_pylist() == ["/d/0.jpg", "/d/1.jpg", "/d/2.jpg"]
-    assert inputs.fingerprint(table) == inputs.fingerprint(pa.concat_tables([table.slice(0, 7), table.slice(7)]))
-    assert inputs.fingerprint(table) != inputs.fingerprint(table.slice(1))
+    assert manifest.select(table, limit=3).column("path").to_pylist() == ["/d/0.jpg", "/d/1.jpg", "/d/2.jpg"]
+    assert manifest.fingerprint(table) == manifest.fingerprint(pa.concat_tables([table.slice(0, 7), table.slice(7)]))
+    assert manifest.fingerprint(table) != manifest.fingerprint(table.slice(1))
 
 
 def test_manifest_scan_carries_columns_and_records_missing_files(ray_cluster, tiny_checkpoint, tmp_path):

@@ -14,11 +14,11 @@ from helpers import A1111_PARAMETERS, encode, free_port, photo, png_with_text
 from PIL import Image
 
 from aidetect_batch import schema
-from aidetect_batch.classifier import Classifier
 from aidetect_batch.cli import main
 from aidetect_batch.config import DEFAULT_MAX_PIXELS, ConfigError, ServeConfig
-from aidetect_batch.prepare import PrepareOptions, prepare_batch
-from aidetect_batch.preprocess import POLICIES, Framing
+from aidetect_batch.detectors.policies import POLICIES, Framing
+from aidetect_batch.scan.classifier import Classifier
+from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.serve import UploadScorer, build_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

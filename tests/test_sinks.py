@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aidetect_batch import schema
-from aidetect_batch.sinks import ScoreWriter, to_scores_table
+from aidetect_batch.scan.sink import ScoreWriter, to_scores_table
 
 
 def rows(start: int, n: int) -> pa.Table:

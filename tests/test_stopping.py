@@ -17,7 +17,7 @@ import pytest
 from helpers import encode, photo, write_labelled_set
 
 from aidetect_batch import schema
-from aidetect_batch.model import build_model, save_checkpoint
+from aidetect_batch.detectors.checkpoints import build_model, save_checkpoint
 
 IMAGES = 120
 STOP_WITHIN_S = 20
@@ -121,7 +121,7 @@ def test_no_ray_process_outlives_an_in_process_training_run(tmp_path):
     script = (
         "import ray\n"
         "from aidetect_batch.config import TrainConfig\n"
-        "from aidetect_batch.training import run_train\n"
+        "from aidetect_batch.train.trainer import run_train\n"
         f"run_train(TrainConfig(dataset={str(tmp_path / 'data')!r}, out={str(tmp_path / 'run')!r}, "
         "arch='cifake_cnn', epochs=1, batch_size=8))\n"
         "ray.shutdown()\n"

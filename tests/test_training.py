@@ -11,12 +11,13 @@ import pytest
 import torch
 from helpers import write_labelled_set
 
-from aidetect_batch import model, schema
+from aidetect_batch import schema
 from aidetect_batch.config import EvalConfig, ScanConfig, TrainConfig
-from aidetect_batch.evaluation import run_evaluate
-from aidetect_batch.pipeline import run_scan
-from aidetect_batch.train_worker import STATE_FILE, build_augment
-from aidetect_batch.training import run_train, select_split_batch
+from aidetect_batch.detectors import checkpoints
+from aidetect_batch.scan.runner import run_scan
+from aidetect_batch.train.evaluation import run_evaluate
+from aidetect_batch.train.trainer import run_train, select_split_batch
+from aidetect_batch.train.worker import STATE_FILE, build_augment
 
 FAST = dict(
     arch="cifake_cnn",
@@ -53,7 +54,7 @@ def test_learns_a_pixel_statistic_to_high_validation_accuracy(trained):
 
 def test_checkpoint_carries_what_the_scan_needs(trained):
     cfg, result = trained
-    ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(result.checkpoint))
+    ckpt = checkpoints.parse_checkpoint(checkpoints.read_checkpoint_bytes(result.checkpoint))
     described = json.load(open(os.path.join(cfg.out, schema.DATASET_FILE)))
     assert (ckpt.kind, ckpt.arch, ckpt.input_size, ckpt.preprocess) == (
         "aidetect-batch",
@@ -136,8 +137,8 @@ def test_two_cpu_workers_train_one_epoch_with_a_frozen_backbone(ray_cluster, lab
     )
     result = run_train(cfg)
     assert len(result.history) == 1 and result.run["workers"] == 2
-    before = model.parse_checkpoint(model.read_checkpoint_bytes(first.checkpoint)).state_dict
-    after = model.parse_checkpoint(model.read_checkpoint_bytes(result.checkpoint)).state_dict
+    before = checkpoints.parse_checkpoint(checkpoints.read_checkpoint_bytes(first.checkpoint)).state_dict
+    after = checkpoints.parse_checkpoint(checkpoints.read_checkpoint_bytes(result.checkpoint)).state_dict
     assert torch.equal(before["features.0.weight"], after["features.0.weight"])
     assert not torch.equal(before["head.4.weight"], after["head.4.weight"])
     assert result.run["resolved"]["init"]["loaded"] == len(before)
@@ -182,7 +183,7 @@ def test_restarted_worker_group_continues_and_early_stopping_ends_the_run(ray_cl
     )
     result = run_train(cfg)
     assert [h["epoch"] for h in result.history] == [1, 2]
-    ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(result.checkpoint))
+    ckpt = checkpoints.parse_checkpoint(checkpoints.read_checkpoint_bytes(result.checkpoint))
     assert ckpt.info["stopped_early"] and ckpt.info["best_epoch"] == 1
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import own_ray, write_labelled_set
 
-from aidetect_batch import model
 from aidetect_batch.config import ConfigError, PruneConfig, TrainConfig
-from aidetect_batch.pruning import run_prune
-from aidetect_batch.tuning import TUNE_DIR, tune_and_train
+from aidetect_batch.detectors import checkpoints
+from aidetect_batch.train.pruning import run_prune
+from aidetect_batch.train.tuning import TUNE_DIR, tune_and_train
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_two_trial_search_keeps_the_better_trial(ray_with_state_api, tmp_path):
     write_labelled_set(labelled, per_class=16, side=32)
     torch.manual_seed(0)
     start = str(tmp_path / "start.pt")
-    model.save_checkpoint(start, model.build_model("cifake_cnn", 1), "cifake_cnn", preprocess="center-crop")
+    checkpoints.save_checkpoint(start, checkpoints.build_model("cifake_cnn", 1), "cifake_cnn", preprocess="center-crop")
     cfg = PruneConfig(
         checkpoint=start,
         dataset=labelled,
@@ -55,7 +55,7 @@ def test_two_trial_search_keeps_the_better_trial(ray_with_state_api, tmp_path):
     trial_model = os.path.join(cfg.out, "amount_00", TUNE_DIR, tuned["best_trial"], "model.pt")
     with open(trial_model, "rb") as a, open(row["checkpoint"], "rb") as b:
         assert a.read() == b.read(), "the best trial's checkpoint is the one kept"
-    ckpt = model.parse_checkpoint(model.read_checkpoint_bytes(row["checkpoint"]))
+    ckpt = checkpoints.parse_checkpoint(checkpoints.read_checkpoint_bytes(row["checkpoint"]))
     assert ckpt.info["train_config"]["lr"] == tuned["best_config"]["lr"]
     with open(os.path.join(cfg.out, "prune.json")) as handle:
         assert json.load(handle)["rows"][0]["tuned"]["best_trial"] == tuned["best_trial"]

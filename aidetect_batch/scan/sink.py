@@ -1,0 +1,241 @@
+"""Write score rows to Parquet, local or remote, so a killed job leaves no partial file behind.
+
+The driver streams result batches from Ray Data and this sink rolls them into
+files of about ``rows_per_file`` rows (large enough for pandas and DuckDB,
+small enough to stream). Every file is written under a hidden temporary name
+and only renamed to ``part-<run>-<n>.parquet`` once complete; on S3 an object
+appears only when its upload completes. Readers (pandas, DuckDB, pyarrow)
+ignore names starting with ``.`` or ``_``, so a crash mid-file never shows up
+in results.
+
+Resume builds on this. The input is cut into numbered shards; a file is only
+ever written with whole shards, and lists them in its Parquet metadata
+(``aidetect.shards``). The committed files are therefore exactly the finished
+work: :func:`committed_shards` reads their footers, and a resumed run skips
+those shards. Rows of a shard still in flight wait in driver memory, and
+ready shards are committed at least every ``commit_every_s`` seconds, which
+bounds the work a crash can lose.
+
+Writing from the driver rather than with ``Dataset.write_parquet`` also means
+a local OUT lands on the driver's disk, not scattered over worker nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aidetect_batch import schema
+from aidetect_batch.inputs.manifest import shard_digest
+from aidetect_batch.storage import filesystem, is_remote, join
+
+_logger = logging.getLogger(__name__)
+
+ROW_GROUP_ROWS = 16_384
+
+
+def to_scores_table(batch: pa.Table | dict[str, Any], table_schema: pa.Schema = schema.SCORES_SCHEMA) -> pa.Table:
+    """Select and cast a result batch to ``table_schema`` (the scores schema plus pass-through columns)."""
+    table = batch if isinstance(batch, pa.Table) else pa.table(batch)
+    columns = []
+    for field in table_schema:
+        column = table.column(field.name)
+        if pa.types.is_null(column.type) or column.type != field.type:
+            column = column.cast(field.type)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=table_schema)
+
+
+def encode_shards(shards: list[int]) -> bytes:
+    """Compact ``[[first, last], ...]`` ranges for a file's metadata."""
+    ranges: list[list[int]] = []
+    for shard in sorted(shards):
+        if ranges and shard == ranges[-1][1] + 1:
+            ranges[-1][1] = shard
+        else:
+            ranges.append([shard, shard])
+    return json.dumps(ranges, separators=(",", ":")).encode()
+
+
+def decode_shards(value: bytes) -> set[int]:
+    """Inverse of :func:`encode_shards`."""
+    return {s for first, last in json.loads(value) for s in range(first, last + 1)}
+
+
+def committed_shards(
+    directory: str, storage_options: dict[str, Any] | None = None
+) -> tuple[dict[int, str], int, list[str]]:
+    """Shards held by the committed files under ``directory``: (shard → path digest, their rows, the files).
+
+    Only footers are read. Hidden temporary files of a killed run are deleted.
+    """
+    fs, root = filesystem(directory, storage_options)
+    if not fs.exists(root):
+        return set(), 0, []
+    shards: dict[int, str] = {}
+    rows = 0
+    files = []
+    for info in fs.ls(root, detail=True):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(".") and name.endswith(".tmp"):
+            fs.rm(info["name"])
+            _logger.info("removed %s, a file a stopped run left unfinished", name)
+            continue
+        if not (name.startswith("part-") and name.endswith(".parquet")):
+            continue
+        with fs.open(info["name"], "rb") as handle:
+            meta = pq.read_metadata(handle)
+        footer = meta.metadata or {}
+        held = decode_shards(footer.get(schema.SHARDS_METADATA_KEY, b"[]"))
+        if held & shards.keys():
+            raise RuntimeError(f"{name} repeats shards already in another file; the output is not from one scan")
+        digests = json.loads(footer.get(schema.SHARD_DIGESTS_METADATA_KEY, b"{}"))
+        shards.update({k: digests.get(str(k), "") for k in held})
+        rows += meta.num_rows
+        files.append(join(directory, name))
+    return shards, rows, sorted(files)
+
+
+class ScoreWriter:
+    """Roll score batches into atomically committed Parquet files under ``directory``.
+
+    Args:
+        directory: The scores folder, local or remote.
+        rows_per_file: Target rows per file (files hold whole shards, so they may exceed it by one shard).
+        storage_options: fsspec options for a remote ``directory``.
+        run_id: Part of each file name; a resumed run gets a new one.
+        table_schema: Columns written (the scores schema plus pass-through columns).
+        shard_rows: Rows expected per shard id (the ``_shard`` column); a shard missing here takes its
+            count from the rows' ``_shard_rows`` column (a streamed listing). ``None``: rows carry no
+            shard and are committed purely by size.
+        commit_every_s: Commit finished shards at least this often (bounds the work a crash loses).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        rows_per_file: int = 250_000,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        table_schema: pa.Schema = schema.SCORES_SCHEMA,
+        shard_rows: dict[int, int] | None = None,
+        commit_every_s: float = 60.0,
+    ) -> None:
+        self.directory = directory
+        self.schema = table_schema
+        self.rows_per_file = rows_per_file
+        self.fs, self.root = filesystem(directory, storage_options)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.remote = is_remote(directory)
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self.files: list[str] = []
+        self.rows_written = 0
+        self.expected = shard_rows
+        self.commit_every_s = commit_every_s
+        self._partial: dict[int, list[pa.Table]] = {}
+        self._seen: dict[int, int] = {}
+        self._ready: list[pa.Table] = []
+        self._ready_shards: list[int] = []
+        self._ready_digests: dict[str, str] = {}
+        self._ready_rows = 0
+        self._last_commit = time.monotonic()
+
+    @property
+    def shards_in_flight(self) -> int:
+        """Shards with some but not all rows received."""
+        return len(self._partial)
+
+    def write(self, batch: pa.Table | dict[str, Any]) -> None:
+        """Add a batch of result rows; commits files as shards finish."""
+        table = batch if isinstance(batch, pa.Table) else pa.table(batch)
+        if self.expected is None:
+            self._ready.append(to_scores_table(table, self.schema))
+            self._ready_rows += table.num_rows
+            while self._ready_rows >= self.rows_per_file:
+                self._commit_exact(self.rows_per_file)
+            return
+        shard_ids = table.column(schema.SHARD).to_numpy()
+        counts = table.column(schema.SHARD_ROWS).to_numpy() if schema.SHARD_ROWS in table.column_names else None
+        for shard in np.unique(shard_ids).tolist():
+            mask = shard_ids == shard
+            if shard not in self.expected:
+                if counts is None:
+                    raise RuntimeError(f"rows of shard {shard}, which is not one of this scan's inputs")
+                self.expected[shard] = int(counts[mask][0])
+            part = to_scores_table(table.filter(pa.array(mask)), self.schema)
+            self._partial.setdefault(shard, []).append(part)
+            self._seen[shard] = self._seen.get(shard, 0) + part.num_rows
+            if self._seen[shard] > self.expected[shard]:
+                raise RuntimeError(f"shard {shard}: more rows than inputs ({self._seen[shard]})")
+            if self._seen[shard] == self.expected[shard]:
+                parts = self._partial.pop(shard)
+                self._ready.extend(parts)
+                self._ready_shards.append(shard)
+                paths = [p for part in parts for p in part.column(schema.PATH).to_pylist()]
+                self._ready_digests[str(shard)] = shard_digest(paths)
+                self._ready_rows += self._seen.pop(shard)
+        due = time.monotonic() - self._last_commit >= self.commit_every_s
+        if self._ready_rows >= self.rows_per_file or (due and self._ready_rows):
+            self._commit_ready()
+
+    def _commit_exact(self, rows: int) -> None:
+        table = pa.concat_tables(self._ready)
+        self._write_file(table.slice(0, rows), [])
+        rest = table.slice(rows)
+        self._ready = [rest] if rest.num_rows else []
+        self._ready_rows = rest.num_rows
+
+    def _commit_ready(self) -> None:
+        self._write_file(pa.concat_tables(self._ready), self._ready_shards)
+        self._ready, self._ready_shards, self._ready_digests, self._ready_rows = [], [], {}, 0
+
+    def _write_file(self, table: pa.Table, shards: list[int]) -> None:
+        name = f"part-{self.run_id}-{len(self.files):05d}.parquet"
+        final = f"{self.root}/{name}"
+        tmp = final if self.remote else f"{self.root}/.{name}.tmp"
+        if shards:
+            table = table.replace_schema_metadata(
+                {
+                    schema.SHARDS_METADATA_KEY: encode_shards(shards),
+                    schema.SHARD_DIGESTS_METADATA_KEY: json.dumps(self._ready_digests, separators=(",", ":")),
+                }
+            )
+        with self.fs.open(tmp, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        if tmp != final:
+            self.fs.mv(tmp, final)
+        self.files.append(join(self.directory, name))
+        self.rows_written += table.num_rows
+        self._last_commit = time.monotonic()
+
+    def commit_finished(self) -> None:
+        """Commit every finished shard now and drop the rows of unfinished ones (a stopped scan):
+        a resume scores those shards again."""
+        if self._ready_rows:
+            if self.expected is None:
+                self._commit_exact(self._ready_rows)
+            else:
+                self._commit_ready()
+        self._partial.clear()
+        self._seen.clear()
+
+    def close(self) -> list[str]:
+        """Commit what is ready and return every file this writer committed.
+
+        Raises:
+            RuntimeError: a shard is still missing rows (an input lost on the way).
+        """
+        if self._partial:
+            missing = {s: self.expected[s] - self._seen[s] for s in sorted(self._partial)[:5]}  # type: ignore[index]
+            raise RuntimeError(f"{len(self._partial)} shard(s) incomplete at the end, e.g. missing rows {missing}")
+        self.commit_finished()
+        _logger.info("wrote %d rows in %d file(s) to %s", self.rows_written, len(self.files), self.directory)
+        return self.files

@@ -1,0 +1,4 @@
+"""Making and judging detectors: datasets, Ray Train training, tuning, pruning, evaluation and metrics.
+
+May import: every package but ``bench``.
+"""
