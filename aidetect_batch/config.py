@@ -17,9 +17,9 @@ from aidetect_batch.detectors import registry
 from aidetect_batch.detectors.policies import (
     DEFAULT_MAX_TILES,
     DEFAULT_NATIVE_MAX_PIXELS,
-    FIXED_POLICIES,
     POLICIES,
     Framing,
+    check_policy,
 )
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.media import perturb, provenance
@@ -41,17 +41,6 @@ def check_max_file_mb(value: float) -> None:
     """``--max-file-mb`` must be a positive size; raises :class:`ConfigError`."""
     if not value > 0:
         raise ConfigError(f"--max-file-mb must be above 0, not {value}")
-
-
-def check_policy(policy: str, arch: str | None, *, gpu_decode: bool = False) -> None:
-    """Refuse a policy the model or the decode path cannot serve; raises :class:`ConfigError`."""
-    if policy == "native" and arch is not None and not registry.get(arch).any_size:
-        raise ConfigError(
-            f"--preprocess native needs a network that pools globally; {arch} takes only its input size: "
-            "use tiles (native pixels, fixed-size views)"
-        )
-    if gpu_decode and policy not in FIXED_POLICIES:
-        raise ConfigError(f"--gpu-decode produces {' or '.join(FIXED_POLICIES)} views; {policy} is decoded on the CPU")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +159,8 @@ class ScanConfig:
             raise ConfigError(f"--preprocess must be one of {', '.join(POLICIES)}, not {self.preprocess!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.arch is not None and self.arch not in ARCHS:
-            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        if self.arch is not None:
+            registry.check_arch(self.arch)
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"--threshold must be in [0, 1], not {self.threshold}")
         if self.ai_class_index is not None and self.ai_class_index not in (0, 1):
@@ -421,8 +410,7 @@ class TrainConfig:
             raise ConfigError("name a labelled dataset: a folder with real/ and ai/ (or fake/) or a manifest")
         if not self.out:
             raise ConfigError("--out is required")
-        if self.arch not in ARCHS:
-            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        registry.check_arch(self.arch)
         if self.preprocess not in POLICIES:
             raise ConfigError(f"--preprocess must be one of {', '.join(POLICIES)}, not {self.preprocess!r}")
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]
@@ -645,8 +633,8 @@ class ServeConfig:
             raise ConfigError("--threshold must be in [0, 1]")
         if self.preprocess is not None and self.preprocess not in POLICIES:
             raise ConfigError(f"--preprocess must be one of {', '.join(POLICIES)}")
-        if self.arch is not None and self.arch not in ARCHS:
-            raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}")
+        if self.arch is not None:
+            registry.check_arch(self.arch)
         if self.ai_class_index is not None and self.ai_class_index not in (0, 1):
             raise ConfigError("--ai-class-index must be 0 or 1")
         if self.max_pixels < 1 or self.max_upload_bytes < 1:

@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 
 from aidetect_batch import runtime, schema
-from aidetect_batch.config import ServeConfig, check_policy
+from aidetect_batch.config import ServeConfig
 from aidetect_batch.detectors import checkpoints, policies
+from aidetect_batch.detectors.policies import check_policy
 from aidetect_batch.media import provenance
 from aidetect_batch.scan.classifier import Classifier
 

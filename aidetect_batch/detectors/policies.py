@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from aidetect_batch.detectors import registry
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.media import decode
 from aidetect_batch.schema import Status
 
@@ -219,3 +221,14 @@ def decode_and_preprocess(
         return result, None
     image = change.apply(result.image) if change else result.image
     return result, view_of(image, policy, size, framing)
+
+
+def check_policy(policy: str, arch: str | None, *, gpu_decode: bool = False) -> None:
+    """Refuse a policy the model or the decode path cannot serve; raises :class:`ConfigError`."""
+    if policy == "native" and arch is not None and not registry.get(arch).any_size:
+        raise ConfigError(
+            f"--preprocess native needs a network that pools globally; {arch} takes only its input size: "
+            "use tiles (native pixels, fixed-size views)"
+        )
+    if gpu_decode and policy not in FIXED_POLICIES:
+        raise ConfigError(f"--gpu-decode produces {' or '.join(FIXED_POLICIES)} views; {policy} is decoded on the CPU")

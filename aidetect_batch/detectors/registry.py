@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from aidetect_batch.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -164,6 +166,12 @@ def get(name: str) -> Arch:
         return REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}") from None
+
+
+def check_arch(name: str) -> None:
+    """Refuse an unknown ``--arch``; raises :class:`ConfigError` naming the choices."""
+    if name not in REGISTRY:
+        raise ConfigError(f"--arch must be one of {', '.join(ARCHS)}, not {name!r}")
 
 
 def guess(keys: set[str] | dict[str, Any]) -> str:

@@ -23,8 +23,9 @@ import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from aidetect_batch import runtime, schema
-from aidetect_batch.config import ScanConfig, check_policy
+from aidetect_batch.config import ScanConfig
 from aidetect_batch.detectors import checkpoints, policies
+from aidetect_batch.detectors.policies import check_policy
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.inputs import manifest, sources
 from aidetect_batch.inputs.manifest import block_size
