@@ -29,7 +29,6 @@ import numpy as np
 from PIL import Image
 
 from aidetect_batch.config import DEFAULT_TRAIN_POLICY, EvalConfig, ScanConfig, TrainConfig
-from aidetect_batch.detectors.checkpoints import build_model, save_checkpoint
 from aidetect_batch.report.aggregate import closing_line
 from aidetect_batch.scan.runner import run_scan
 from aidetect_batch.schema import Status
@@ -37,13 +36,6 @@ from aidetect_batch.train.evaluation import format_table, run_evaluate
 from aidetect_batch.train.trainer import run_train
 
 PHOTOS = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "camera.jpg")
-
-UNTRAINED_BANNER = """
-************************************************************************
-*  CHECKPOINT IS UNTRAINED: random weights.                            *
-*  Its scores and ai/real labels MEAN NOTHING.                         *
-************************************************************************
-"""
 
 DEMO_BANNER = """
 ************************************************************************
@@ -186,19 +178,6 @@ def write_labelled_corpus(root: str, per_class: int = 300, seed: int = 0) -> dic
         with open(os.path.join(root, relative), "wb") as handle:
             handle.write(data)
     return written
-
-
-def write_untrained_checkpoint(path: str, arch: str = "resnet50", seed: int = 0) -> None:
-    """Save a randomly initialised detector, flagged ``untrained`` so every scan warns."""
-    import torch
-
-    torch.manual_seed(seed)
-    save_checkpoint(
-        path,
-        build_model(arch, 1),
-        arch,
-        info={"untrained": True, "note": "random weights for the demo; scores mean nothing"},
-    )
 
 
 def run_demo(directory: str, epochs: int = 20) -> int:

@@ -44,7 +44,6 @@ from aidetect_batch.train.tuning import TuneSummary, tune_and_train
 
 _logger = logging.getLogger(__name__)
 
-METHODS = ("unstructured", "structured")
 STRUCTURED_ARCHS = registry.names(lambda a: a.structured_pruning)
 _OWN_ENTRIES = ("pruned", "prune.parquet", "prune.md", "prune.png", "prune.json")
 
