@@ -30,9 +30,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# Fixtures that start Ray: a test that uses one, directly or through another fixture, is marked ``ray``.
+RAY_FIXTURES = {"ray_cluster", "ray_after_moto", "ray_with_state_api", "ray_with_a_gpu"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     shared = {item.module.__name__ for item in items if "ray_cluster" in item.fixturenames}
     items.sort(key=lambda item: item.module.__name__ in shared)
+    for item in items:
+        if RAY_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.ray)
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: run with --runslow")
@@ -42,6 +49,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 _shared_ray = {"gcs_address": None}
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_unless_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts Ray in this process without the ``ray`` mark fails, so ``-m 'not ray'`` stays fast."""
+    if request.node.get_closest_marker("ray") is not None:
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        pytest.fail("this test starts Ray: mark it @pytest.mark.ray (or use a Ray fixture)")
+
+    monkeypatch.setattr(ray, "init", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ def ray_with_state_api():
         yield ray
 
 
+@pytest.mark.ray
 def test_search_refuses_to_start_without_the_state_api(tmp_path):
     with own_ray(num_cpus=1):
         cfg = TrainConfig(dataset=str(tmp_path), out=str(tmp_path / "o"), arch="cifake_cnn", init="none")
