@@ -19,7 +19,7 @@ from torchvision import transforms
 from aidetect_batch.bench import credentials
 from aidetect_batch.config import DEFAULT_MAX_PIXELS
 from aidetect_batch.detectors import policies
-from aidetect_batch.detectors.checkpoints import build_model
+from aidetect_batch.detectors.checkpoints import build_model, default_input_size
 from aidetect_batch.detectors.policies import decode_and_preprocess, native_shape, tiles_view
 from aidetect_batch.detectors.registry import IMAGENET_MEAN, IMAGENET_STD
 from aidetect_batch.media import decode, pdq, provenance
@@ -68,11 +68,12 @@ def model_ceiling(
     if not cuda:
         torch.set_num_threads(threads)
     net = build_model(arch, 1).eval().to(device)
-    x = torch.randn(batch_size, 3, 224, 224, device=device)
+    side = default_input_size(arch)
+    x = torch.randn(batch_size, 3, side, side, device=device)
     if cuda:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if cuda else None
-    chunk = batch_size if cuda else cpu_chunk(224)
+    chunk = batch_size if cuda else cpu_chunk(side)
     if compile:
         net = torch.compile(net)
 
@@ -241,9 +242,10 @@ def view_seconds(
         return shapes[shape]
 
     def seconds(policy: str, row: dict[str, Any]) -> float:
-        if policy == "native":
+        view = policies.get(policy).view
+        if view is policies.ViewShape.ANY:
             return at_shape(native_shape(row["height"], row["width"], native_max_pixels))
-        return per_224 * (row["n_tiles"] if policy == "tiles" else 1)
+        return per_224 * (row["n_tiles"] if view is policies.ViewShape.TILES else 1)
 
     return seconds
 

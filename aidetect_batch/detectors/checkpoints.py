@@ -6,8 +6,12 @@ Three checkpoint formats are accepted, all read with
 a. the project's own format (:func:`save_checkpoint`): a dict with
    ``format == "aidetect-batch"``, ``state_dict`` and metadata (arch, number
    of logits, AI class index, mean/std, preprocess policy, threshold, info);
-b. CNNDetection's ``{"model": state_dict}`` for ``resnet50(num_classes=1)``;
-c. a plain torchvision state dict with a 1- or 2-logit head.
+b. a published layout: the weights under ``model`` (CNNDetection, GRIP), ``state_dict`` or ``net``;
+c. a plain state dict with a 1- or 2-logit head.
+
+Any of them may hold only the head (a linear probe) of an architecture whose
+registry entry has a ``pretrained`` backbone: the backbone then comes from
+that library's weights.
 
 The score is P(AI-generated): sigmoid of a single logit, or the softmax
 probability of the AI class for two logits.
@@ -56,6 +60,35 @@ def build_model(arch: str, num_logits: int, input_size: int | None = None) -> nn
     return entry.build(num_logits, input_size or entry.input_size)
 
 
+def pretrained_backbone(arch: str) -> dict[str, torch.Tensor]:
+    """The backbone weights of ``arch`` from its registry entry's pretrained hook, head keys left out.
+
+    Raises:
+        CheckpointError: ``arch`` has no pretrained hook, or its weights cannot be loaded (offline,
+            library missing); the message names the cache and the environment variable.
+    """
+    entry = _arch(arch)
+    source = entry.pretrained
+    if source is None:
+        raise CheckpointError(
+            f"this checkpoint holds only the head of {arch}, whose registry entry has no pretrained backbone"
+        )
+    try:
+        weights = source.load()
+    except ImportError as exc:
+        raise CheckpointError(
+            f"the {arch} backbone comes from {source.library} ({source.name}), which is not installed: {exc}"
+        ) from None
+    except (OSError, RuntimeError, ValueError, TimeoutError) as exc:
+        raise CheckpointError(
+            f"the {arch} backbone needs {source.library}'s pretrained weights {source.name}, which could not be "
+            f"loaded ({type(exc).__name__}: {str(exc)[:200]}). Offline, they must already be in {source.cache}; "
+            f"fetch them on a machine with internet and copy that cache here (see {source.env})."
+        ) from None
+    prefix = entry.head_prefix + "."
+    return {k: v for k, v in weights.items() if not k.startswith(prefix)}
+
+
 def _arch(name: str) -> registry.Arch:
     try:
         return registry.get(name)
@@ -80,6 +113,7 @@ class Checkpoint:
     kind: str
     input_size: int = DEFAULT_INPUT_SIZE
     pruning: dict[str, Any] | None = None
+    head_only: bool = False
 
     @property
     def structured(self) -> bool:
@@ -89,10 +123,11 @@ class Checkpoint:
     def build(self) -> nn.Module:
         """Instantiate the architecture and load the weights; raises :class:`CheckpointError` on mismatch."""
         model = build_model(self.arch, self.num_logits, self.input_size)
+        weights = {**pretrained_backbone(self.arch), **self.state_dict} if self.head_only else self.state_dict
         if self.structured:
-            conform(model, self.state_dict)
+            conform(model, weights)
         try:
-            result = model.load_state_dict(self.state_dict, strict=False)
+            result = model.load_state_dict(weights, strict=False)
         except RuntimeError as exc:
             raise CheckpointError(
                 f"checkpoint weights do not fit {self.arch} with {self.num_logits} logit(s): "
@@ -119,6 +154,7 @@ class Checkpoint:
             "input_size": self.input_size,
             "threshold": self.threshold,
             "pruning": self.pruning,
+            "head_only": self.head_only,
             "info": self.info,
             "model_id": self.model_id,
         }
@@ -131,10 +167,54 @@ def _few(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
+# Prefixes that wrappers add to every key: DistributedDataParallel/DataParallel, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Keys the weights of a published checkpoint sit under, tried in this order.
+_WRAPPERS = ("model", "state_dict", "net")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unwrapped:
+    """The weights of a checkpoint and the wrapper key they were under (``None``: a bare state dict)."""
+
+    state_dict: dict[str, torch.Tensor]
+    wrapper: str | None
+
+
+def unwrap(obj: Any) -> Unwrapped | None:
+    """The state dict inside a loaded checkpoint: under ``model``, ``state_dict`` (also the project's own
+    format) or ``net``, or bare; ``module.`` and ``_orig_mod.`` prefixes stripped. ``None`` when
+    ``obj`` holds no dict of tensors. ``scan`` and ``--init`` both read weights through it."""
+    if not isinstance(obj, dict):
+        return None
+    wrapper = next((k for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+    weights = obj[wrapper] if wrapper is not None else obj
+    if not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return None
+    return Unwrapped(_strip_prefix(weights), wrapper)
+
+
 def _strip_prefix(state_dict: dict[str, Any]) -> dict[str, Any]:
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module.") :]: v for k, v in state_dict.items()}
+    stripped = True
+    while stripped and state_dict:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+                stripped = True
     return state_dict
+
+
+def _as_head(state_dict: dict[str, Any], arch: str) -> dict[str, Any]:
+    """A bare linear layer's ``weight``/``bias`` named as ``arch``'s head; other state dicts as they are."""
+    if state_dict and set(state_dict) <= {"weight", "bias"}:
+        return {f"{_arch(arch).head}.{k}": v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _is_head_only(state_dict: dict[str, Any], arch: str) -> bool:
+    entry = _arch(arch)
+    return entry.pretrained is not None and entry.head_keys(state_dict)
 
 
 def _head_logits(state_dict: dict[str, Any], arch: str) -> int:
@@ -196,6 +276,7 @@ def parse_checkpoint(
 
     if obj.get("format") == FORMAT_NAME:
         try:
+            own_arch = obj["arch"]
             return Checkpoint(
                 arch=obj["arch"],
                 num_logits=int(obj["num_logits"]),
@@ -205,16 +286,18 @@ def parse_checkpoint(
                 preprocess=obj.get("preprocess"),
                 threshold=float(obj.get("threshold", 0.5)),
                 info=dict(obj.get("info", {})),
-                state_dict=obj["state_dict"],
+                state_dict=_strip_prefix(obj["state_dict"]),
                 model_id=model_id,
                 kind="aidetect-batch",
-                input_size=int(obj.get("input_size", default_input_size(obj["arch"]))),
+                input_size=int(obj.get("input_size", default_input_size(own_arch))),
                 pruning=obj.get("pruning"),
+                head_only=obj.get("weights") == "head" or _is_head_only(obj["state_dict"], own_arch),
             )
         except KeyError as exc:
             raise CheckpointError(f"aidetect-batch checkpoint lacks the field {exc}") from None
 
     state_dict, kind, arch = _published_layout(obj, arch)
+    state_dict = _as_head(state_dict, arch)
     num_logits = _head_logits(state_dict, arch)
     return Checkpoint(
         arch=arch,
@@ -229,30 +312,24 @@ def parse_checkpoint(
         model_id=model_id,
         kind=kind,
         input_size=_input_size_of(state_dict, arch),
+        head_only=_is_head_only(state_dict, arch),
     )
-
-
-_WRAPPERS = ("model", "state_dict", "net")
 
 
 def _published_layout(obj: dict[str, Any], arch: str | None) -> tuple[dict[str, Any], str, str]:
     """The state dict, layout kind and architecture of a checkpoint as its authors ship it.
 
-    The weights sit under ``model`` (CNNDetection, GRIP), ``state_dict`` or ``net``, or bare; a
-    ``module.`` prefix is stripped. ResNet50 weights under ``model`` are CNNDetection's layout and
-    default to its registry entry. Strides are not in a state dict, so ``resnet50_nodown`` is never
-    guessed: its weights look exactly like ResNet50's and must be named with ``--arch``.
+    The weights are found by :func:`unwrap`. Weights under a wrapper key that a registry entry publishes
+    with (its ``layout``: CNNDetection's ``model``) default to that entry, and the layout takes its name.
+    Strides are not in a state dict, so an entry like ``resnet50_nodown``, whose weights look exactly
+    like another's, is never guessed and must be named with ``--arch``.
     """
-    wrapper = next((k for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
-    if wrapper is not None:
-        state_dict = _strip_prefix(obj[wrapper])
-        guessed = registry.guess(state_dict)
-        if wrapper == "model" and guessed == registry.DEFAULT_ARCH:
-            guessed = "cnndetection"
-        return state_dict, "cnndetection" if wrapper == "model" else wrapper, arch or guessed
-    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state_dict = _strip_prefix(obj)
-        return state_dict, "state_dict", arch or registry.guess(state_dict)
+    found = unwrap(obj)
+    if found is not None:
+        if found.wrapper is None:
+            return found.state_dict, "state_dict", arch or registry.guess(found.state_dict)
+        kind = registry.layout_owner(found.wrapper) or found.wrapper
+        return found.state_dict, kind, arch or registry.guess(found.state_dict, layout=found.wrapper)
     raise CheckpointError(
         "unrecognised checkpoint layout: expected an aidetect-batch checkpoint, a state dict under "
         "'model' (CNNDetection, GRIP), 'state_dict' or 'net', or a plain state dict"
@@ -260,10 +337,8 @@ def _published_layout(obj: dict[str, Any], arch: str | None) -> tuple[dict[str, 
 
 
 def _input_size_of(state_dict: dict[str, Any], arch: str) -> int:
-    if arch == "cifake_cnn" and "head.1.weight" in state_dict:
-        cells = int(state_dict["head.1.weight"].shape[1]) // 128
-        return 16 * max(int(round(cells**0.5)), 1)
-    return default_input_size(arch)
+    entry = _arch(arch)
+    return entry.input_size if entry.input_size_of is None else entry.input_size_of(state_dict)
 
 
 def save_checkpoint(
@@ -273,20 +348,30 @@ def save_checkpoint(
     *,
     num_logits: int = 1,
     ai_class_index: int | None = None,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-    preprocess: str = "resize",
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    preprocess: str | None = None,
     threshold: float = 0.5,
     input_size: int | None = None,
     info: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
     pruning: dict[str, Any] | None = None,
+    head_only: bool = False,
 ) -> None:
-    """Write ``model`` in the project's own checkpoint format (local or remote).
+    """Write ``model`` in the project's own checkpoint format (local or remote): every writer of a
+    checkpoint goes through here, so each one records its normalisation, logits and policy.
 
-    ``pruning`` records how the model was pruned; ``{"method": "structured"}``
-    tells loaders to take layer widths from the saved weights.
+    ``mean``, ``std`` and ``preprocess`` default to the architecture's registry entry. ``pruning``
+    records how the model was pruned; ``{"method": "structured"}`` tells loaders to take layer widths
+    from the saved weights. ``head_only`` keeps only the head's weights, for an architecture whose
+    backbone comes from its pretrained hook.
     """
+    entry = _arch(arch)
+    weights = model.state_dict()
+    if head_only:
+        if entry.pretrained is None:
+            raise CheckpointError(f"a head-only checkpoint needs a pretrained backbone; {arch} has none")
+        weights = {k: v for k, v in weights.items() if k.startswith(entry.head_prefix + ".")}
     payload = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -294,15 +379,18 @@ def save_checkpoint(
         "num_logits": num_logits,
         "class_names": list(CLASS_NAMES),
         "ai_class_index": (1 if num_logits == 2 else 0) if ai_class_index is None else ai_class_index,
-        "mean": list(mean),
-        "std": list(std),
-        "input_size": input_size or default_input_size(arch),
-        "preprocess": preprocess,
+        "mean": list(entry.mean if mean is None else mean),
+        "std": list(entry.std if std is None else std),
+        "input_size": input_size or entry.input_size,
+        "preprocess": preprocess or entry.preprocess,
         "threshold": threshold,
         "pruning": pruning,
         "info": info or {},
-        "state_dict": model.state_dict(),
+        "weights": "head" if head_only else "all",
+        "state_dict": weights,
     }
+    if head_only:
+        payload["pretrained"] = {"library": entry.pretrained.library, "name": entry.pretrained.name}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     fs, inner = filesystem(path, storage_options)
@@ -373,20 +461,19 @@ def imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{_offline_hint(arch, weights.url)} ({type(exc).__name__}: {exc})") from None
 
 
-def _load_state_dict_lenient(data: bytes) -> dict[str, torch.Tensor]:
+def _load_state_dict_lenient(data: bytes, arch: str) -> dict[str, torch.Tensor]:
+    """The weights of any checkpoint layout, unwrapped as ``scan`` does; a head-only one gets its backbone."""
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(f"--init: not a loadable weights file ({str(exc).splitlines()[0][:200]})") from None
-    if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME:
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    found = unwrap(obj)
+    if found is None:
         raise CheckpointError("--init: the file holds no state dict of tensors")
-    return _strip_prefix(obj)
+    weights = _as_head(found.state_dict, arch)
+    if _is_head_only(weights, arch):
+        return {**pretrained_backbone(arch), **weights}
+    return weights
 
 
 def initial_model(
@@ -420,7 +507,7 @@ def initial_model(
                     f"--init {init}: a pruned {pruned.arch} with {pruned.num_logits} logit(s) cannot start a {arch}"
                 )
             return pruned.build(), {"init": init, "loaded": len(pruned.state_dict), "pruning": pruned.pruning}
-        source = _load_state_dict_lenient(data)
+        source = _load_state_dict_lenient(data, arch)
     own = model.state_dict()
     fitting = {k: v for k, v in source.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not fitting:

@@ -31,7 +31,9 @@ Classifier, which normalises with the checkpoint's mean/std on its device.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,15 +44,18 @@ from aidetect_batch.errors import ConfigError
 from aidetect_batch.media import decode
 from aidetect_batch.schema import Status
 
-POLICIES = ("resize", "center-crop", "tiles", "native")
-FIXED_POLICIES = ("resize", "center-crop")
 DEFAULT_POLICY = "resize"
+# Training draws random crops of native pixels unless told otherwise (``train --preprocess``).
+DEFAULT_TRAIN_POLICY = "center-crop"
 CROP = 224
 RESIZE_SHORT = 256
 # ResNet50's forward pass on CPU peaks at about 200 MB per megapixel of input (BENCHMARKS.md), so
 # 2048×2048 keeps one image under 1 GB while still showing the model a third of a 12 MP photo.
 DEFAULT_NATIVE_MAX_PIXELS = 2048 * 2048
 DEFAULT_MAX_TILES = 16
+# Views of any size (``native``) are batched by bytes: a batch holds at most this many bytes of the
+# largest allowed image, so a batch of 12 MP photos cannot swamp a decode task or a Classifier actor.
+ANY_SIZE_BATCH_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +83,6 @@ class View:
 def resize_short_side(size: int = CROP) -> int:
     """Short side the ``resize`` policy scales to before cropping ``size``: 256 for 224."""
     return int(round(size * RESIZE_SHORT / CROP))
-
-
-def needed_short_side(policy: str, size: int = CROP) -> int | None:
-    """Short-side pixels the policy needs from the decoder; ``None`` means full resolution."""
-    return resize_short_side(size) if policy == "resize" else None
 
 
 def _resize_short(img: Image.Image, size: int) -> Image.Image:
@@ -119,13 +119,6 @@ def resized_size(height: int, width: int, size: int = CROP) -> tuple[int, int]:
     if width <= height:
         return int(short * height / width), short
     return short, int(short * width / height)
-
-
-def fixed_coverage(policy: str, height: int, width: int, size: int = CROP) -> float:
-    """The share of an image a ``resize`` or ``center-crop`` view shows the model."""
-    if policy == "resize":
-        height, width = resized_size(height, width, size)
-    return _shown(height, width, size)
 
 
 def native_shape(height: int, width: int, max_pixels: int = DEFAULT_NATIVE_MAX_PIXELS) -> tuple[int, int]:
@@ -179,19 +172,112 @@ def _overlap(start: int, length: int, size: int) -> int:
     return max(0, min(start + size, length) - max(start, 0))
 
 
+class ViewShape(enum.Enum):
+    """The shape of the pixels a policy hands the model for one image."""
+
+    SQUARE = "square"  # one ``size``×``size`` view: a batch stacks into one tensor
+    TILES = "tiles"  # ``(n, size, size, 3)``: a stack of fixed-size tiles
+    ANY = "any"  # ``(H, W, 3)``: the image's own shape
+
+
+def _frame_resize(img: Image.Image, size: int, framing: Framing) -> View:
+    coverage = _shown(*resized_size(img.size[1], img.size[0], size), size)
+    return View(center_crop(np.asarray(_resize_short(img, size), dtype=np.uint8), size), coverage)
+
+
+def _frame_center_crop(img: Image.Image, size: int, framing: Framing) -> View:
+    return View(center_crop(np.asarray(img, dtype=np.uint8), size), _shown(img.size[1], img.size[0], size))
+
+
+def _frame_tiles(img: Image.Image, size: int, framing: Framing) -> View:
+    return tiles_view(np.asarray(img, dtype=np.uint8), size, framing.max_tiles)
+
+
+def _frame_native(img: Image.Image, size: int, framing: Framing) -> View:
+    return native_view(np.asarray(img, dtype=np.uint8), framing.native_max_pixels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Everything the pipeline needs to know about one preprocess policy.
+
+    Attributes:
+        name: The ``--preprocess`` value recorded on every row.
+        frame: ``frame(rgb_image, size, framing)`` returns the :class:`View` the model sees.
+        view: The shape of that view; it decides how views batch and which Classifier path scores them.
+        resamples: The pixels are resampled (which erases the traces detectors read).
+        draft: Decode may downscale to :func:`resize_short_side` (JPEG draft mode); otherwise decode
+            keeps full resolution.
+        needs_any_size: Only a network that pools globally can score its views.
+        framing_fields: The :class:`Framing` fields it reads; a scan's identity records them.
+        train_view: The fixed-size policy whose view training decodes: the view itself when the policy
+            resamples, otherwise the central window of native pixels that random crops are drawn from.
+    """
+
+    name: str
+    frame: Callable[[Image.Image, int, Framing], View]
+    view: ViewShape
+    resamples: bool = False
+    draft: bool = False
+    needs_any_size: bool = False
+    framing_fields: tuple[str, ...] = ()
+    train_view: str = "center-crop"
+
+    @property
+    def fixed(self) -> bool:
+        """Every image becomes one ``size``×``size`` view, so views stack into one tensor."""
+        return self.view is ViewShape.SQUARE
+
+    def decode_short_side(self, size: int = CROP) -> int | None:
+        """Short-side pixels this policy needs from the decoder; ``None`` means full resolution."""
+        return resize_short_side(size) if self.draft else None
+
+    def coverage(self, height: int, width: int, size: int = CROP) -> float:
+        """The share of a ``height``×``width`` image a fixed-size view shows the model."""
+        if self.resamples:
+            height, width = resized_size(height, width, size)
+        return _shown(height, width, size)
+
+    def batch_rows(self, rows: int, framing: Framing) -> int:
+        """Rows per batch: fixed-size views (and bounded tile stacks) batch freely; views of any size by
+        :data:`ANY_SIZE_BATCH_BYTES` of the largest image ``framing`` allows."""
+        if self.view is not ViewShape.ANY:
+            return rows
+        return max(1, min(rows, ANY_SIZE_BATCH_BYTES // (framing.native_max_pixels * 3)))
+
+
+_RECORDS = (
+    Policy("resize", _frame_resize, ViewShape.SQUARE, resamples=True, draft=True, train_view="resize"),
+    Policy("center-crop", _frame_center_crop, ViewShape.SQUARE),
+    Policy("tiles", _frame_tiles, ViewShape.TILES, framing_fields=("max_tiles",)),
+    Policy("native", _frame_native, ViewShape.ANY, needs_any_size=True, framing_fields=("native_max_pixels",)),
+)
+_BY_NAME = {policy.name: policy for policy in _RECORDS}
+POLICIES = tuple(_BY_NAME)
+FIXED_POLICIES = tuple(p.name for p in _RECORDS if p.fixed)
+
+
+def get(name: str) -> Policy:
+    """The record of policy ``name``; raises ``ValueError`` naming the choices."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown preprocess policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+
+
+def needed_short_side(policy: str, size: int = CROP) -> int | None:
+    """Short-side pixels the policy needs from the decoder; ``None`` means full resolution."""
+    return get(policy).decode_short_side(size)
+
+
+def fixed_coverage(policy: str, height: int, width: int, size: int = CROP) -> float:
+    """The share of an image a ``resize`` or ``center-crop`` view shows the model."""
+    return get(policy).coverage(height, width, size)
+
+
 def view_of(img: Image.Image, policy: str, size: int = CROP, framing: Framing | None = None) -> View:
     """Apply ``policy`` to an RGB image: the pixels the model sees and the share of the image they are."""
-    framing = framing or Framing()
-    if policy == "native":
-        return native_view(np.asarray(img, dtype=np.uint8), framing.native_max_pixels)
-    if policy == "tiles":
-        return tiles_view(np.asarray(img, dtype=np.uint8), size, framing.max_tiles)
-    if policy in FIXED_POLICIES:
-        coverage = fixed_coverage(policy, img.size[1], img.size[0], size)
-        if policy == "resize":
-            img = _resize_short(img, size)
-        return View(center_crop(np.asarray(img, dtype=np.uint8), size), coverage)
-    raise ValueError(f"unknown preprocess policy {policy!r}; choose one of {POLICIES}")
+    return get(policy).frame(img, size, framing or Framing())
 
 
 def preprocess_image(img: Image.Image, policy: str, size: int = CROP, framing: Framing | None = None) -> np.ndarray:
@@ -225,10 +311,14 @@ def decode_and_preprocess(
 
 def check_policy(policy: str, arch: str | None, *, gpu_decode: bool = False) -> None:
     """Refuse a policy the model or the decode path cannot serve; raises :class:`ConfigError`."""
-    if policy == "native" and arch is not None and not registry.get(arch).any_size:
+    try:
+        record = get(policy)
+    except ValueError as exc:
+        raise ConfigError(f"--preprocess: {exc}") from None
+    if record.needs_any_size and arch in registry.REGISTRY and not registry.get(arch).any_size:
         raise ConfigError(
-            f"--preprocess native needs a network that pools globally; {arch} takes only its input size: "
+            f"--preprocess {policy} needs a network that pools globally; {arch} takes only its input size: "
             "use tiles (native pixels, fixed-size views)"
         )
-    if gpu_decode and policy not in FIXED_POLICIES:
+    if gpu_decode and not record.fixed:
         raise ConfigError(f"--gpu-decode produces {' or '.join(FIXED_POLICIES)} views; {policy} is decoded on the CPU")

@@ -54,6 +54,33 @@ def cpu_chunk(size: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClassifierPlan:
+    """How the scan sizes the Classifier pool and the CPU decode pool (``scan.runner.plan_classifier``).
+
+    Attributes:
+        device: ``cuda`` when the cluster has GPUs, else ``cpu``.
+        actors: ``(min, max)`` Classifier actors.
+        num_gpus: GPUs per actor.
+        num_cpus: CPUs per actor.
+        cpu_threads: Torch threads per actor on CPU; ``None`` on CUDA.
+        decode_tasks: Concurrent CPU decode tasks.
+        decode_cpus_per_actor: Decode CPUs feeding each Classifier actor.
+    """
+
+    device: str
+    actors: tuple[int, int]
+    num_gpus: int
+    num_cpus: int
+    cpu_threads: int | None
+    decode_tasks: int
+    decode_cpus_per_actor: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as ``_run.json`` records it under ``resolved.classifier``."""
+        return {**dataclasses.asdict(self), "actors": list(self.actors)}
+
+
+@dataclasses.dataclass(frozen=True)
 class ViewScores:
     """Per image: P(AI) from the mean of its parts' log-odds, P(AI) of its most AI-looking part, parts."""
 
@@ -88,6 +115,8 @@ class Classifier:
             which is decoded here instead.
         torch_decode: Decode JPEGs with torchvision on this actor's device; default: only on CUDA.
         compile: ``torch.compile`` the model (CUDA graphs and fused kernels; the first batches are slow).
+        entry: The registry entry of the checkpoint's architecture, as the driver resolved it: registered
+            in this actor's process, so an entry added at run time (a plugin, a test) scores here too.
     """
 
     def __init__(
@@ -103,7 +132,10 @@ class Classifier:
         decode_options: PrepareOptions | None = None,
         torch_decode: bool | None = None,
         compile: bool = False,
+        entry: registry.Arch | None = None,
     ) -> None:
+        if entry is not None:
+            registry.register(entry)
         if not isinstance(checkpoint, bytes):
             checkpoint = ray.get(checkpoint)
         ckpt = parse_checkpoint(checkpoint, arch=arch, ai_class_index=ai_class_index)

@@ -108,7 +108,7 @@ class DeviceDecoder:
             _hash_on_host(decoded, chosen, cols)
         crops = []
         for img in decoded:
-            if policy == "resize":
+            if policies.get(policy).resamples:
                 height, width = policies.resized_size(img.shape[-2], img.shape[-1], size)
                 if (height, width) != tuple(img.shape[-2:]):
                     img = F.resize(img, [height, width], antialias=True)
