@@ -2,9 +2,12 @@ import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from aidetect_batch import schema
-from aidetect_batch.scan.sink import ScoreWriter, to_scores_table
+from aidetect_batch.inputs import item
+from aidetect_batch.inputs.manifest import shard_digest
+from aidetect_batch.scan.sink import UNITS_METADATA_KEY, ScoreWriter, committed_work, to_scores_table
 
 
 def rows(start: int, n: int) -> pa.Table:
@@ -48,3 +51,48 @@ def test_cast_keeps_nullable_integers():
     table = to_scores_table(rows(0, 3))
     assert table.schema.field(schema.WIDTH).type == pa.int32()
     assert "extra_column_dropped" not in table.column_names
+
+
+class _Members:
+    """A minimal input kind, so that ``bundle://<member>::<file>`` paths name their file."""
+
+    name = "bundle"
+    views = False
+
+    def accepts(self, unit):
+        return False
+
+
+def unit_rows(paths: list[str], counts: list[int], shard: int = 0) -> pa.Table:
+    table = rows(0, len(paths)).set_column(0, schema.PATH, pa.array(paths, pa.string()))
+    table = table.append_column(schema.SHARD, pa.array([shard] * len(paths), pa.int64()))
+    return table.append_column(item.UNIT_ROWS, pa.array(counts, pa.int64()))
+
+
+def test_a_shard_is_whole_when_every_unit_and_all_its_rows_arrived(tmp_path):
+    out = str(tmp_path / "scores")
+    archive = "/d/x.bundle"
+    members = [f"bundle://{name}::{archive}" for name in ("a.jpg", "b.jpg", "c.jpg")]
+    item.register(_Members())
+    try:
+        writer = ScoreWriter(out, rows_per_file=1, run_id="u", shard_rows={0: 2, 1: 1})
+        writer.write(unit_rows(members[1:], [0, 0]))
+        writer.write(unit_rows(["/d/loose.jpg"], [1]))
+        assert writer.files == [] and writer.shards_in_flight == 1, "the archive's first row has not arrived"
+        writer.write(unit_rows(members[:1], [3]))
+        writer.write(unit_rows(["/d/other.jpg"], [1], shard=1))
+        writer.close()
+        found = committed_work(out)
+    finally:
+        item.unregister(_Members.name)
+    assert (found.rows, found.units, writer.units_written) == (5, 3, 3)
+    assert found.shards == {0: shard_digest([archive, "/d/loose.jpg"]), 1: shard_digest(["/d/other.jpg"])}
+    first, second = (pq.read_metadata(f).metadata for f in writer.files)
+    assert first[UNITS_METADATA_KEY] == b"2" and UNITS_METADATA_KEY not in second, "one row per unit: no key"
+
+
+def test_a_unit_with_more_rows_than_it_announced_is_refused(tmp_path):
+    writer = ScoreWriter(str(tmp_path / "scores"), shard_rows={0: 1})
+    writer.write(unit_rows(["/d/b"], [0]))
+    with pytest.raises(RuntimeError, match="more rows than its 1 inputs yielded"):
+        writer.write(unit_rows(["/d/a", "/d/c"], [2, 0]))

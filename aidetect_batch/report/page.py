@@ -10,9 +10,11 @@ at), and an evaluation's plots when present.
 
 The grids are chosen in one streaming pass over the scores that keeps at most
 a few hundred candidate rows, so memory does not grow with the scan.
-Thumbnails are read from the scanned files (local or S3), decoded with the
-scan's bomb guard and capped in pixels and bytes; a file that cannot be read
-any more shows as a placeholder.
+Thumbnails are read back from the scanned inputs (local or S3) by each row's
+``path`` through the input kinds (:func:`aidetect_batch.inputs.item.read_path`,
+so an archive member reopens its member), decoded with the scan's bomb guard
+and capped in pixels and bytes; an input that cannot be read any more shows as
+a placeholder.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from aidetect_batch import schema
-from aidetect_batch.inputs import sources
+from aidetect_batch.inputs import item
 from aidetect_batch.media import decode
 from aidetect_batch.schema import Summary
 from aidetect_batch.storage import filesystem, join
@@ -86,14 +88,14 @@ def _keep(table: pa.Table, key: np.ndarray, n: int) -> pa.Table:
 
 
 def thumbnail(path: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """A JPEG data URI of at most ``THUMB_PX`` pixels a side, or ``None`` when the file is unusable now."""
+    """A JPEG data URI of at most ``THUMB_PX`` pixels a side, or ``None`` when the input is unusable now.
+
+    ``path`` is a row's identity; an Item read as several views shows its first."""
     from PIL import Image
 
     try:
-        fs, inner = filesystem(path, storage_options)
-        if (fs.size(inner) or 0) > THUMB_MAX_SOURCE_BYTES:
-            return None
-        result = decode.decode_image(sources.read_file(path, storage_options), THUMB_MAX_PIXELS, THUMB_PX)
+        data = item.read_path(path, item.ReadOptions(storage_options or {}, THUMB_MAX_SOURCE_BYTES))
+        result = decode.decode_image(data if isinstance(data, bytes) else data[0], THUMB_MAX_PIXELS, THUMB_PX)
     except Exception as exc:  # noqa: BLE001 - a file gone since the scan is a placeholder, not a failed report
         _logger.info("no thumbnail for %s: %s", path, exc)
         return None

@@ -1,11 +1,15 @@
-"""The CPU stage: read, hash, claim (``--dedup``), decode and preprocess each file of a batch.
+"""The CPU stage: expand, read, hash, claim (``--dedup``), decode and preprocess each input of a batch.
 
 It runs as Ray Data ``map_batches`` tasks between the input shards and the
 Classifier pool, and as the per-file fallback of ``--gpu-decode`` inside the
-Classifier. Every file yields one row: a failure at any step becomes the row's
-``status`` and ``error``, never an exception. The size cap is checked before
-any byte is read, and special files are never opened for reading
-(:func:`aidetect_batch.inputs.sources.read_file`).
+Classifier. Each listed unit is expanded into its Items by its input kind
+(:mod:`aidetect_batch.inputs.item`): a loose file is one Item, an archive
+several. Every Item yields one row, and so does a unit whose expansion fails:
+a failure at any step becomes the row's ``status`` and ``error``, never an
+exception. The size cap is checked before any byte is read, and special files
+are never opened for reading (:func:`aidetect_batch.inputs.sources.read_file`).
+An Item a kind reads as several views (video frames) is one row whose views
+travel to the Classifier like ``tiles``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from aidetect_batch import schema
 from aidetect_batch.detectors import policies
-from aidetect_batch.inputs import sources
+from aidetect_batch.inputs import item, sources
 from aidetect_batch.media import pdq, perturb, provenance
 
 DECODE_COLUMNS = (
@@ -51,6 +55,7 @@ class PrepareOptions:
         framing: How ``tiles`` and ``native`` frame an image (``--max-tiles``, ``--native-max-pixels``).
         checks: Which provenance checks run on the bytes (``--no-c2pa``, ``--watermark``).
         phash: Compute each decoded image's PDQ hash (``--phash``), for near-duplicate grouping.
+        kinds: The input kinds that expand listed units, as registered on the driver when this was made.
     """
 
     policy: str
@@ -63,52 +68,110 @@ class PrepareOptions:
     framing: policies.Framing = policies.Framing()
     checks: provenance.Checks = provenance.Checks()
     phash: bool = False
+    kinds: tuple[item.Kind, ...] = dataclasses.field(default_factory=item.registered)
+
+    @property
+    def read_options(self) -> item.ReadOptions:
+        """How the input kinds read bytes: the storage options and the size cap."""
+        return item.ReadOptions(self.storage_options, self.max_file_bytes)
+
+    @property
+    def views(self) -> bool:
+        """An input kind may read an Item as several views: every row then carries its views as tiles."""
+        return any(kind.views for kind in self.kinds)
 
     @property
     def fixed(self) -> bool:
         """Every image becomes one ``size``×``size`` view (``resize``, ``center-crop``)."""
-        return self.policy in policies.FIXED_POLICIES
+        return policies.get(self.policy).fixed
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One output row of a batch: its Item, the kind that reads it, and the listing row it came from.
+
+    Attributes:
+        item: The input this row scores.
+        kind: The input kind that expanded the unit and reads the Item.
+        unit: Index of the listing row (the listed unit) in the batch.
+        unit_rows: On the unit's first row, how many rows the unit yielded; 0 on its other rows.
+        failure: Why expanding the unit failed (its one row then carries that status).
+    """
+
+    item: item.Item
+    kind: item.Kind
+    unit: int
+    unit_rows: int
+    failure: BaseException | None = None
 
 
 def prepare_batch(batch: pa.Table, options: PrepareOptions, registry: Any = None) -> pa.Table:
-    """Read, hash, (deduplicate,) decode and preprocess each file; failures become statuses.
+    """Expand, read, hash, (deduplicate,) decode and preprocess each input; failures become statuses.
 
     Returns an Arrow table typed like the scores schema plus the uint8 ``image``
-    tensor column (``size``×``size``×3), or for ``tiles`` and ``native`` the
-    ``_pixels`` bytes and their ``_pixel_shape``, so nullable integers stay
-    integers on the way to the sink. Columns of the listing other than ``path``, ``source``
-    and ``_raw_path`` (labels, groups, manifest columns, the shard id) pass
-    through unchanged. ``registry`` (``--dedup``) is the
-    :class:`aidetect_batch.scan.dedup.HashRegistry` actor.
+    tensor column (``size``×``size``×3), or for ``tiles``, ``native`` and Items read
+    as several views the ``_pixels`` bytes and their ``_pixel_shape``, so nullable
+    integers stay integers on the way to the sink. It has one row per Item (one per
+    loose file, in listing order) and the hidden ``_unit_rows`` column. Columns of the
+    listing other than ``path``, ``source`` and ``_raw_path`` (labels, groups, manifest
+    columns, the shard id) pass through, repeated on each row of a unit. ``registry``
+    (``--dedup``) is the :class:`aidetect_batch.scan.dedup.HashRegistry` actor.
     """
-    paths = batch.column(schema.PATH).to_pylist()
-    raw = batch.column(schema.RAW_PATH).to_pylist() if schema.RAW_PATH in batch.column_names else [None] * len(paths)
-    rows: dict[str, list[Any]] = {c: [None] * len(paths) for c in DECODE_COLUMNS}
-    payload = [read_into(rows, i, path, raw_path=raw[i], options=options) for i, path in enumerate(paths)]
+    entries = expand_batch(batch, options)
+    rows: dict[str, list[Any]] = {c: [None] * len(entries) for c in DECODE_COLUMNS}
+    payload = [read_into(rows, i, entry, options=options) for i, entry in enumerate(entries)]
     if registry is not None:
-        _claim_duplicates(rows, payload, paths, registry=registry)
+        _claim_duplicates(rows, payload, [e.item.path for e in entries], registry=registry)
     for i, data in enumerate(payload):
         if data is not None:
-            inspect_into(rows, i, data, options.checks)
+            inspect_into(rows, i, data if isinstance(data, bytes) else data[0], options.checks)
+    if options.decode_later:
+        _views_need_the_cpu(rows, payload)
     images = None if options.decode_later else _decode_all(rows, payload, options)
-    return _to_table(batch, rows, payload if options.decode_later else None, images=images, policy=options.policy)
+    return _to_table(
+        batch, rows, payload if options.decode_later else None, entries=entries, images=images, policy=options.policy
+    )
+
+
+def expand_batch(batch: pa.Table, options: PrepareOptions) -> list[Entry]:
+    """Every listed unit's Items, in listing order; a unit that cannot be expanded keeps one row."""
+    entries: list[Entry] = []
+    for u, unit in enumerate(item.units_of(batch)):
+        kind = item.kind_of(unit, options.kinds)
+        try:
+            found = kind.items(unit, options.read_options)
+            if not found:
+                raise item.NoItems(f"{kind.name} unit holds no items")
+        except Exception as exc:  # noqa: BLE001 - a unit that cannot be opened is its row's status, never the job's
+            entries.append(Entry(unit, kind, u, 1, exc))
+            continue
+        entries += [Entry(found_item, kind, u, len(found) if j == 0 else 0) for j, found_item in enumerate(found)]
+    return entries
 
 
 def read_into(
-    rows: dict[str, list[Any]], i: int, path: str, *, raw_path: bytes | None, options: PrepareOptions
-) -> bytes | None:
-    """Read file ``i`` and fill its read columns; its bytes, or ``None`` when reading failed (status set)."""
+    rows: dict[str, list[Any]], i: int, entry: Entry, *, options: PrepareOptions
+) -> bytes | list[bytes] | None:
+    """Read row ``i``'s Item and fill its read columns; its bytes (a list: several views), or ``None`` when
+    reading failed (status set)."""
     start = time.perf_counter()
     try:
-        data = sources.read_file(path, options.storage_options, max_bytes=options.max_file_bytes, raw_path=raw_path)
+        if entry.failure is not None:
+            raise entry.failure
+        data = entry.kind.read(entry.item, options.read_options)
+        if not isinstance(data, bytes) and not entry.kind.views:
+            raise TypeError(f"input kind {entry.kind.name!r} read several views but does not declare views")
     except Exception as exc:  # noqa: BLE001 - any storage failure is this file's status, never the job's
         status, rows[schema.FILE_SIZE][i] = read_failure(exc)
         rows[schema.STATUS][i] = status.value
         rows[schema.ERROR][i] = f"{type(exc).__name__}: {exc}"[:300]
         return None
+    if not isinstance(data, bytes) and len(data) == 1:
+        data = data[0]
+    whole = data if isinstance(data, bytes) else b"".join(data)
     rows[schema.T_READ_MS][i] = (time.perf_counter() - start) * 1000.0
-    rows[schema.FILE_SIZE][i] = len(data)
-    rows[schema.SHA256][i] = hashlib.sha256(data).hexdigest()
+    rows[schema.FILE_SIZE][i] = len(whole)
+    rows[schema.SHA256][i] = hashlib.sha256(whole).hexdigest()
     return data
 
 
@@ -123,6 +186,8 @@ def read_failure(exc: BaseException) -> tuple[schema.Status, int | None]:
     """The one place a read error becomes a status: the status and the file size, when known."""
     if isinstance(exc, sources.FileTooLarge):
         return schema.Status.TOO_LARGE, exc.size
+    if isinstance(exc, item.NoItems):
+        return schema.Status.EMPTY, None
     return schema.Status.UNREADABLE, None
 
 
@@ -140,16 +205,66 @@ def _claim_duplicates(
 
 
 def _decode_all(
-    rows: dict[str, list[Any]], payload: list[bytes | None], options: PrepareOptions
+    rows: dict[str, list[Any]], payload: list[bytes | list[bytes] | None], options: PrepareOptions
 ) -> np.ndarray | list[np.ndarray | None]:
+    """Decode every read row. When a kind may read several views (:attr:`PrepareOptions.views`), every
+    row carries its views as ``_pixels``: a fixed-size view is then a one-tile stack, scored as tiles are."""
+    views = options.views
     images: Any = [None] * len(payload)
-    if options.fixed:
+    if options.fixed and not views:
         images = np.zeros((len(payload), options.size, options.size, 3), dtype=np.uint8)
     change = perturb.parse(options.perturbation) if options.perturbation else None
     for i, data in enumerate(payload):
-        if data is not None:
+        if isinstance(data, list):
+            decode_views_into(rows, i, data, images=images, options=options, change=change)
+        elif data is not None:
             decode_into(rows, i, data, images=images, options=options, change=change)
+            if views and options.fixed and images[i] is not None:
+                images[i] = images[i][None]
     return images
+
+
+def decode_views_into(
+    rows: dict[str, list[Any]],
+    i: int,
+    views: list[bytes],
+    *,
+    images: list[np.ndarray | None],
+    options: PrepareOptions,
+    change: Any,
+) -> None:
+    """Decode the views of row ``i`` (video frames) into one stack of tiles in ``images[i]``.
+
+    The row takes the first failing view's status and error, else the first view's columns
+    (format, size, PDQ); ``t_decode_ms`` is the time of all views.
+    """
+    scratch: dict[str, list[Any]] = {c: [None] * len(views) for c in schema.DECODED_COLUMNS}
+    pixels: list[np.ndarray | None] = [None] * len(views)
+    for j, data in enumerate(views):
+        decode_into(scratch, j, data, images=pixels, options=options, change=change)
+    failed = [j for j, status in enumerate(scratch[schema.STATUS]) if status != schema.Status.OK.value]
+    pick = failed[0] if failed else 0
+    for column in schema.DECODED_COLUMNS:
+        rows[column][i] = scratch[column][pick]
+    rows[schema.T_DECODE_MS][i] = sum(scratch[schema.T_DECODE_MS])
+    if failed:
+        rows[schema.ERROR][i] = f"view {pick + 1} of {len(views)}: {scratch[schema.ERROR][pick]}"
+        return
+    stacks = [p if p.ndim == 4 else p[None] for p in pixels if p is not None]
+    if len({p.shape[1:] for p in stacks}) != 1:
+        rows[schema.STATUS][i] = schema.Status.UNSUPPORTED.value
+        rows[schema.ERROR][i] = f"{len(views)} views of different shapes; use a fixed-size policy (resize, tiles)"
+        return
+    images[i] = np.concatenate(stacks)
+
+
+def _views_need_the_cpu(rows: dict[str, list[Any]], payload: list[bytes | list[bytes] | None]) -> None:
+    """``--gpu-decode`` decodes one image per row: an Item read as several views becomes ``unsupported``."""
+    for i, data in enumerate(payload):
+        if isinstance(data, list):
+            rows[schema.STATUS][i] = schema.Status.UNSUPPORTED.value
+            rows[schema.ERROR][i] = f"{len(data)} views of one item need the CPU decode (scan without --gpu-decode)"
+            payload[i] = None
 
 
 def decode_into(
@@ -187,20 +302,24 @@ def _to_table(
     rows: dict[str, list[Any]],
     payload: list[bytes | None] | None,
     *,
+    entries: list[Entry],
     images: np.ndarray | list[np.ndarray | None] | None,
     policy: str,
 ) -> pa.Table:
-    n = batch.num_rows
+    n = len(entries)
+    units = [e.unit for e in entries]
+    listing = batch if units == list(range(batch.num_rows)) else batch.take(pa.array(units, pa.int64()))
     columns: dict[str, Any] = {
-        schema.PATH: batch.column(schema.PATH).cast(pa.string()),
-        schema.SOURCE: batch.column(schema.SOURCE).cast(pa.string()),
+        schema.PATH: pa.array([e.item.path for e in entries], pa.string()),
+        schema.SOURCE: listing.column(schema.SOURCE).cast(pa.string()),
         schema.PREPROCESS: pa.array([policy] * n, pa.string()),
     }
     for name, values in rows.items():
         columns[name] = pa.array(values, schema.SCORES_SCHEMA.field(name).type)
-    for name in batch.column_names:
+    for name in listing.column_names:
         if name not in columns and name != schema.RAW_PATH:
-            columns[name] = batch.column(name)
+            columns[name] = listing.column(name)
+    columns[item.UNIT_ROWS] = pa.array([e.unit_rows for e in entries], pa.int64())
     if payload is not None:
         columns[schema.DATA] = pa.array(payload, pa.large_binary())
     elif isinstance(images, np.ndarray):

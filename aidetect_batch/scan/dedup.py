@@ -2,9 +2,11 @@
 
 Social-media dumps are full of reposts. Decode tasks hash each file
 (SHA-256, which they compute anyway) and ask one registry actor, in one call
-per batch, which hashes were seen before. The first path to claim a hash is
+per batch, which hashes were seen before. The first input to claim a hash is
 scored; every later copy gets a ``duplicate`` row whose ``duplicate_of``
-names that path (which copy comes first depends on task timing). Join on
+names that input's ``path`` (which copy comes first depends on task timing).
+A path is an Item's identity (:attr:`aidetect_batch.inputs.item.Item.path`),
+so an archive member claims and is named as itself, not as its archive. Join on
 ``duplicate_of`` (or ``sha256``) to give copies their original's score.
 
 The registry holds one entry per distinct hash (about 150 bytes each), so

@@ -10,7 +10,12 @@ in results.
 
 Resume builds on this. The input is cut into numbered shards; a file is only
 ever written with whole shards, and lists them in its Parquet metadata
-(``aidetect.shards``). The committed files are therefore exactly the finished
+(``aidetect.shards``). A shard is whole when a row has arrived for every
+listed unit in it and every unit's rows have arrived: a unit may yield several
+rows (an archive's members), and says how many on its first row
+(``_unit_rows``, :mod:`aidetect_batch.inputs.item`). A file that holds other
+than one row per unit records its units too (``aidetect.units``).
+The committed files are therefore exactly the finished
 work: :func:`committed_shards` reads their footers, and a resumed run skips
 those shards. Rows of a shard still in flight wait in driver memory, and
 ready shards are committed at least every ``commit_every_s`` seconds, which
@@ -22,6 +27,7 @@ a local OUT lands on the driver's disk, not scattered over worker nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -33,12 +39,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aidetect_batch import schema
+from aidetect_batch.inputs import item
 from aidetect_batch.inputs.manifest import shard_digest
 from aidetect_batch.storage import filesystem, is_remote, join
 
 _logger = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 16_384
+# Key of a scores file's Parquet metadata: how many listed units its rows come from, written only when
+# that differs from its row count (files without it hold one row per unit).
+UNITS_METADATA_KEY = b"aidetect.units"
 
 
 def to_scores_table(batch: pa.Table | dict[str, Any], table_schema: pa.Schema = schema.SCORES_SCHEMA) -> pa.Table:
@@ -51,6 +61,14 @@ def to_scores_table(batch: pa.Table | dict[str, Any], table_schema: pa.Schema = 
             column = column.cast(field.type)
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=table_schema)
+
+
+def _unit_rows(table: pa.Table) -> np.ndarray:
+    """Per row, the rows its unit yielded on the unit's first row, else 0; all 1 for a table without
+    ``_unit_rows`` (one row per unit)."""
+    if item.UNIT_ROWS not in table.column_names:
+        return np.ones(table.num_rows, np.int64)
+    return table.column(item.UNIT_ROWS).to_numpy()
 
 
 def encode_shards(shards: list[int]) -> bytes:
@@ -72,15 +90,39 @@ def decode_shards(value: bytes) -> set[int]:
 def committed_shards(
     directory: str, storage_options: dict[str, Any] | None = None
 ) -> tuple[dict[int, str], int, list[str]]:
-    """Shards held by the committed files under ``directory``: (shard → path digest, their rows, the files).
+    """Shards held by the committed files under ``directory``: (shard → unit digest, their rows, the files).
 
     Only footers are read. Hidden temporary files of a killed run are deleted.
     """
+    found = committed_work(directory, storage_options)
+    return found.shards, found.rows, found.files
+
+
+@dataclasses.dataclass
+class Committed:
+    """The committed files under a scores folder and the work they hold.
+
+    Attributes:
+        shards: Shard id → the digest of its listed units' paths (:func:`shard_digest`).
+        rows: Rows in the files.
+        units: Listed units those rows come from (equal to ``rows`` unless a unit yielded several rows).
+        files: The files, sorted.
+    """
+
+    shards: dict[int, str]
+    rows: int
+    units: int
+    files: list[str]
+
+
+def committed_work(directory: str, storage_options: dict[str, Any] | None = None) -> Committed:
+    """What :func:`committed_shards` finds, with the listed units the rows come from."""
     fs, root = filesystem(directory, storage_options)
     if not fs.exists(root):
-        return set(), 0, []
+        return Committed({}, 0, 0, [])
     shards: dict[int, str] = {}
     rows = 0
+    units = 0
     files = []
     for info in fs.ls(root, detail=True):
         name = info["name"].rstrip("/").rsplit("/", 1)[-1]
@@ -99,8 +141,9 @@ def committed_shards(
         digests = json.loads(footer.get(schema.SHARD_DIGESTS_METADATA_KEY, b"{}"))
         shards.update({k: digests.get(str(k), "") for k in held})
         rows += meta.num_rows
+        units += int(footer.get(UNITS_METADATA_KEY, meta.num_rows))
         files.append(join(directory, name))
-    return shards, rows, sorted(files)
+    return Committed(shards, rows, units, sorted(files))
 
 
 class ScoreWriter:
@@ -138,14 +181,19 @@ class ScoreWriter:
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self.files: list[str] = []
         self.rows_written = 0
+        self.units_written = 0
         self.expected = shard_rows
         self.commit_every_s = commit_every_s
         self._partial: dict[int, list[pa.Table]] = {}
         self._seen: dict[int, int] = {}
+        self._units_seen: dict[int, int] = {}
+        self._unit_extra: dict[int, int] = {}
+        self._unit_paths: dict[int, list[str]] = {}
         self._ready: list[pa.Table] = []
         self._ready_shards: list[int] = []
         self._ready_digests: dict[str, str] = {}
         self._ready_rows = 0
+        self._ready_units = 0
         self._last_commit = time.monotonic()
 
     @property
@@ -156,9 +204,11 @@ class ScoreWriter:
     def write(self, batch: pa.Table | dict[str, Any]) -> None:
         """Add a batch of result rows; commits files as shards finish."""
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
+        unit_rows = _unit_rows(table)
         if self.expected is None:
             self._ready.append(to_scores_table(table, self.schema))
             self._ready_rows += table.num_rows
+            self.units_written += int(np.count_nonzero(unit_rows))
             while self._ready_rows >= self.rows_per_file:
                 self._commit_exact(self.rows_per_file)
             return
@@ -172,19 +222,43 @@ class ScoreWriter:
                 self.expected[shard] = int(counts[mask][0])
             part = to_scores_table(table.filter(pa.array(mask)), self.schema)
             self._partial.setdefault(shard, []).append(part)
-            self._seen[shard] = self._seen.get(shard, 0) + part.num_rows
-            if self._seen[shard] > self.expected[shard]:
-                raise RuntimeError(f"shard {shard}: more rows than inputs ({self._seen[shard]})")
-            if self._seen[shard] == self.expected[shard]:
+            self._count_units(shard, part, unit_rows[mask])
+            if self._shard_done(shard):
                 parts = self._partial.pop(shard)
                 self._ready.extend(parts)
                 self._ready_shards.append(shard)
-                paths = [p for part in parts for p in part.column(schema.PATH).to_pylist()]
-                self._ready_digests[str(shard)] = shard_digest(paths)
+                self._ready_digests[str(shard)] = shard_digest(self._unit_paths.pop(shard))
                 self._ready_rows += self._seen.pop(shard)
+                self._ready_units += self._units_seen.pop(shard)
+                self._unit_extra.pop(shard)
         due = time.monotonic() - self._last_commit >= self.commit_every_s
         if self._ready_rows >= self.rows_per_file or (due and self._ready_rows):
             self._commit_ready()
+
+    def _count_units(self, shard: int, part: pa.Table, unit_rows: np.ndarray) -> None:
+        """Count a shard's rows, and its units from the rows that start one (``unit_rows`` > 0)."""
+        heads = unit_rows > 0
+        self._seen[shard] = self._seen.get(shard, 0) + part.num_rows
+        self._units_seen[shard] = self._units_seen.get(shard, 0) + int(heads.sum())
+        self._unit_extra[shard] = self._unit_extra.get(shard, 0) + int((unit_rows[heads] - 1).sum())
+        paths = part.column(schema.PATH).filter(pa.array(heads)).to_pylist()
+        self._unit_paths.setdefault(shard, []).extend(item.unit_path(p) for p in paths)
+
+    def _shard_done(self, shard: int) -> bool:
+        """Whether every unit of the shard and every row of those units has arrived.
+
+        Raises:
+            RuntimeError: more units, or more rows, than the shard holds.
+        """
+        units, expected = self._units_seen[shard], self.expected[shard]  # type: ignore[index]
+        if units > expected:
+            raise RuntimeError(f"shard {shard}: more rows than inputs ({units})")
+        if units < expected:
+            return False
+        rows = expected + self._unit_extra[shard]
+        if self._seen[shard] > rows:
+            raise RuntimeError(f"shard {shard}: more rows than its {expected} inputs yielded ({self._seen[shard]})")
+        return self._seen[shard] == rows
 
     def _commit_exact(self, rows: int) -> None:
         table = pa.concat_tables(self._ready)
@@ -194,20 +268,23 @@ class ScoreWriter:
         self._ready_rows = rest.num_rows
 
     def _commit_ready(self) -> None:
-        self._write_file(pa.concat_tables(self._ready), self._ready_shards)
+        self._write_file(pa.concat_tables(self._ready), self._ready_shards, units=self._ready_units)
+        self.units_written += self._ready_units
         self._ready, self._ready_shards, self._ready_digests, self._ready_rows = [], [], {}, 0
+        self._ready_units = 0
 
-    def _write_file(self, table: pa.Table, shards: list[int]) -> None:
+    def _write_file(self, table: pa.Table, shards: list[int], *, units: int | None = None) -> None:
         name = f"part-{self.run_id}-{len(self.files):05d}.parquet"
         final = f"{self.root}/{name}"
         tmp = final if self.remote else f"{self.root}/.{name}.tmp"
         if shards:
-            table = table.replace_schema_metadata(
-                {
-                    schema.SHARDS_METADATA_KEY: encode_shards(shards),
-                    schema.SHARD_DIGESTS_METADATA_KEY: json.dumps(self._ready_digests, separators=(",", ":")),
-                }
-            )
+            metadata = {
+                schema.SHARDS_METADATA_KEY: encode_shards(shards),
+                schema.SHARD_DIGESTS_METADATA_KEY: json.dumps(self._ready_digests, separators=(",", ":")),
+            }
+            if units is not None and units != table.num_rows:
+                metadata[UNITS_METADATA_KEY] = str(units)
+            table = table.replace_schema_metadata(metadata)
         with self.fs.open(tmp, "wb") as handle:
             pq.write_table(table, handle, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         if tmp != final:
@@ -226,6 +303,9 @@ class ScoreWriter:
                 self._commit_ready()
         self._partial.clear()
         self._seen.clear()
+        self._units_seen.clear()
+        self._unit_extra.clear()
+        self._unit_paths.clear()
 
     def close(self) -> list[str]:
         """Commit what is ready and return every file this writer committed.
@@ -234,7 +314,7 @@ class ScoreWriter:
             RuntimeError: a shard is still missing rows (an input lost on the way).
         """
         if self._partial:
-            missing = {s: self.expected[s] - self._seen[s] for s in sorted(self._partial)[:5]}  # type: ignore[index]
+            missing = {s: self.expected[s] - self._units_seen[s] for s in sorted(self._partial)[:5]}  # type: ignore[index]
             raise RuntimeError(f"{len(self._partial)} shard(s) incomplete at the end, e.g. missing rows {missing}")
         self.commit_finished()
         _logger.info("wrote %d rows in %d file(s) to %s", self.rows_written, len(self.files), self.directory)

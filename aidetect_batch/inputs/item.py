@@ -1,0 +1,207 @@
+"""What an input is: an :class:`Item` (a row of the scores), and the input kinds that turn a listed unit into Items.
+
+A listed unit is one row of the listing (a file or object URI). Its :class:`Kind` decides which Items it
+yields: the loose file yields itself, an archive would yield one Item per member, and a kind may hand
+several views of one Item to the Classifier (video frames, scored as one row the way ``tiles`` are).
+Every Item has one identity, :attr:`Item.path`, written in the ``path`` column: the URI of a loose file,
+or ``<kind>://<member>::<uri>`` for a member of a container (fsspec's chained-URL form, e.g.
+``zip://inner/a.jpg::s3://bucket/x.zip``). :func:`parse` reads that identity back, so the report, dedup
+and resume reach an Item's bytes or its unit without knowing its kind.
+
+Kinds are registered in this module (:func:`register`); the first registered kind that accepts a unit
+expands it, and the loose file takes every unit no other kind accepts. A scan snapshots the registry
+on the driver (:func:`registered`) and ships it to its decode tasks, so a kind registered before the
+scan starts is used by every worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import pyarrow as pa
+
+from aidetect_batch import schema
+from aidetect_batch.inputs import sources
+
+# Hidden column the decode stage adds: on the first row of each listed unit, how many rows that unit
+# yielded (1 for a loose file); 0 on the unit's other rows. The sink counts a shard's units with it.
+UNIT_ROWS = "_unit_rows"
+
+_MEMBER_PATH = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*?)::(.+)$", re.DOTALL)
+
+
+class NoItems(ValueError):
+    """A listed unit that holds no Item (an empty archive): it still gets one row, with status ``empty``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    """How bytes are read: fsspec options for remote URIs and the size cap (``--max-file-mb``; ``None``: none)."""
+
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_bytes: int | None = None
+
+    def check_size(self, size: int) -> None:
+        """Raise :class:`sources.FileTooLarge` when ``size`` bytes are over the cap (a kind's members use it)."""
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise sources.FileTooLarge(size, self.max_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One input, scored as one row.
+
+    Attributes:
+        uri: The listed unit it comes from: a file or object URI, as the listing wrote it.
+        member: Where inside the unit (an archive member, a frame locator); ``None`` for the whole unit.
+        kind: Name of the :class:`Kind` that reads it.
+        raw_path: A local name's exact bytes when ``uri`` is its ``%XX``-escaped form (:func:`sources.escape_path`).
+    """
+
+    uri: str
+    member: str | None = None
+    kind: str = "file"
+    raw_path: bytes | None = None
+
+    @property
+    def path(self) -> str:
+        """The row's identity: ``uri`` for a whole unit, ``<kind>://<member>::<uri>`` for a member."""
+        if self.member is None:
+            return self.uri
+        return f"{self.kind}://{_escape(self.member)}::{self.uri}"
+
+    def at(self, kind: str, member: str) -> Item:
+        """The Item ``member`` of this unit, read by the input kind named ``kind``."""
+        return dataclasses.replace(self, member=member, kind=kind)
+
+
+def _escape(member: str) -> str:
+    return member.replace("%", "%25").replace("::", "%3A%3A")
+
+
+def _unescape(member: str) -> str:
+    return member.replace("%3A%3A", "::").replace("%25", "%")
+
+
+@runtime_checkable
+class Kind(Protocol):
+    """An input kind: which units it takes, which Items a unit holds, and how an Item's bytes are read.
+
+    ``items`` and ``read`` raise on bad data (``OSError``, ``ValueError``, ...): the decode stage turns
+    the exception into the unit's or the Item's status, exactly as it does for a loose file's read.
+    ``read`` returns one encoded image, or, when ``views`` is true, possibly a list of them: several views
+    of one Item, scored as one row. A scan that may meet such a kind carries every row's views as tiles,
+    since Ray Data may put rows of different blocks into one Classifier batch.
+    """
+
+    name: str
+    views: bool
+
+    def accepts(self, unit: Item) -> bool:
+        """Whether this kind reads the listed unit (e.g. from its extension)."""
+        ...
+
+    def items(self, unit: Item, options: ReadOptions) -> list[Item]:
+        """The Items the unit holds, in a stable order (one per row of the scores)."""
+        ...
+
+    def read(self, item: Item, options: ReadOptions) -> bytes | list[bytes]:
+        """The Item's bytes, under ``options.max_bytes``."""
+        ...
+
+
+class LooseFile:
+    """A file or object scanned whole: the unit is its only Item, read by :func:`sources.read_file`."""
+
+    name = "file"
+    views = False
+
+    def accepts(self, unit: Item) -> bool:
+        return True
+
+    def items(self, unit: Item, options: ReadOptions) -> list[Item]:
+        return [dataclasses.replace(unit, kind=self.name)]
+
+    def read(self, item: Item, options: ReadOptions) -> bytes:
+        return sources.read_file(item.uri, options.storage_options, max_bytes=options.max_bytes, raw_path=item.raw_path)
+
+
+LOOSE_FILE = LooseFile()
+_KINDS: list[Kind] = []
+
+
+def register(kind: Kind) -> None:
+    """Add an input kind; it is asked before those registered earlier, and before the loose file.
+
+    Raises:
+        ValueError: a kind of that name is already registered, or the name cannot be a URI scheme.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9+.-]*", kind.name) or kind.name == LOOSE_FILE.name:
+        raise ValueError(f"input kind name {kind.name!r} must be a URI scheme other than {LOOSE_FILE.name!r}")
+    if any(k.name == kind.name for k in _KINDS):
+        raise ValueError(f"input kind {kind.name!r} is already registered")
+    _KINDS.insert(0, kind)
+
+
+def unregister(name: str) -> None:
+    """Remove the input kind ``name`` (tests, plugins that unload); unknown names are ignored."""
+    _KINDS[:] = [k for k in _KINDS if k.name != name]
+
+
+def registered() -> tuple[Kind, ...]:
+    """The registered kinds, most recent first, then the loose file: what a scan ships to its workers."""
+    return (*_KINDS, LOOSE_FILE)
+
+
+def kind_of(unit: Item, kinds: Sequence[Kind] | None = None) -> Kind:
+    """The kind that expands a listed unit: the first that accepts it, else the loose file."""
+    return next((k for k in kinds or registered() if k.accepts(unit)), LOOSE_FILE)
+
+
+def named(name: str, kinds: Sequence[Kind] | None = None) -> Kind:
+    """The kind called ``name``.
+
+    Raises:
+        KeyError: no such kind is registered.
+    """
+    for kind in kinds or registered():
+        if kind.name == name:
+            return kind
+    raise KeyError(f"no input kind {name!r} is registered")
+
+
+def parse(path: str, kinds: Sequence[Kind] | None = None) -> Item:
+    """The Item a ``path`` identity names (inverse of :attr:`Item.path`); a plain URI is a whole unit."""
+    found = _MEMBER_PATH.match(path)
+    if found is None or found.group(1) not in {k.name for k in kinds or registered()}:
+        return Item(path)
+    scheme, member, uri = found.groups()
+    return Item(uri, _unescape(member), kind=scheme)
+
+
+def unit_path(path: str, kinds: Sequence[Kind] | None = None) -> str:
+    """The listed unit a row's ``path`` comes from (itself for a loose file): what resume digests."""
+    return parse(path, kinds).uri
+
+
+def read(item: Item, options: ReadOptions, kinds: Sequence[Kind] | None = None) -> bytes | list[bytes]:
+    """An Item's bytes, read by its kind (a whole unit by the kind that accepts it)."""
+    kind = kind_of(item, kinds) if item.member is None else named(item.kind, kinds)
+    return kind.read(item, options)
+
+
+def read_path(path: str, options: ReadOptions, kinds: Sequence[Kind] | None = None) -> bytes | list[bytes]:
+    """The bytes of the Item whose identity is ``path``: the report's thumbnails read scanned rows back so."""
+    return read(parse(path, kinds), options, kinds)
+
+
+def units_of(batch: pa.Table) -> list[Item]:
+    """The listed units of a listing batch: ``path`` and, for names that are not UTF-8, ``_raw_path``."""
+    paths = batch.column(schema.PATH).to_pylist()
+    if schema.RAW_PATH not in batch.column_names:
+        return [Item(p) for p in paths]
+    raw = batch.column(schema.RAW_PATH).to_pylist()
+    return [Item(p, raw_path=r) for p, r in zip(paths, raw, strict=True)]
