@@ -11,7 +11,8 @@ from helpers import A1111_PARAMETERS, jpeg_with_exif, jpeg_with_xmp, png_with_te
 from sklearn import metrics as skm
 
 from aidetect_batch import schema
-from aidetect_batch.config import ConfigError, EvalConfig
+from aidetect_batch.errors import ConfigError
+from aidetect_batch.train.config import EvalConfig
 from aidetect_batch.train.evaluation import format_table, run_evaluate
 
 # Files whose bytes state their origin: two true AI, and one "real" photo that carries generator

@@ -21,12 +21,13 @@ from PIL import Image
 
 from aidetect_batch import schema
 from aidetect_batch.bench.demo import PHOTOS, photo_bytes
-from aidetect_batch.config import DEFAULT_MAX_PIXELS, TrainConfig
+from aidetect_batch.config import DEFAULT_MAX_PIXELS
 from aidetect_batch.detectors.checkpoints import parse_checkpoint
 from aidetect_batch.detectors.policies import center_crop
 from aidetect_batch.scan.classifier import Classifier
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.train import metrics
+from aidetect_batch.train.config import TrainConfig
 from aidetect_batch.train.trainer import run_train
 from aidetect_batch.train.worker import native_crop, train_window, window_boxes
 

@@ -14,7 +14,7 @@ import pytest
 from helpers import encode, free_port, own_ray, photo
 
 from aidetect_batch import schema
-from aidetect_batch.config import ScanConfig
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
 
 

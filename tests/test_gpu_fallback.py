@@ -10,7 +10,7 @@ import pytest
 from helpers import own_ray
 
 from aidetect_batch import schema
-from aidetect_batch.config import ScanConfig
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
 from tests.test_pipeline import reference_scores
 

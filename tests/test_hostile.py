@@ -16,8 +16,9 @@ import pytest
 from helpers import c2pa_signed_jpeg, encode, photo
 
 from aidetect_batch import schema
-from aidetect_batch.config import DEFAULT_EXTENSIONS, ScanConfig
 from aidetect_batch.inputs import sources
+from aidetect_batch.inputs.sources import DEFAULT_EXTENSIONS
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.scan.runner import run_scan
 

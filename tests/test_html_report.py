@@ -12,8 +12,8 @@ from PIL import Image
 
 from aidetect_batch import schema
 from aidetect_batch.cli import main
-from aidetect_batch.config import ScanConfig
 from aidetect_batch.report import page
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -15,9 +15,10 @@ from helpers import encode, photo
 
 from aidetect_batch import schema
 from aidetect_batch.bench import suites
-from aidetect_batch.config import ConfigError, ScanConfig
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.inputs import manifest, sources
 from aidetect_batch.scan import runner
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
 from aidetect_batch.scan.sink import committed_shards
 

@@ -21,10 +21,11 @@ from helpers import animated, encode, exif_rotated_jpeg, photo, png_16bit, tiny_
 from PIL import Image
 
 from aidetect_batch import schema
-from aidetect_batch.config import ConfigError, ScanConfig
 from aidetect_batch.detectors.checkpoints import build_model, parse_checkpoint
 from aidetect_batch.detectors.policies import center_crop, native_view, tile_grid, tiles_view, view_of
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.scan.classifier import Classifier, split_even
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import load_detector, run_scan
 
 NORMALISE = T.Compose([T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])

@@ -8,9 +8,10 @@ import torch
 from helpers import tiny_model, write_labelled_set
 
 from aidetect_batch import schema
-from aidetect_batch.config import PruneConfig, ScanConfig
 from aidetect_batch.detectors import checkpoints
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
+from aidetect_batch.train.config import PruneConfig
 from aidetect_batch.train.pruning import count_parameters, prune_structured, prune_unstructured, run_prune
 
 

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 
 from aidetect_batch import schema
-from aidetect_batch.config import ScanConfig, redact
+from aidetect_batch.config import redact
 from aidetect_batch.report.aggregate import RunFacts, closing_line, prefix_of, summarise, write_report
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.sink import ScoreWriter
 
 

@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw
 from aidetect_batch import schema
 from aidetect_batch.bench.demo import PHOTOS, photo_bytes
 from aidetect_batch.cli import main
-from aidetect_batch.config import ScanConfig
 from aidetect_batch.media import pdq
 from aidetect_batch.report import groups
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.scan.runner import run_scan
 from aidetect_batch.train import datasets

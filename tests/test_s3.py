@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from aidetect_batch import schema
-from aidetect_batch.config import DEFAULT_EXTENSIONS, ScanConfig, parse_storage_options
-from aidetect_batch.inputs.sources import SourceError, list_sources
+from aidetect_batch.config import parse_storage_options
+from aidetect_batch.inputs.sources import DEFAULT_EXTENSIONS, SourceError, list_sources
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
 
 UPLOAD = [
@@ -62,7 +63,7 @@ def test_scan_reads_and_writes_s3_via_aws_endpoint_url(ray_after_moto, s3, corpu
 
 def test_existing_s3_output_is_refused_before_work(ray_after_moto, s3):
     s3.pipe_file("results/taken/_run.json", b"{}")
-    from aidetect_batch.config import ConfigError
+    from aidetect_batch.errors import ConfigError
 
     cfg = ScanConfig(sources=("s3://dump/2026",), out="s3://results/taken", checkpoint="s3://models/tiny.pt")
     with pytest.raises(ConfigError, match="not empty"):
@@ -87,8 +88,8 @@ def test_missing_s3_prefix_is_a_source_error(s3):
 def test_train_on_s3_dataset_writes_a_checkpoint_to_s3_that_scan_and_evaluate_load(ray_after_moto, s3, tmp_path):
     from helpers import write_labelled_set
 
-    from aidetect_batch.config import EvalConfig, TrainConfig
     from aidetect_batch.detectors.checkpoints import parse_checkpoint, read_checkpoint_bytes
+    from aidetect_batch.train.config import EvalConfig, TrainConfig
     from aidetect_batch.train.evaluation import run_evaluate
     from aidetect_batch.train.trainer import run_train
 

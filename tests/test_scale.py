@@ -17,9 +17,10 @@ import pytest
 from helpers import encode, photo
 
 from aidetect_batch import schema
-from aidetect_batch.config import ConfigError, ScanConfig
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.inputs import manifest
 from aidetect_batch.scan.classifier import Classifier
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.scan.runner import run_scan
 from aidetect_batch.scan.sink import committed_shards

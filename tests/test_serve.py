@@ -15,11 +15,13 @@ from PIL import Image
 
 from aidetect_batch import schema
 from aidetect_batch.cli import main
-from aidetect_batch.config import DEFAULT_MAX_PIXELS, ConfigError, ServeConfig
+from aidetect_batch.config import DEFAULT_MAX_PIXELS
 from aidetect_batch.detectors.policies import POLICIES, Framing
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.scan.classifier import Classifier
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.serve import UploadScorer, build_app
+from aidetect_batch.serve_config import ServeConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "test-token-5f1c"

@@ -3,8 +3,7 @@ import os
 import pytest
 
 from aidetect_batch import schema
-from aidetect_batch.config import DEFAULT_EXTENSIONS
-from aidetect_batch.inputs.sources import SourceError, list_sources
+from aidetect_batch.inputs.sources import DEFAULT_EXTENSIONS, SourceError, list_sources
 
 
 def listed(*sources, all_files=False):

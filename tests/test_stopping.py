@@ -120,7 +120,7 @@ def test_no_ray_process_outlives_an_in_process_training_run(tmp_path):
     write_labelled_set(str(tmp_path / "data"), per_class=8, side=32)
     script = (
         "import ray\n"
-        "from aidetect_batch.config import TrainConfig\n"
+        "from aidetect_batch.train.config import TrainConfig\n"
         "from aidetect_batch.train.trainer import run_train\n"
         f"run_train(TrainConfig(dataset={str(tmp_path / 'data')!r}, out={str(tmp_path / 'run')!r}, "
         "arch='cifake_cnn', epochs=1, batch_size=8))\n"

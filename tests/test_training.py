@@ -12,9 +12,10 @@ import torch
 from helpers import write_labelled_set
 
 from aidetect_batch import schema
-from aidetect_batch.config import EvalConfig, ScanConfig, TrainConfig
 from aidetect_batch.detectors import checkpoints
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
+from aidetect_batch.train.config import EvalConfig, TrainConfig
 from aidetect_batch.train.evaluation import run_evaluate
 from aidetect_batch.train.trainer import run_train, select_split_batch
 from aidetect_batch.train.worker import STATE_FILE, build_augment

@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers import own_ray, write_labelled_set
 
-from aidetect_batch.config import ConfigError, PruneConfig, TrainConfig
 from aidetect_batch.detectors import checkpoints
+from aidetect_batch.errors import ConfigError
+from aidetect_batch.train.config import PruneConfig, TrainConfig
 from aidetect_batch.train.pruning import run_prune
 from aidetect_batch.train.tuning import TUNE_DIR, tune_and_train
 

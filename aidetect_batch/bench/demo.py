@@ -28,10 +28,12 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
-from aidetect_batch.config import DEFAULT_TRAIN_POLICY, EvalConfig, ScanConfig, TrainConfig
+from aidetect_batch.detectors.policies import DEFAULT_TRAIN_POLICY
 from aidetect_batch.report.aggregate import closing_line
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
 from aidetect_batch.schema import Status
+from aidetect_batch.train.config import EvalConfig, TrainConfig
 from aidetect_batch.train.evaluation import format_table, run_evaluate
 from aidetect_batch.train.trainer import run_train
 

@@ -45,6 +45,9 @@ from aidetect_batch import schema
 from aidetect_batch.errors import SourceError
 from aidetect_batch.storage import filesystem, is_remote, to_uri
 
+# The extensions listed as images; ``--all-files`` sends every file to the decoder instead.
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic", "heif", "avif")
+
 _logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = re.compile(r"[*?\[]")

@@ -64,8 +64,8 @@ class _Aggregates:
     with the number of rows.
     """
 
-    def __init__(self, group_depth: int) -> None:
-        self.depth = group_depth
+    def __init__(self, prefix_depth: int) -> None:
+        self.depth = prefix_depth
         self.edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
         self.histogram = {
             k: np.zeros(HISTOGRAM_BINS, dtype=np.int64) for k in ("all", schema.LABEL_AI, schema.LABEL_REAL)
@@ -243,14 +243,14 @@ def prefixes_of(paths: pa.ChunkedArray, sources: pa.ChunkedArray, depth: int) ->
     return pc.fill_null(pc.struct_field(first, "p"), _NO_PREFIX)
 
 
-def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, Any] | None = None) -> Summary:
+def summarise(scores_dir: str, prefix_depth: int = 1, storage_options: dict[str, Any] | None = None) -> Summary:
     """Stream the scores files once and return every aggregate.
 
     Files are read one after the other without threads: the dataset-wide scanner read ahead of the
     aggregation and held up to 850 MB of decoded batches at 10 million rows (BENCHMARKS.md)."""
     fs, root = filesystem(scores_dir, storage_options)
     dataset = pads.dataset(root, filesystem=fs, format="parquet", schema=schema.SCORES_SCHEMA)
-    aggregates = _Aggregates(group_depth)
+    aggregates = _Aggregates(prefix_depth)
     for fragment in dataset.get_fragments():
         for batch in fragment.to_batches(columns=_COLUMNS, schema=schema.SCORES_SCHEMA, use_threads=False):
             aggregates.add(batch)
@@ -259,7 +259,7 @@ def summarise(scores_dir: str, group_depth: int = 1, storage_options: dict[str, 
 
 def write_report(
     out: str,
-    group_depth: int = 1,
+    prefix_depth: int = 1,
     storage_options: dict[str, Any] | None = None,
     *,
     facts: RunFacts | None = None,
@@ -270,7 +270,7 @@ def write_report(
 
     Args:
         out: The scan's output directory.
-        group_depth: Path components below the source root for the prefix breakdown.
+        prefix_depth: Path components below the source root for the prefix breakdown.
         storage_options: fsspec options for a remote ``out``.
         facts: Run-level facts to show beside the aggregates (wall time, throughput, threshold).
         thumbnails: Images per thumbnail grid of the HTML page.
@@ -280,7 +280,7 @@ def write_report(
         The summary; ``summary.json`` holds it with the prefixes and errors truncated.
     """
     summary = dataclasses.replace(
-        summarise(join(out, schema.SCORES_DIR), group_depth, storage_options), facts=facts or RunFacts()
+        summarise(join(out, schema.SCORES_DIR), prefix_depth, storage_options), facts=facts or RunFacts()
     )
     report_dir = join(out, schema.REPORT_DIR)
     fs, root = filesystem(report_dir, storage_options)
@@ -329,9 +329,10 @@ def rebuild(out: str, storage_options: dict[str, Any] | None = None, thumbnails:
         run = read_json(join(scan_out, schema.RUN_FILE), storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"{out} holds no scan (no {schema.RUN_FILE}) and no evaluation") from None
-    group_depth = int(run.get("config", {}).get("group_depth", 1))
+    config = run.get("config", {})
+    prefix_depth = int(config.get("prefix_depth", config.get("group_depth", 1)))  # group_depth: its old name
     return scan_out, write_report(
-        scan_out, group_depth, storage_options, facts=_recorded_facts(run), thumbnails=thumbnails, plots_dir=plots_dir
+        scan_out, prefix_depth, storage_options, facts=_recorded_facts(run), thumbnails=thumbnails, plots_dir=plots_dir
     )
 
 

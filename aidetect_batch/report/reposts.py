@@ -25,11 +25,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from aidetect_batch import schema
-from aidetect_batch.config import TIME_COLUMNS, RepostsConfig
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.media import pdq
 from aidetect_batch.report import aggregate
 from aidetect_batch.report import groups as neardup
+from aidetect_batch.report.config import TIME_COLUMNS, RepostsConfig
 from aidetect_batch.storage import filesystem, join, write_json, write_parquet
 
 _logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def run_reposts(cfg: RepostsConfig) -> RepostsSummary:
             "group_size": pa.array(size, pa.int64(), mask=group_id < 0),
         }
     )
-    groups = group_table(table, group_id, size, group_depth=cfg.group_depth, time_column=time_column)
+    groups = group_table(table, group_id, size, prefix_depth=cfg.prefix_depth, time_column=time_column)
     directory = join(cfg.out, schema.REPOSTS_DIR)
     fs, root = filesystem(directory, cfg.storage_options)
     fs.makedirs(root, exist_ok=True)
@@ -160,7 +160,7 @@ def _sizes(group_id: np.ndarray) -> np.ndarray:
 
 
 def group_table(
-    table: pa.Table, group_id: np.ndarray, size: np.ndarray, *, group_depth: int, time_column: str | None
+    table: pa.Table, group_id: np.ndarray, size: np.ndarray, *, prefix_depth: int, time_column: str | None
 ) -> pa.Table:
     """One row per group of two or more: size, prefixes, score statistics, label agreement, first/last seen."""
     member = size >= 2
@@ -172,7 +172,7 @@ def group_table(
         "group_id": ids,
         "member": pa.array(np.ones(len(ids), np.int64)),
         "path": rows.column(schema.PATH),
-        "prefix": aggregate.prefixes_of(rows.column(schema.PATH), rows.column(schema.SOURCE), group_depth),
+        "prefix": aggregate.prefixes_of(rows.column(schema.PATH), rows.column(schema.SOURCE), prefix_depth),
         "score": pc.if_else(ok, rows.column(schema.SCORE), pa.scalar(None, pa.float32())),
         "ai": pc.cast(pc.fill_null(pc.equal(label, schema.LABEL_AI), False), pa.int64()),
         "real": pc.cast(pc.fill_null(pc.equal(label, schema.LABEL_REAL), False), pa.int64()),

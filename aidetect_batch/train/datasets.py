@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aidetect_batch import schema
-from aidetect_batch.config import DEFAULT_EXTENSIONS
 from aidetect_batch.inputs import manifest, sources
+from aidetect_batch.inputs.sources import DEFAULT_EXTENSIONS
 from aidetect_batch.media import pdq
 from aidetect_batch.storage import filesystem, to_uri
 

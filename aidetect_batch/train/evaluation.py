@@ -34,13 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from aidetect_batch import schema
-from aidetect_batch.config import ConfigError, EvalConfig, ScanConfig
 from aidetect_batch.detectors import checkpoints
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.media import perturb
 from aidetect_batch.report import aggregate
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
 from aidetect_batch.storage import claim_output, filesystem, join, write_json, write_parquet
 from aidetect_batch.train import datasets, metrics, plots
+from aidetect_batch.train.config import EvalConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ def _scan_config(cfg: EvalConfig, out: str, perturbation: str | None) -> ScanCon
         storage_options=cfg.storage_options,
         perturbation=perturbation,
         overwrite=True,
-        **cfg.scan_options,
+        **cfg.scan_options.as_kwargs(),
     )
 
 

@@ -22,8 +22,9 @@ import math
 from typing import Any
 
 from aidetect_batch import schema
-from aidetect_batch.config import ConfigError, TrainConfig
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.storage import filesystem, is_remote, join, read_json
+from aidetect_batch.train.config import TrainConfig
 from aidetect_batch.train.trainer import TrainResult, prepare, run_train
 
 _logger = logging.getLogger(__name__)
