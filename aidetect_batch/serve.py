@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 
 from aidetect_batch import runtime, schema
-from aidetect_batch.config import ServeConfig
 from aidetect_batch.detectors import checkpoints, policies
 from aidetect_batch.detectors.policies import check_policy
 from aidetect_batch.media import provenance
 from aidetect_batch.scan.classifier import Classifier
+from aidetect_batch.serve_config import ServeConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class UploadScorer:
     def predict(self, images: list[np.ndarray]) -> list[dict[str, float]]:
         """Scores of preprocessed uploads scored together: ``(S, S, 3)`` views in one forward pass, tiles and
         native images as the scan scores them (:meth:`Classifier.score_views`)."""
-        if self.policy in policies.FIXED_POLICIES:
+        if policies.get(self.policy).fixed:
             scores = self.classifier.predict(np.stack(images)).tolist()
             return [{"score": s, "score_max": s, "n_tiles": 1} for s in scores]
         scored = self.classifier.score_views(images)

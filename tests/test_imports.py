@@ -61,3 +61,56 @@ def _inner_package_imports(path: pathlib.Path) -> list[tuple[int, str]]:
 def test_imports_inside_functions_that_point_back_into_the_package_say_why():
     unexplained = {p.name: _inner_package_imports(p) for p in PACKAGE.rglob("*.py")}
     assert not {k: v for k, v in unexplained.items() if v}
+
+
+# The packages in the order the data flows: a unit may import only units of a lower rank (and itself).
+# The base modules on top of the package serve everyone; the CLI and the upload page sit above everything.
+RANKS = {
+    **dict.fromkeys(("__init__", "errors", "schema", "storage", "config", "runtime"), 0),
+    **dict.fromkeys(("inputs", "media"), 1),
+    "detectors": 2,
+    "report": 3,
+    "scan": 4,
+    "train": 5,
+    "bench": 6,
+    "serve_config": 6,  # the upload page's config, which the CLI builds without loading the page
+    "serve": 7,
+    "cli": 8,
+    "__main__": 9,
+}
+
+
+def _unit(module: str) -> str:
+    """The package (or top-level module) that ``aidetect_batch.X[.Y]`` belongs to."""
+    return module.split(".")[1] if module.count(".") else "__init__"
+
+
+def _imported_units(path: pathlib.Path) -> set[str]:
+    units = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "aidetect_batch":
+                units.update(alias.name for alias in node.names)
+            elif node.module.startswith("aidetect_batch."):
+                units.add(_unit(node.module))
+        elif isinstance(node, ast.Import):
+            units.update(_unit(a.name) for a in node.names if a.name.startswith("aidetect_batch."))
+    return units
+
+
+def test_every_unit_has_a_rank():
+    units = {
+        _unit("aidetect_batch." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts)) for p in PACKAGE.rglob("*.py")
+    }
+    assert units == set(RANKS), "a new package or top-level module needs its place in RANKS"
+
+
+def test_imports_between_packages_go_one_way():
+    """Inside a function or at the top, no unit imports one of its own rank or above: the flow has no cycle."""
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        own = _unit("aidetect_batch." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts))
+        for other in _imported_units(path) - {own}:
+            if RANKS[other] >= RANKS[own] and RANKS[own] > 0 or RANKS[other] > RANKS[own]:
+                wrong.append(f"{path.relative_to(PACKAGE)} ({own}) imports {other}")
+    assert not wrong, "\n".join(sorted(wrong))

@@ -14,8 +14,10 @@ from helpers import PROVENANCE, encode, photo, tiny_model
 from PIL import Image
 
 from aidetect_batch import schema
-from aidetect_batch.config import ConfigError, ScanConfig
 from aidetect_batch.detectors.checkpoints import parse_checkpoint, read_checkpoint_bytes
+from aidetect_batch.errors import ConfigError
+from aidetect_batch.scan.classifier import ClassifierPlan
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import plan_classifier, run_scan
 
 
@@ -177,22 +179,22 @@ def test_report_and_run_record(corpus_scan, corpus):
 
 def test_plan_uses_gpus_when_present_and_leaves_cpus_for_decode(tiny_checkpoint):
     cfg = ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint)
-    assert plan_classifier(cfg, {"CPU": 16, "GPU": 4}) == {
-        "device": "cuda",
-        "actors": (1, 4),
-        "num_gpus": 1,
-        "num_cpus": 1,
-        "cpu_threads": None,
-        "decode_tasks": 12,
-        "decode_cpus_per_actor": 3.0,
-    }
+    assert plan_classifier(cfg, {"CPU": 16, "GPU": 4}) == ClassifierPlan(
+        device="cuda",
+        actors=(1, 4),
+        num_gpus=1,
+        num_cpus=1,
+        cpu_threads=None,
+        decode_tasks=12,
+        decode_cpus_per_actor=3.0,
+    )
     cpu = plan_classifier(cfg, {"CPU": 2})
-    assert cpu["device"] == "cpu" and cpu["actors"] == (1, 1) and cpu["num_cpus"] == 1
-    assert cpu["decode_tasks"] == 1
+    assert cpu.device == "cpu" and cpu.actors == (1, 1) and cpu.num_cpus == 1
+    assert cpu.decode_tasks == 1
     wide = plan_classifier(cfg, {"CPU": 64, "GPU": 8, "memory": 1e12})
-    assert wide["decode_tasks"] == 56 and wide["decode_cpus_per_actor"] == 7.0
+    assert wide.decode_tasks == 56 and wide.decode_cpus_per_actor == 7.0
     fixed = ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint, decode_tasks=100)
-    assert plan_classifier(fixed, {"CPU": 16, "GPU": 2})["decode_tasks"] == 100
+    assert plan_classifier(fixed, {"CPU": 16, "GPU": 2}).decode_tasks == 100
     with pytest.raises(ConfigError, match="decode-tasks"):
         ScanConfig(sources=("x",), out="o", checkpoint=tiny_checkpoint, decode_tasks=0)
     with pytest.raises(ConfigError, match="no CPU for decoding"):

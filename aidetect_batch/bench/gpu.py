@@ -29,9 +29,9 @@ import torch
 
 from aidetect_batch import runtime
 from aidetect_batch.bench import measure
-from aidetect_batch.config import ScanConfig
 from aidetect_batch.detectors.checkpoints import build_model, save_checkpoint
 from aidetect_batch.errors import ConfigError
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import ScanResult, plan_classifier, run_scan
 
 BUDGET_S = 480.0
@@ -76,8 +76,8 @@ def run_gpu_suite(options: GpuSuiteOptions | None = None) -> dict[str, Any]:
         base = _base_config(tmp, options)
         resources = runtime.start_ray()
         plan = plan_classifier(base, resources)
-        threads = plan["cpu_threads"] or 1
-        ceiling = {"eager": _ceiling(options, threads), "actors": plan["actors"][1]}
+        threads = plan.cpu_threads or 1
+        ceiling = {"eager": _ceiling(options, threads), "actors": plan.actors[1]}
         if options.compile:
             ceiling["compiled"] = _ceiling(options, threads, compile=True)
         result["ceiling"] = ceiling
@@ -88,7 +88,7 @@ def run_gpu_suite(options: GpuSuiteOptions | None = None) -> dict[str, Any]:
         for name, change in _SCANS.items():
             if change.get("compile") and not options.compile:
                 continue
-            bare = ceiling["compiled" if change.get("compile") else "eager"]["images_per_s"] * plan["actors"][1]
+            bare = ceiling["compiled" if change.get("compile") else "eager"]["images_per_s"] * plan.actors[1]
             result["scans"][name] = _measured_scan(
                 dataclasses.replace(base, limit=rows, **change),
                 tmp,

@@ -61,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -72,15 +73,19 @@ from PIL import Image
 
 from aidetect_batch import runtime, schema
 from aidetect_batch.bench import gpu, measure
+from aidetect_batch.bench.config import BenchmarkConfig
 from aidetect_batch.bench.demo import PHOTOS, photo_bytes, run_demo, write_labelled_corpus
-from aidetect_batch.config import ScanConfig, TrainConfig
-from aidetect_batch.detectors import policies
+from aidetect_batch.detectors import policies as preprocess
+from aidetect_batch.detectors import registry
 from aidetect_batch.detectors.checkpoints import build_model, save_checkpoint
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.inputs import manifest, sources
 from aidetect_batch.report import groups as neardup
 from aidetect_batch.scan import runner
+from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import plan_classifier, run_scan
 from aidetect_batch.scan.sink import ROW_GROUP_ROWS
+from aidetect_batch.train.config import TrainConfig
 from aidetect_batch.train.trainer import run_train
 
 # Peak RSS is read from VmHWM: ru_maxrss of a child started by fork and exec keeps the parent's peak.
@@ -109,7 +114,7 @@ def training(
                     workers=workers,
                     batch_size=batch_size,
                     augment=("flip", "color"),
-                    preprocess="center-crop" if arch == "cifake_cnn" else "resize",
+                    preprocess=registry.get(arch).train_preprocess,
                 )
             )
             speeds = [h["images_per_s_per_worker"] for h in result.history]
@@ -155,15 +160,15 @@ def scan(
             precision=precision,
         )
         plan = plan_classifier(base, ray.cluster_resources())
-        result["ceiling"] = measure.model_ceiling(arch, batch_size, plan["cpu_threads"] or 1, precision=precision)
-        result["ceiling"]["actors"] = plan["actors"][1]
+        result["ceiling"] = measure.model_ceiling(arch, batch_size, plan.cpu_threads or 1, precision=precision)
+        result["ceiling"]["actors"] = plan.actors[1]
         run = run_scan(base)
-        after = measure.model_ceiling(arch, batch_size, plan["cpu_threads"] or 1, precision=precision)["images_per_s"]
+        after = measure.model_ceiling(arch, batch_size, plan.cpu_threads or 1, precision=precision)["images_per_s"]
         result["ceiling"]["measured_images_per_s"] = [result["ceiling"]["images_per_s"], after]
         result["ceiling"]["images_per_s"] = max(result["ceiling"]["images_per_s"], after)
         total = len(paths) * repeats
         e2e = run.summary.facts.images_per_s
-        ceiling = result["ceiling"]["images_per_s"] * plan["actors"][1]
+        ceiling = result["ceiling"]["images_per_s"] * plan.actors[1]
         steady = measure.steady_rate(run.deliveries)
         passes = measure.pass_rates(run.deliveries, len(paths))
         result["end_to_end"] = {
@@ -194,7 +199,7 @@ def policies(
     precision: str,
     *,
     photos: int,
-    max_tiles: int = policies.DEFAULT_MAX_TILES,
+    max_tiles: int = preprocess.DEFAULT_MAX_TILES,
     memory_sides: tuple[int, ...] = (512, 1024, 2048),
     sizes: tuple[tuple[int, int], ...] = measure.PHOTO_SIZES,
 ) -> dict[str, Any]:
@@ -213,7 +218,7 @@ def policies(
         threads = (
             plan_classifier(
                 ScanConfig(sources=(), manifest=manifest, out="unused", checkpoint=ckpt), ray.cluster_resources()
-            )["cpu_threads"]
+            ).cpu_threads
             or 1
         )
         seconds = measure.view_seconds(
@@ -221,9 +226,9 @@ def policies(
             threads=threads,
             precision=precision,
             batch_size=batch_size,
-            native_max_pixels=policies.DEFAULT_NATIVE_MAX_PIXELS,
+            native_max_pixels=preprocess.DEFAULT_NATIVE_MAX_PIXELS,
         )
-        for policy in policies.POLICIES:
+        for policy in preprocess.POLICIES:
             cfg = ScanConfig(
                 sources=(),
                 manifest=manifest,
@@ -488,7 +493,7 @@ def report_aggregation(rows: int = 10_000_000) -> dict[str, Any]:
 _GROUP = f"""
 import json, sys, time
 import numpy as np
-from aidetect_batch import groups
+from aidetect_batch.report import groups
 codes = np.load(sys.argv[1])
 start = time.monotonic()
 found = groups.near_duplicate_groups(codes, int(sys.argv[2]))
@@ -498,7 +503,7 @@ print(json.dumps({{"seconds": time.monotonic() - start, "peak_rss_mb": {_PEAK_RS
 _GROUP_IMPORT_ONLY = f"""
 import json
 import numpy as np
-from aidetect_batch import groups
+from aidetect_batch.report import groups
 codes = np.load(__import__("sys").argv[1])
 print(json.dumps({{"peak_rss_mb": {_PEAK_RSS_MB}}}))
 """
@@ -565,86 +570,138 @@ def demo() -> dict[str, Any]:
         return {"demo_wall_seconds": time.monotonic() - start, "exit_code": code}
 
 
-def run_benchmark(
-    suite: str,
-    archs: tuple[str, ...],
-    per_class: int,
-    *,
-    epochs: int,
-    workers: int,
-    batch_size: int,
-    out: str | None,
-    scan_options: dict[str, Any] | None = None,
-    listing_options: dict[str, Any] | None = None,
-    report_rows: int = 10_000_000,
-    gpu_options: gpu.GpuSuiteOptions | None = None,
-    policy_photos: int = 8,
-    reposts_rows: int = 1_000_000,
+SCAN_BATCH_SIZE = 64
+
+
+def _training_suite(
+    *, archs: tuple[str, ...], per_class: int, epochs: int, workers: int, batch_size: int
 ) -> dict[str, Any]:
-    """Run a suite, print its table, and write the JSON to ``out`` when given."""
+    return {"training": training(archs, per_class, epochs, workers=workers, batch_size=batch_size)}
+
+
+def _demo_suite() -> dict[str, Any]:
+    return {"demo": demo()}
+
+
+def _policies_suite(*, scan_arch: str, precision: str, policy_photos: int) -> dict[str, Any]:
+    return {"policies": policies(scan_arch, SCAN_BATCH_SIZE, precision, photos=policy_photos)}
+
+
+def _scan_suite(
+    *, scan_arch: str, precision: str, photos: int, repeats: int, memory_sizes: tuple[int, ...], policy_photos: int
+) -> dict[str, Any]:
+    section = scan(scan_arch, SCAN_BATCH_SIZE, precision, photos=photos, repeats=repeats, small=memory_sizes)
+    return {"scan": section, **_policies_suite(scan_arch=scan_arch, precision=precision, policy_photos=policy_photos)}
+
+
+def _provenance_suite(*, policy_photos: int) -> dict[str, Any]:
+    return {"provenance": provenance_suite(policy_photos)}
+
+
+def _reposts_suite(*, policy_photos: int, reposts_rows: int) -> dict[str, Any]:
+    return {"reposts": reposts_suite(policy_photos, reposts_rows)}
+
+
+def _listing_suite(*, listing_prefix: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    return {"listing": listing(listing_prefix, storage_options)}
+
+
+def _report_suite(*, report_rows: int) -> dict[str, Any]:
+    return {"report": report_aggregation(report_rows)}
+
+
+def _gpu_suite(*, scan_arch: str, precision: str, photos: int) -> dict[str, Any]:
+    options = gpu.GpuSuiteOptions(arch=scan_arch, precision=precision, photos=photos)
+    return {"gpu": gpu.run_gpu_suite(options)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """One benchmark suite.
+
+    Attributes:
+        run: Runs it; takes ``options`` by keyword and returns the result's sections by name.
+        options: The :class:`~aidetect_batch.bench.config.BenchmarkConfig` fields it takes.
+        in_all: ``--suite all`` runs it.
+        json: Where its results go when ``--json`` is not given.
+    """
+
+    run: Callable[..., dict[str, Any]]
+    options: tuple[str, ...] = ()
+    in_all: bool = True
+    json: str | None = None
+
+
+ALL = "all"
+# The one table of suites: the CLI's --suite choices are its names and "all".
+SUITES: dict[str, Suite] = {
+    "training": Suite(_training_suite, ("archs", "per_class", "epochs", "workers", "batch_size")),
+    "demo": Suite(_demo_suite),
+    "scan": Suite(_scan_suite, ("scan_arch", "precision", "photos", "repeats", "memory_sizes", "policy_photos")),
+    "policies": Suite(_policies_suite, ("scan_arch", "precision", "policy_photos"), in_all=False),
+    "provenance": Suite(_provenance_suite, ("policy_photos",)),
+    "reposts": Suite(_reposts_suite, ("policy_photos", "reposts_rows")),
+    "listing": Suite(_listing_suite, ("listing_prefix", "storage_options"), in_all=False),
+    "report": Suite(_report_suite, ("report_rows",), in_all=False),
+    "gpu": Suite(_gpu_suite, ("scan_arch", "precision", "photos"), in_all=False, json="benchmark-gpu.json"),
+}
+
+
+def suite_names() -> tuple[str, ...]:
+    """The names ``--suite`` accepts: every suite of :data:`SUITES`, and ``all``."""
+    return (*SUITES, ALL)
+
+
+def chosen_suites(name: str) -> list[str]:
+    """The suites ``--suite name`` runs, in table order; raises :class:`ConfigError` for an unknown name."""
+    if name == ALL:
+        return [n for n, suite in SUITES.items() if suite.in_all]
+    if name not in SUITES:
+        raise ConfigError(f"--suite must be one of {', '.join(suite_names())}, not {name!r}")
+    return [name]
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """Run the chosen suite(s), print their table, and write the JSON where ``cfg`` (or the suite) says."""
+    names = chosen_suites(cfg.suite)
     result: dict[str, Any] = {
-        "suite": suite,
+        "suite": cfg.suite,
         "machine": measure.machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if suite in ("training", "all"):
-        result["training"] = training(archs, per_class, epochs, workers=workers, batch_size=batch_size)
-    if suite in ("demo", "all"):
-        result["demo"] = demo()
-    if suite in ("scan", "all"):
-        result["scan"] = scan(**(scan_options or {}))
-    if suite in ("scan", "all", "policies"):
-        options = scan_options or {}
-        result["policies"] = policies(
-            options.get("arch", "resnet50"),
-            options.get("batch_size", 64),
-            options.get("precision", "bf16"),
-            photos=policy_photos,
-        )
-    if suite in ("provenance", "all"):
-        result["provenance"] = provenance_suite(policy_photos)
-    if suite in ("reposts", "all"):
-        result["reposts"] = reposts_suite(policy_photos, reposts_rows)
-    if suite == "listing":
-        result["listing"] = listing(**(listing_options or {}))
-    if suite == "report":
-        result["report"] = report_aggregation(report_rows)
-    if suite == "gpu":
-        result["gpu"] = gpu.run_gpu_suite(gpu_options)
+    for name in names:
+        suite = SUITES[name]
+        result.update(suite.run(**{option: getattr(cfg, option) for option in suite.options}))
     lines = [f"machine: {result['machine']['cpus']} CPUs, GPU {result['machine']['gpu'] or 'none'}"]
-    for row in result.get("training", []):
-        lines.append(
-            f"train {row['arch']:<12} {row['input_size']:>3}px {row['device']} "
-            f"{row['images_per_s_per_worker']:8.1f} img/s/worker "
-            f"(first epoch {row['first_epoch_images_per_s']:.1f}), {row['train_images']} train images, "
-            f"{row['epochs']} epochs, {row['wall_seconds']:.0f} s wall"
-        )
-    if "demo" in result:
-        lines.append(f"demo wall time {result['demo']['demo_wall_seconds']:.0f} s")
-    if "scan" in result:
-        lines += scan_lines(result["scan"])
-    if "policies" in result:
-        lines += policy_lines(result["policies"])
-    if "provenance" in result:
-        lines += provenance_lines(result["provenance"])
-    if "reposts" in result:
-        lines += reposts_lines(result["reposts"])
-    if "listing" in result:
-        lines += listing_lines(result["listing"])
-    if "gpu" in result:
-        lines += gpu.gpu_lines(result["gpu"])
-    if "report" in result:
-        r = result["report"]
-        lines.append(
-            f"report aggregation: {r['rows']:,} rows in {r['seconds']:.1f} s ({r['rows_per_s']:,.0f} rows/s), "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['import_only_rss_mb']:.0f} MB after imports), "
-            f"{r['prefixes']} prefixes"
-        )
+    for section, printed in _LINES.items():
+        if section in result:
+            lines += printed(result[section])
     print("\n".join(lines), flush=True)
+    out = cfg.json or (SUITES[cfg.suite].json if cfg.suite in SUITES else None)
     if out:
         with open(out, "w") as handle:
             json.dump(result, handle, indent=2, default=str)
     return result
+
+
+def training_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The training suite as printed lines."""
+    return [
+        f"train {row['arch']:<12} {row['input_size']:>3}px {row['device']} "
+        f"{row['images_per_s_per_worker']:8.1f} img/s/worker "
+        f"(first epoch {row['first_epoch_images_per_s']:.1f}), {row['train_images']} train images, "
+        f"{row['epochs']} epochs, {row['wall_seconds']:.0f} s wall"
+        for row in rows
+    ]
+
+
+def report_lines(r: dict[str, Any]) -> list[str]:
+    """The report suite as printed lines."""
+    return [
+        f"report aggregation: {r['rows']:,} rows in {r['seconds']:.1f} s ({r['rows_per_s']:,.0f} rows/s), "
+        f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['import_only_rss_mb']:.0f} MB after imports), "
+        f"{r['prefixes']} prefixes"
+    ]
 
 
 def scan_lines(scan: dict[str, Any]) -> list[str]:
@@ -691,3 +748,17 @@ def listing_lines(listing: dict[str, Any]) -> list[str]:
             f"{row['blocks']} blocks, {row['keys']} keys in {row['all_blocks_seconds']:.1f} s"
         )
     return lines
+
+
+# Each result section and how it prints, in the order the table prints them.
+_LINES: dict[str, Callable[[Any], list[str]]] = {
+    "training": training_lines,
+    "demo": lambda section: [f"demo wall time {section['demo_wall_seconds']:.0f} s"],
+    "scan": scan_lines,
+    "policies": policy_lines,
+    "provenance": provenance_lines,
+    "reposts": reposts_lines,
+    "listing": listing_lines,
+    "gpu": gpu.gpu_lines,
+    "report": report_lines,
+}

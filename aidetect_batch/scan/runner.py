@@ -23,16 +23,17 @@ import ray
 from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
 from aidetect_batch import runtime, schema
-from aidetect_batch.config import ScanConfig
 from aidetect_batch.detectors import checkpoints, policies
+from aidetect_batch.detectors import registry as arch_registry
 from aidetect_batch.detectors.policies import check_policy
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.inputs import manifest, sources
 from aidetect_batch.inputs.manifest import block_size
 from aidetect_batch.report import aggregate
 from aidetect_batch.scan import cpu_stage, dedup
-from aidetect_batch.scan.classifier import Classifier
-from aidetect_batch.scan.sink import ScoreWriter, committed_shards
+from aidetect_batch.scan.classifier import Classifier, ClassifierPlan
+from aidetect_batch.scan.config import ScanConfig
+from aidetect_batch.scan.sink import ScoreWriter, committed_work
 from aidetect_batch.storage import claim_output, join
 
 _logger = logging.getLogger(__name__)
@@ -41,9 +42,7 @@ _logger = logging.getLogger(__name__)
 # stages apart: Ray Data fuses consecutive map stages whose remote args are equal, which
 # would run decoding inside the Classifier actors and leave the remaining CPUs idle.
 CLASSIFIER_MEMORY = 1 << 30
-# ``native`` batches carry whole images: batches hold at most this many bytes of the largest
-# allowed image, so a batch of 12 MP photos cannot swamp a decode task or a Classifier actor.
-NATIVE_BATCH_BYTES = 256 << 20
+NATIVE_BATCH_BYTES = policies.ANY_SIZE_BATCH_BYTES
 PROGRESS_EVERY_S = 10.0
 # A streamed listing's shards. Ray Data gathers a task's output into blocks of the dataset's
 # target_max_block_size before passing any on, and that size holds for every stage of the
@@ -87,7 +86,7 @@ def check_output(cfg: ScanConfig) -> None:
     claim_output(cfg.out, _OWN_ENTRIES, cfg.overwrite, storage_options=cfg.storage_options)
 
 
-def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> dict[str, Any]:
+def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> ClassifierPlan:
     """Size the Classifier pool and the CPU decode pool together from the cluster's resources.
 
     GPUs present: one GPU and one CPU per actor, up to one actor per GPU. None: the pool runs on
@@ -99,7 +98,7 @@ def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> dict[str, A
     gpus = int(resources.get("GPU", 0))
     if gpus > 0:
         actors = cfg.actors or (1, gpus)
-        plan = {"device": "cuda", "actors": actors, "num_gpus": 1, "num_cpus": 1, "cpu_threads": None}
+        device, num_gpus, num_cpus, threads = "cuda", 1, 1, None
     else:
         per_actor = cfg.cpus_per_actor or max(1, cpus // 2)
         actors = cfg.actors or (1, max(1, (cpus - 1) // per_actor))
@@ -108,10 +107,17 @@ def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> dict[str, A
                 f"--actors {actors[0]},{actors[1]} x {per_actor} CPU(s) each leaves no CPU for decoding on a "
                 f"cluster with {cpus} CPU(s); lower --actors or --cpus-per-actor"
             )
-        plan = {"device": "cpu", "actors": actors, "num_gpus": 0, "num_cpus": per_actor, "cpu_threads": per_actor}
-    decode = cfg.decode_tasks or max(1, cpus - actors[1] * plan["num_cpus"])
-    plan.update(decode_tasks=decode, decode_cpus_per_actor=round(decode / actors[1], 2))
-    return plan
+        device, num_gpus, num_cpus, threads = "cpu", 0, per_actor, per_actor
+    decode = cfg.decode_tasks or max(1, cpus - actors[1] * num_cpus)
+    return ClassifierPlan(
+        device=device,
+        actors=tuple(actors),
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        cpu_threads=threads,
+        decode_tasks=decode,
+        decode_cpus_per_actor=round(decode / actors[1], 2),
+    )
 
 
 class _Progress:
@@ -240,6 +246,7 @@ class _Run:
     done_rows: int
     old_files: list[str]
     previous_inputs: str | None = None
+    done_units: int = 0
 
     def save(self, **changes: Any) -> None:
         self.record.save(**changes)
@@ -305,10 +312,8 @@ def load_detector(cfg: ScanConfig) -> _Detector:
 
 
 def batch_rows(rows: int, policy: str, framing: policies.Framing) -> int:
-    """Rows per batch: ``rows``, fewer under ``native`` so a batch of the largest images stays bounded."""
-    if policy != "native":
-        return rows
-    return max(1, min(rows, NATIVE_BATCH_BYTES // (framing.native_max_pixels * 3)))
+    """Rows per batch: ``rows``, fewer for views of any size so a batch of the largest images stays bounded."""
+    return policies.get(policy).batch_rows(rows, framing)
 
 
 def resolve_inputs(cfg: ScanConfig, listing: pa.Table | None) -> _Inputs:
@@ -340,20 +345,18 @@ def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
         identity["phash"] = True
     if cfg.watermark or not cfg.c2pa:
         identity["provenance_checks"] = {"c2pa": cfg.c2pa, "watermark": cfg.watermark}
-    if detector.policy == "native":
-        identity["native_max_pixels"] = cfg.native_max_pixels
-    if detector.policy == "tiles":
-        identity["max_tiles"] = cfg.max_tiles
+    for field in policies.get(detector.policy).framing_fields:
+        identity[field] = getattr(cfg.framing, field)
     return identity
 
 
-def _log_plan(cfg: ScanConfig, plan: dict[str, Any]) -> None:
+def _log_plan(cfg: ScanConfig, plan: ClassifierPlan) -> None:
     _logger.info(
         "Classifier: %s-%s actor(s) on %s; decode: %d CPU task(s), %.1f per actor%s",
-        *plan["actors"],
-        plan["device"],
-        plan["decode_tasks"],
-        plan["decode_cpus_per_actor"],
+        *plan.actors,
+        plan.device,
+        plan.decode_tasks,
+        plan.decode_cpus_per_actor,
         " (read only: --gpu-decode decodes on the GPU)" if cfg.gpu_decode else "",
     )
 
@@ -365,7 +368,7 @@ def _open_run(
     identity: dict[str, Any],
     started: datetime,
     resources: dict[str, float],
-    plan: dict[str, Any],
+    plan: ClassifierPlan,
     detector: _Detector,
     total: int | None,
 ) -> _Run:
@@ -373,12 +376,13 @@ def _open_run(
     scores_dir = join(cfg.out, schema.SCORES_DIR)
     if previous is not None:
         shard_rows = int(previous["shard_rows"])
-        done, done_rows, old_files = committed_shards(scores_dir, cfg.storage_options)
+        kept = committed_work(scores_dir, cfg.storage_options)
+        done, done_rows, old_files, done_units = kept.shards, kept.rows, kept.files, kept.units
         _logger.info("resuming: %d rows in %d committed file(s) are kept and not rescored", done_rows, len(old_files))
     else:
         cpus = int(resources.get("CPU", 1))
         shard_rows = STREAM_SHARD_ROWS if total is None else block_size(total, cpus, cfg.batch_size)
-        done, done_rows, old_files = {}, 0, []
+        done, done_rows, old_files, done_units = {}, 0, [], 0
     attempt = {"started": started.isoformat(), "rows_kept": done_rows, "files_kept": len(old_files)}
     record: dict[str, Any] = dict(previous or {})
     record.update(
@@ -391,7 +395,7 @@ def _open_run(
             "input_size": detector.ckpt.input_size,
             "threshold": detector.threshold,
             "perturbation": cfg.perturbation,
-            "classifier": plan,
+            "classifier": plan.to_json(),
         },
         model=detector.ckpt.metadata(),
         model_id=detector.ckpt.model_id,
@@ -410,13 +414,14 @@ def _open_run(
         done_rows,
         old_files,
         previous_inputs,
+        done_units,
     )
     run.save()
     return run
 
 
 def _score_and_report(
-    cfg: ScanConfig, *, detector: _Detector, scan_inputs: _Inputs, plan: dict[str, Any], run: _Run
+    cfg: ScanConfig, *, detector: _Detector, scan_inputs: _Inputs, plan: ClassifierPlan, run: _Run
 ) -> ScanResult:
     """Build the plan, drain it into the sink, check the row count, then write the report."""
     scores_dir = join(cfg.out, schema.SCORES_DIR)
@@ -437,9 +442,10 @@ def _score_and_report(
     total = scan_inputs.total
     if state is not None:
         total = _finish_listing(cfg, ray.get(state.snapshot.remote())["finished"], run)
-    if run.done_rows + writer.rows_written != total:
+    if run.done_units + writer.units_written != total:
         raise RuntimeError(
-            f"invariant broken: {total} inputs but {run.done_rows} kept + {writer.rows_written} new rows written"
+            f"invariant broken: {total} inputs but rows of {run.done_units} kept + {writer.units_written} new "
+            "inputs written"
         )
     facts = schema.RunFacts(
         wall_seconds=timing.wall,
@@ -450,7 +456,7 @@ def _score_and_report(
         model_id=detector.ckpt.model_id,
         untrained_model=bool(detector.ckpt.info.get("untrained")),
     )
-    summary = aggregate.write_report(cfg.out, cfg.group_depth, cfg.storage_options, facts=facts)
+    summary = aggregate.write_report(cfg.out, cfg.prefix_depth, cfg.storage_options, facts=facts)
     all_files = sorted([*run.old_files, *writer.files])
     run.attempt.update(
         rows_scored=writer.rows_written, wall_seconds=timing.wall, first_result_seconds=timing.first_result
@@ -459,7 +465,7 @@ def _score_and_report(
         status="complete",
         finished=datetime.now(timezone.utc).isoformat(),
         wall_seconds=timing.wall,
-        outputs={"scores": all_files, "rows": total},
+        outputs={"scores": all_files, "rows": run.done_rows + writer.rows_written},
         counts={"status": summary.status_counts, "label": summary.label_counts},
     )
     return ScanResult(cfg.out, all_files, summary, run.record.data, timing.deliveries)
@@ -591,7 +597,7 @@ def _finish_listing(cfg: ScanConfig, finished: dict[str, Any] | None, run: _Run)
     return int(finished["rows"])
 
 
-def _score(cfg: ScanConfig, *, detector: _Detector, plan: dict[str, Any], ds: Any, registry: Any) -> Any:
+def _score(cfg: ScanConfig, *, detector: _Detector, plan: ClassifierPlan, ds: Any, registry: Any) -> Any:
     """The Ray Data plan: input shards ─► read/decode tasks ─► Classifier actor pool."""
     options = cpu_stage.PrepareOptions(
         policy=detector.policy,
@@ -609,7 +615,7 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: dict[str, Any], ds: An
         cpu_stage.prepare_batch,
         batch_size=batch_rows(cfg.decode_batch_size, detector.policy, cfg.framing),
         batch_format="pyarrow",
-        compute=TaskPoolStrategy(size=plan["decode_tasks"]),
+        compute=TaskPoolStrategy(size=plan.decode_tasks),
         num_cpus=1,
         fn_kwargs={"options": options, "registry": registry},
     )
@@ -617,9 +623,9 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: dict[str, Any], ds: An
         Classifier,
         batch_size=batch_rows(cfg.batch_size, detector.policy, cfg.framing),
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=plan["actors"][0], max_size=plan["actors"][1]),
-        num_gpus=plan["num_gpus"],
-        num_cpus=plan["num_cpus"],
+        compute=ActorPoolStrategy(min_size=plan.actors[0], max_size=plan.actors[1]),
+        num_gpus=plan.num_gpus,
+        num_cpus=plan.num_cpus,
         memory=CLASSIFIER_MEMORY,
         fn_constructor_kwargs={
             "checkpoint": ray.put(detector.data),
@@ -627,8 +633,9 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: dict[str, Any], ds: An
             "ai_class_index": cfg.ai_class_index,
             "threshold": detector.threshold,
             "precision": cfg.precision,
-            "cpu_threads": plan["cpu_threads"],
+            "cpu_threads": plan.cpu_threads,
             "decode_options": options if cfg.gpu_decode else None,
             "compile": cfg.compile,
+            "entry": arch_registry.get(detector.ckpt.arch),
         },
     )

@@ -13,8 +13,8 @@ Two methods, because they do different things:
   convolution is cut and the first linear layer loses the matching inputs.
   Residual-stream channels are kept, since the skip connections tie them
   across blocks, so the parameter reduction is below the amount: the report
-  gives the real count. Supported for ``resnet50``, ``resnet_tiny`` and
-  ``cifake_cnn``.
+  gives the real count. Which of the two an architecture supports is its
+  registry entry's ``prunable`` (:class:`aidetect_batch.detectors.registry.Prunable`).
 
 After pruning, each model is fine-tuned with the training job
 (:func:`aidetect_batch.train.trainer.run_train`, ``--init`` the pruned
@@ -35,16 +35,16 @@ import torch
 from torch import nn
 
 from aidetect_batch import schema
-from aidetect_batch.config import ConfigError, PruneConfig, TrainConfig
-from aidetect_batch.detectors import checkpoints, registry
+from aidetect_batch.detectors import checkpoints, policies, registry
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.storage import claim_output, filesystem, join, write_json, write_parquet
 from aidetect_batch.train import plots
+from aidetect_batch.train.config import PruneConfig, TrainConfig
 from aidetect_batch.train.trainer import TrainResult, run_train
 from aidetect_batch.train.tuning import TuneSummary, tune_and_train
 
 _logger = logging.getLogger(__name__)
 
-STRUCTURED_ARCHS = registry.names(lambda a: a.structured_pruning)
 _OWN_ENTRIES = ("pruned", "prune.parquet", "prune.md", "prune.png", "prune.json")
 
 
@@ -99,31 +99,41 @@ def prune_structured(net: nn.Module, arch: str, amount: float) -> nn.Module:
     Raises:
         ConfigError: the architecture is not supported.
     """
-    import torchvision.models.resnet as tvr
-
-    if arch not in STRUCTURED_ARCHS:
-        raise ConfigError(
-            f"structured pruning supports {', '.join(STRUCTURED_ARCHS)}, not {arch}; use --method unstructured"
-        )
+    prunable = registry.get(arch).prunable if arch in registry.REGISTRY else None
+    if prunable is None:
+        supported = registry.names(lambda a: a.structured_pruning)
+        raise ConfigError(f"structured pruning supports {', '.join(supported)}, not {arch}; use --method unstructured")
     pruned = copy.deepcopy(net)
     if amount <= 0:
         return pruned
-    if arch == "cifake_cnn":
-        convs = [m for m in pruned.features if isinstance(m, nn.Conv2d)]
-        bns = [m for m in pruned.features if isinstance(m, nn.BatchNorm2d)]
-        keep: torch.Tensor | None = None
-        for conv, bn in zip(convs, bns, strict=True):
-            if keep is not None:
-                _cut_in(conv, keep)
-            channels = conv.out_channels
-            keep = _keep(conv, amount)
-            _cut_out(conv, bn, keep)
-        linear = pruned.head[1]
-        cells = linear.in_features // channels
-        columns = (keep[:, None] * cells + torch.arange(cells)[None, :]).reshape(-1)
-        linear.weight = nn.Parameter(linear.weight.detach()[:, columns].clone())
-        linear.in_features = len(columns)
-        return pruned
+    if prunable.kind == "chain":
+        _prune_chain(pruned.get_submodule(prunable.convs), pruned.get_submodule(prunable.linear), amount)
+    else:
+        _prune_residual(pruned, amount)
+    return pruned
+
+
+def _prune_chain(features: nn.Module, linear: nn.Linear, amount: float) -> None:
+    """Cut every convolution of a plain chain, and the inputs of the linear layer that reads its output."""
+    convs = [m for m in features if isinstance(m, nn.Conv2d)]
+    bns = [m for m in features if isinstance(m, nn.BatchNorm2d)]
+    keep: torch.Tensor | None = None
+    for conv, bn in zip(convs, bns, strict=True):
+        if keep is not None:
+            _cut_in(conv, keep)
+        channels = conv.out_channels
+        keep = _keep(conv, amount)
+        _cut_out(conv, bn, keep)
+    cells = linear.in_features // channels
+    columns = (keep[:, None] * cells + torch.arange(cells)[None, :]).reshape(-1)
+    linear.weight = nn.Parameter(linear.weight.detach()[:, columns].clone())
+    linear.in_features = len(columns)
+
+
+def _prune_residual(pruned: nn.Module, amount: float) -> None:
+    """Cut the inner channels of every torchvision ResNet block."""
+    import torchvision.models.resnet as tvr  # torchvision's block classes, needed only for this method
+
     for block in pruned.modules():
         if isinstance(block, tvr.Bottleneck):
             pairs = [(block.conv1, block.bn1, block.conv2), (block.conv2, block.bn2, block.conv3)]
@@ -135,7 +145,6 @@ def prune_structured(net: nn.Module, arch: str, amount: float) -> nn.Module:
             keep = _keep(conv, amount)
             _cut_out(conv, bn, keep)
             _cut_in(following, keep)
-    return pruned
 
 
 def throughput(net: nn.Module, size: int, batch_size: int, *, batches: int, rounds: int = 2) -> float:
@@ -252,7 +261,11 @@ def _save_pruned(
         start_uri,
         pruned,
         ckpt.arch,
-        preprocess=ckpt.preprocess or "resize",
+        num_logits=ckpt.num_logits,
+        ai_class_index=ckpt.ai_class_index,
+        mean=ckpt.mean,
+        std=ckpt.std,
+        preprocess=ckpt.preprocess or policies.DEFAULT_POLICY,
         threshold=ckpt.threshold,
         input_size=ckpt.input_size,
         pruning=record,
@@ -275,7 +288,7 @@ def _fine_tune(
         arch=ckpt.arch,
         init=start_uri,
         input_size=ckpt.input_size,
-        preprocess=ckpt.preprocess or "resize",
+        preprocess=ckpt.preprocess or policies.DEFAULT_POLICY,
         epochs=cfg.epochs,
         patience=cfg.epochs,
         lr=cfg.lr,
@@ -283,7 +296,7 @@ def _fine_tune(
         storage_options=cfg.storage_options,
         validate_first=True,
         keep_zeros=cfg.method == "unstructured" and amount > 0,
-        **cfg.train_options,
+        **cfg.train_options.as_kwargs(),
     )
     if not cfg.tune:
         return run_train(train_cfg), None

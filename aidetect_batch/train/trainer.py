@@ -38,8 +38,8 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from aidetect_batch import runtime, schema
-from aidetect_batch.config import ConfigError, TrainConfig, parse_threshold_rule
-from aidetect_batch.detectors import checkpoints
+from aidetect_batch.detectors import checkpoints, policies, registry
+from aidetect_batch.errors import ConfigError
 from aidetect_batch.inputs.manifest import block_size
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.storage import (
@@ -52,6 +52,7 @@ from aidetect_batch.storage import (
     write_parquet,
 )
 from aidetect_batch.train import datasets, metrics, plots, worker
+from aidetect_batch.train.config import TrainConfig, parse_threshold_rule
 from aidetect_batch.train.worker import train_window, window_boxes
 
 _logger = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def _decode_labelled(cfg: TrainConfig, size: int, table: pa.Table) -> Any:
     rows = block_size(table.num_rows, int(ray.cluster_resources().get("CPU", 1)))
     blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
     options = PrepareOptions(
-        policy="resize" if cfg.preprocess == "resize" else "center-crop",
+        policy=policies.get(cfg.preprocess).train_view,
         max_pixels=cfg.max_pixels,
         size=train_window(cfg.preprocess, size),
         max_file_bytes=cfg.max_file_bytes,
@@ -430,29 +431,34 @@ def _pos_weight(cfg: TrainConfig, described: datasets.Description) -> float | No
 def _loop_config(
     cfg: TrainConfig, *, size: int, initial: Any, pos_weight: float | None, described: datasets.Description
 ) -> dict[str, Any]:
-    """What every worker's loop reads (:class:`aidetect_batch.train.worker.WorkerLoop`)."""
-    return {
-        "arch": cfg.arch,
-        "input_size": size,
-        "window": train_window(cfg.preprocess, size),
-        "initial_weights": ray.put(initial.state_dict()),
-        "freeze_backbone": cfg.freeze_backbone,
-        "optimizer": cfg.optimizer,
-        "lr": cfg.resolved_lr,
-        "weight_decay": cfg.weight_decay,
-        "schedule": cfg.schedule,
-        "epochs": cfg.resolved_epochs,
-        "batch_size": cfg.batch_size,
-        "patience": cfg.resolved_patience,
-        "seed": cfg.seed,
-        "augment": list(cfg.augment),
-        "pos_weight": pos_weight,
-        "n_train": described.counts("train").images,
-        "cpus_per_worker": cfg.cpus_per_worker,
-        "crash_after_epoch": cfg.crash_after_epoch,
-        "validate_first": cfg.validate_first,
-        "keep_zeros": cfg.keep_zeros,
-    }
+    """What every worker's loop reads (:class:`aidetect_batch.train.worker.LoopSettings`), in the dict
+    Ray Train passes on."""
+    entry = registry.get(cfg.arch)
+    settings = worker.LoopSettings(
+        entry=entry,
+        mean=entry.mean,
+        std=entry.std,
+        input_size=size,
+        window=train_window(cfg.preprocess, size),
+        initial_weights=ray.put(initial.state_dict()),
+        freeze_backbone=cfg.freeze_backbone,
+        optimizer=cfg.optimizer,
+        lr=cfg.resolved_lr,
+        weight_decay=cfg.weight_decay,
+        schedule=cfg.schedule,
+        epochs=cfg.resolved_epochs,
+        batch_size=cfg.batch_size,
+        patience=cfg.resolved_patience,
+        seed=cfg.seed,
+        augment=tuple(cfg.augment),
+        pos_weight=pos_weight,
+        n_train=described.counts("train").images,
+        cpus_per_worker=cfg.cpus_per_worker,
+        crash_after_epoch=cfg.crash_after_epoch,
+        validate_first=cfg.validate_first,
+        keep_zeros=cfg.keep_zeros,
+    )
+    return {worker.SETTINGS_KEY: settings}
 
 
 def _trainer(
@@ -537,11 +543,14 @@ def _save_model(
     final = checkpoints.conform(checkpoints.build_model(cfg.arch, 1, size), kept.weights)
     final.load_state_dict(kept.weights)
     uri = join(cfg.out, schema.MODEL_FILE)
+    entry = registry.get(cfg.arch)
     checkpoints.save_checkpoint(
         uri,
         final,
         cfg.arch,
         num_logits=1,
+        mean=entry.mean,
+        std=entry.std,
         preprocess=cfg.preprocess,
         threshold=threshold,
         input_size=size,
