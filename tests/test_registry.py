@@ -329,10 +329,13 @@ def test_each_policy_frames_views_of_its_declared_shape_and_batches_by_its_rule(
     assert policies.get(record.train_view).fixed
 
 
-def test_no_module_outside_detectors_compares_a_policy_string_or_an_architecture_name():
+def test_no_module_outside_detectors_compares_a_policy_string_or_names_an_architecture():
     root = os.path.join(os.path.dirname(__file__), "..", "aidetect_batch")
-    names = "|".join(re.escape(n) for n in (*policies.POLICIES, *registry.ARCHS))
-    compare = re.compile(rf"""(==|!=|\bin)\s*\(?["']({names})["']|["']({names})["']\s*(==|!=)|FIXED_POLICIES""")
+    names = "|".join(re.escape(n) for n in policies.POLICIES)
+    arch = "|".join(re.escape(n) for n in registry.ARCHS)
+    compare = re.compile(
+        rf"""(==|!=|\bin)\s*\(?["']({names})["']|["']({names})["']\s*(==|!=)|FIXED_POLICIES|\b({arch})\b"""
+    )
     found = []
     for folder, _, files in os.walk(root):
         if os.path.basename(folder) == "detectors":

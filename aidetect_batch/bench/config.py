@@ -71,7 +71,7 @@ class BenchmarkConfig(JsonConfig):
         help="scan suite: small-image corpus sizes for RSS",
     )
     archs: tuple[str, ...] = option(
-        ("cifake_cnn", "resnet_tiny", registry.DEFAULT_ARCH),
+        (registry.SMALL_ARCH, registry.TINY_ARCH, registry.DEFAULT_ARCH),
         parse=comma_list(str),
         show=show_comma_list,
         help="architectures to train",

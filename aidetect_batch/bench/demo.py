@@ -28,6 +28,7 @@ from importlib import resources
 import numpy as np
 from PIL import Image
 
+from aidetect_batch.detectors import registry
 from aidetect_batch.detectors.policies import DEFAULT_TRAIN_POLICY
 from aidetect_batch.report.aggregate import closing_line
 from aidetect_batch.scan.config import ScanConfig
@@ -202,7 +203,7 @@ def run_demo(directory: str, epochs: int = 20) -> int:
         TrainConfig(
             dataset=labelled,
             out=train_out,
-            arch="cifake_cnn",
+            arch=registry.SMALL_ARCH,
             init="none",
             epochs=epochs,
             patience=6,
@@ -211,7 +212,7 @@ def run_demo(directory: str, epochs: int = 20) -> int:
         )
     )
     print(
-        f"trained cifake_cnn ({DEFAULT_TRAIN_POLICY}: random crops of native pixels, flip only, lr 1e-3): "
+        f"trained {registry.SMALL_ARCH} ({DEFAULT_TRAIN_POLICY}: random crops of native pixels, flip only, lr 1e-3): "
         f"kept epoch {trained.val_metrics['epoch']} of {len(trained.history)}, "
         f"val ROC-AUC {trained.val_metrics['roc_auc']:.3f}, threshold {trained.threshold:.3f}",
         flush=True,

@@ -29,6 +29,7 @@ import torch
 
 from aidetect_batch import runtime
 from aidetect_batch.bench import measure
+from aidetect_batch.detectors import registry
 from aidetect_batch.detectors.checkpoints import build_model, save_checkpoint
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.scan.config import ScanConfig
@@ -47,7 +48,7 @@ NO_CUDA = (
 class GpuSuiteOptions:
     """Sizes of the GPU suite. Defaults fit one H100/H200 in ``budget_s``; the tests shrink them."""
 
-    arch: str = "resnet50"
+    arch: str = registry.DEFAULT_ARCH
     batch_size: int = 256
     precision: str = "bf16"
     photos: int = 48

@@ -348,8 +348,9 @@ def policy_lines(section: dict[str, Any]) -> list[str]:
 def memory_runs(base: ScanConfig, tmp: str, sizes: tuple[int, ...]) -> list[dict[str, Any]]:
     """Peak RSS of the driver and the largest Ray worker while scanning each number of small images
     with the 32 px CIFAKE CNN: memory that grows with the scan's length shows between the sizes."""
-    checkpoint = os.path.join(tmp, "cifake.pt")
-    save_checkpoint(checkpoint, build_model("cifake_cnn", 1), "cifake_cnn", preprocess="center-crop")
+    checkpoint = os.path.join(tmp, "small.pt")
+    small = registry.get(registry.SMALL_ARCH)
+    save_checkpoint(checkpoint, build_model(small.name, 1), small.name, preprocess=small.train_preprocess)
     paths = measure.write_jpegs(os.path.join(tmp, "small"), max(sizes), ((96, 96), (128, 96)), seed=1)
     manifest = os.path.join(tmp, "small.parquet")
     pq.write_table(pa.table({"path": paths}), manifest)

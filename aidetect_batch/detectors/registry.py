@@ -262,6 +262,11 @@ REGISTRY: dict[str, Arch] = {
 }
 ARCHS = tuple(REGISTRY)
 DEFAULT_ARCH = "resnet50"
+# The CIFAKE study's small CNN: it trains from scratch on a CPU in minutes, so the demo and the
+# benchmarks that train or scan many small images use it.
+SMALL_ARCH = "cifake_cnn"
+# A ResNet with one block per stage: the benchmarks' and tests' stand-in for a ResNet.
+TINY_ARCH = "resnet_tiny"
 
 
 def get(name: str) -> Arch:

@@ -26,6 +26,7 @@ from aidetect_batch.detectors import registry
 from aidetect_batch.detectors.policies import (
     DEFAULT_MAX_TILES,
     DEFAULT_NATIVE_MAX_PIXELS,
+    DEFAULT_POLICY,
     POLICIES,
     Framing,
     check_policy,
@@ -187,9 +188,13 @@ class ScanConfig(ScanOptions):
     compile: bool = option(False, help="torch.compile the model in each Classifier")
     checkpoint: str = option(missing=NO_CHECKPOINT, help="detector checkpoint, local or s3://")
     out: str = option(help="output directory, local or s3://")
-    arch: str | None = arch_field(help="architecture of a plain state dict (default: guessed, else resnet50)")
+    arch: str | None = arch_field(
+        help=f"architecture of a plain state dict (default: guessed, else {registry.DEFAULT_ARCH})"
+    )
     ai_class_index: int | None = option(None, help="which of two logits means AI, for plain state dicts")
-    preprocess: str | None = option(None, choices=POLICIES, help="default: the checkpoint's policy, else resize")
+    preprocess: str | None = option(
+        None, choices=POLICIES, help=f"default: the checkpoint's policy, else {DEFAULT_POLICY}"
+    )
     threshold: float | None = option(
         None, help="P(AI) at or above which a file is labelled ai (default: the checkpoint's)"
     )

@@ -122,7 +122,7 @@ class TrainConfig(TrainOptions):
         init: ``imagenet`` (torchvision weights), ``none``, or a weights file; ``None`` means
             ``imagenet`` where torchvision has ImageNet weights, else ``none``.
         freeze_backbone: Train only the classification head (the studies' ablation).
-        input_size: Model input side; ``None`` means the architecture's (224, or 32 for cifake_cnn).
+        input_size: Model input side; ``None`` means the architecture's (its registry entry's ``input_size``).
         preprocess: Preprocess policy, stored in the checkpoint and used by every later scan. Under
             ``center-crop``, ``tiles`` and ``native`` training sees random crops of native pixels.
         augment: Training augmentations, a subset of :data:`AUGMENTATIONS`; the default (flip) never resamples.
