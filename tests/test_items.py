@@ -24,7 +24,7 @@ from aidetect_batch.inputs import item, sources
 from aidetect_batch.report import page
 from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
-from aidetect_batch.scan.runner import run_scan
+from aidetect_batch.scan.runner import list_inputs, run_scan
 from aidetect_batch.scan.sink import committed_work
 
 MAGIC = b"BUNDLE1\n"
@@ -52,6 +52,7 @@ class Bundle:
 
     name = "bundle"
     views = False
+    extensions = ("bundle",)
 
     def accepts(self, unit: item.Item) -> bool:
         return unit.uri.endswith(".bundle")
@@ -73,6 +74,7 @@ class Flipbook:
 
     name = "flip"
     views = True
+    extensions = ("flip",)
 
     def accepts(self, unit: item.Item) -> bool:
         return unit.uri.endswith(".flip")
@@ -214,7 +216,6 @@ def item_scan(ray_cluster, kinds, tiny_checkpoint, tmp_path_factory):
         sources=(root,),
         out=str(tmp_path_factory.mktemp("items_scan") / "out"),
         checkpoint=tiny_checkpoint,
-        all_files=True,
         dedup=True,
         batch_size=4,
         decode_batch_size=3,
@@ -251,3 +252,15 @@ def test_dedup_claims_a_member_as_itself(item_scan):
     assert statuses == ["duplicate", "ok"]
     duplicate, first = sorted(copies, key=lambda p: rows[p][schema.STATUS] != "duplicate")
     assert rows[duplicate][schema.DUPLICATE_OF] == first
+
+
+def test_a_kinds_extensions_are_listed_without_all_files(kinds, tmp_path):
+    write_folder(str(tmp_path))
+    cfg = ScanConfig(sources=(str(tmp_path),), out=str(tmp_path / "out"), checkpoint="unused")
+    listed = set(list_inputs(cfg).column(schema.PATH).to_pylist())
+    assert {str(tmp_path / "packs/three.bundle"), str(tmp_path / "clips/clip.flip")} <= listed
+    item.unregister(Flipbook.name)
+    try:
+        assert str(tmp_path / "clips/clip.flip") not in set(list_inputs(cfg).column(schema.PATH).to_pylist())
+    finally:
+        item.register(Flipbook())

@@ -99,6 +99,8 @@ class Kind(Protocol):
 
     name: str
     views: bool
+    # Lower-case extensions of the units it takes: a folder walk lists them without ``--all-files``.
+    extensions: tuple[str, ...]
 
     def accepts(self, unit: Item) -> bool:
         """Whether this kind reads the listed unit (e.g. from its extension)."""
@@ -118,6 +120,7 @@ class LooseFile:
 
     name = "file"
     views = False
+    extensions: tuple[str, ...] = ()
 
     def accepts(self, unit: Item) -> bool:
         return True
@@ -154,6 +157,11 @@ def unregister(name: str) -> None:
 def registered() -> tuple[Kind, ...]:
     """The registered kinds, most recent first, then the loose file: what a scan ships to its workers."""
     return (*_KINDS, LOOSE_FILE)
+
+
+def listed_extensions(extensions: Sequence[str], kinds: Sequence[Kind] | None = None) -> tuple[str, ...]:
+    """The extensions a listing keeps: ``extensions`` (the images') and those of every registered kind."""
+    return tuple(dict.fromkeys((*extensions, *(e for k in kinds or registered() for e in k.extensions))))
 
 
 def kind_of(unit: Item, kinds: Sequence[Kind] | None = None) -> Kind:

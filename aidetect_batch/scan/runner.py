@@ -27,7 +27,7 @@ from aidetect_batch.detectors import checkpoints, policies
 from aidetect_batch.detectors import registry as arch_registry
 from aidetect_batch.detectors.policies import check_policy
 from aidetect_batch.errors import ConfigError
-from aidetect_batch.inputs import manifest, sources
+from aidetect_batch.inputs import item, manifest, sources
 from aidetect_batch.inputs.manifest import block_size
 from aidetect_batch.report import aggregate
 from aidetect_batch.scan import cpu_stage, dedup
@@ -168,7 +168,7 @@ def _streamed_identity(cfg: ScanConfig, units: list[tuple[str, bool]]) -> dict[s
     """What fixes a streamed listing's rows before it has run: the sources and the selection."""
     return {
         "sources": [uri for uri, _ in units],
-        "extensions": list(cfg.extensions),
+        "extensions": list(item.listed_extensions(cfg.extensions)),
         "all_files": cfg.all_files,
         "sample": cfg.sample,
         "limit": cfg.limit,
@@ -182,7 +182,10 @@ def list_inputs(cfg: ScanConfig) -> pa.Table:
         table = manifest.read_manifest(cfg.manifest, cfg.storage_options)
     else:
         table = sources.list_sources(
-            cfg.sources, cfg.extensions, all_files=cfg.all_files, storage_options=cfg.storage_options
+            cfg.sources,
+            item.listed_extensions(cfg.extensions),
+            all_files=cfg.all_files,
+            storage_options=cfg.storage_options,
         )
     table = manifest.select(table, cfg.sample, cfg.limit, seed=cfg.seed)
     if table.num_rows == 0:
@@ -558,7 +561,7 @@ def streamed_inputs(
         num_cpus=0,
         fn_kwargs={
             "units": units,
-            "extensions": cfg.extensions,
+            "extensions": item.listed_extensions(cfg.extensions),
             "all_files": cfg.all_files,
             "storage_options": cfg.storage_options,
             "shard_rows": shard_rows,
