@@ -8,6 +8,7 @@ import dataclasses
 import json
 
 import pytest
+from cli_before_refactor import OLD_CLI
 
 from aidetect_batch import cli
 from aidetect_batch.bench import suites
@@ -199,3 +200,86 @@ def test_gpu_suite_receives_scan_arch_precision_and_photos(monkeypatch, tmp_path
     written = json.loads((tmp_path / "benchmark-gpu.json").read_text())
     assert written["suite"] == "gpu" and written["gpu"]["options"]["photos"] == 7
     assert "gpu: recorded" in capsys.readouterr().out
+
+
+# ---- the pre-refactor command line (tests/cli_before_refactor.py, frozen at 5146f42) ----------------------
+# Old command lines and jobs/*.py must keep working: every old option string, what it takes, and the value
+# each dest gets when only the required arguments are given. The new parser keeps the old spellings of values
+# (comma lists such as --split and --amount as text, --storage-option as a list), so nothing is mapped.
+OLD_COMMANDS = [name for name in OLD_CLI if name]
+
+
+def _parser_of(command: str) -> argparse.ArgumentParser:
+    return subparsers()[command] if command else cli.build_parser()
+
+
+def _by_option_string(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {flag: action for action in parser._actions for flag in action.option_strings}
+
+
+def _parsed(command: str, *extra: str) -> dict:
+    """The namespace of the old required arguments (plus ``extra``), lists as tuples like the frozen record."""
+    argv = [command, *OLD_CLI[command]["argv"], *extra] if command else ["demo"]
+    namespace = vars(cli.build_parser().parse_args(argv))
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in namespace.items()}
+
+
+def test_the_old_commands_all_exist_and_the_record_parses_what_required_parses():
+    assert set(OLD_COMMANDS) <= set(cli.COMMANDS)
+    for command in OLD_COMMANDS:
+        assert OLD_CLI[command]["argv"] == tuple(REQUIRED[command][0]), command
+
+
+@pytest.mark.parametrize("command", list(OLD_CLI))
+def test_every_old_option_string_still_exists_and_takes_what_it_took(command):
+    parser = _parser_of(command)
+    actions = _by_option_string(parser)
+    missing = sorted(set(OLD_CLI[command]["options"]) - set(actions))
+    assert not missing, f"{command}: old flags gone: {missing}"
+    for flag, old in OLD_CLI[command]["options"].items():
+        new = actions[flag]
+        assert new.nargs == old["nargs"], f"{command} {flag}: takes a different number of values"
+        assert not new.required or old.get("required"), f"{command} {flag}: required now, optional before"
+        if "choices" in old:
+            assert set(old["choices"]) <= set(new.choices or ()), f"{command} {flag}: old choices refused"
+    positionals = tuple((a.dest, a.nargs) for a in parser._actions if not a.option_strings and a.dest != "command")
+    assert positionals == OLD_CLI[command]["positionals"]
+
+
+@pytest.mark.parametrize("command", list(OLD_CLI))
+def test_the_required_arguments_alone_give_every_old_option_its_old_value(command):
+    parsed = _parsed(command)
+    actions = _by_option_string(_parser_of(command))
+    for flag, old in OLD_CLI[command]["options"].items():
+        expected = OLD_CLI[command]["parsed"][old["dest"]]
+        assert parsed[actions[flag].dest] == expected, f"{command} {flag}"
+
+
+@pytest.mark.parametrize("command", list(OLD_CLI))
+def test_old_defaults_are_the_new_actions_defaults(command):
+    """Per action, not only per dest: a job that reads ``parser.get_default`` or ``--help`` sees the old default.
+    Skipped: ``None`` defaults (checked through the parsed values above), and the second flag of a pair sharing
+    a dest (train's ``--cpu`` stores ``True`` as its own default, which argparse never applies: ``--gpu``'s
+    ``None`` comes first)."""
+    actions = _by_option_string(_parser_of(command))
+    for flag, old in OLD_CLI[command]["options"].items():
+        default = old["default"]
+        if default is None or OLD_CLI[command]["parsed"][old["dest"]] != default:
+            continue
+        new = actions[flag].default
+        assert (tuple(new) if isinstance(new, list) else new) == default, f"{command} {flag}"
+
+
+OLD_FLAGS_WITHOUT_VALUE = [
+    (command, flag)
+    for command, record in OLD_CLI.items()
+    for flag, old in record["options"].items()
+    if old["nargs"] == 0
+]
+
+
+@pytest.mark.parametrize(("command", "flag"), OLD_FLAGS_WITHOUT_VALUE)
+def test_each_old_flag_without_a_value_still_sets_its_old_constant(command, flag):
+    old = OLD_CLI[command]["options"][flag]
+    parsed = _parsed(command, flag) if command else vars(cli.build_parser().parse_args([flag, "demo"]))
+    assert parsed[_by_option_string(_parser_of(command))[flag].dest] == old["const"]
