@@ -217,7 +217,9 @@ def _add_field(parser: argparse.ArgumentParser, cls: type, field: dataclasses.Fi
     kind = None if spec.parse else _value_type(cls, field)
     required = _default(field) is dataclasses.MISSING and not spec.missing
     extra = {"action": "append"} if spec.append else {"nargs": spec.nargs} if spec.nargs else {}
-    metavar = spec.metavar or (None if choices else flags[0].lstrip("-").replace("-", "_").upper())
+    # A metavar keeps argparse from listing lazy choices when it builds the parser: they load at --help or parse.
+    named = choices is None or isinstance(choices, _LazyChoices)
+    metavar = spec.metavar or (flags[0].lstrip("-").replace("-", "_").upper() if named else None)
     parser.add_argument(
         *flags, dest=field.name, type=kind, choices=choices, metavar=metavar, required=required, **common, **extra
     )

@@ -260,3 +260,16 @@ def test_demo_and_job_entry_points_end_to_end(tmp_path, monkeypatch, capsys):
     for name, flag in (*jobs, ("reposts.py", "--min-quality")):
         helped = job(name, "--help")
         assert helped.returncode == 0 and flag in helped.stdout, name
+
+
+def test_the_parser_and_an_argument_error_load_neither_torch_nor_ray():
+    """Bad arguments fail in a second: building the parser must not import a job's heavy modules."""
+    script = (
+        "import sys\n"
+        "from aidetect_batch.cli import main\n"
+        "code = main(['scan', 'x', '--out', 'o', '--checkpoint', 'c', '--batch-size', '0'])\n"
+        "heavy = [m for m in ('torch', 'ray', 'torchvision') if m in sys.modules]\n"
+        "sys.exit(0 if code == 2 and not heavy else f'exit {code}, loaded {heavy}')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -55,7 +55,7 @@ class BenchmarkConfig(JsonConfig):
         storage_options: fsspec options for the listing suite's prefix.
     """
 
-    suite: str = option("scan", choices=suite_names, help="the suite to run (default: %(default)s)")
+    suite: str = option("scan", choices=suite_names, help="the suite to run: %(choices)s (default: %(default)s)")
     report_rows: int = option(10_000_000, help="report suite: synthetic score rows to aggregate")
     reposts_rows: int = option(1_000_000, help="reposts suite: synthetic PDQ hashes to group")
     listing_prefix: str | None = option(None, help="listing suite: the s3:// prefix to list (not part of 'all')")
