@@ -9,11 +9,15 @@ import subprocess
 import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "aidetect_batch"
-MODULES = sorted(
-    ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix("__init__").rstrip(".")
-    for p in PACKAGE.rglob("*.py")
-    if p.stem != "__main__" and p.parent != PACKAGE or p.stem not in ("__init__", "__main__")
-)
+
+
+def _dotted(path: pathlib.Path) -> str:
+    """``scan/runner.py`` → ``scan.runner``; a package's ``__init__.py`` → the package; the top one → ``""``."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = sorted(_dotted(p) for p in PACKAGE.rglob("*.py") if p.stem != "__main__" and _dotted(p))
 
 # Each module is imported with the package cleared from sys.modules first, so an import cycle shows up
 # whichever module is imported first; third-party modules stay loaded, which keeps this to seconds.
@@ -59,7 +63,7 @@ def _inner_package_imports(path: pathlib.Path) -> list[tuple[int, str]]:
 
 
 def test_imports_inside_functions_that_point_back_into_the_package_say_why():
-    unexplained = {p.name: _inner_package_imports(p) for p in PACKAGE.rglob("*.py")}
+    unexplained = {str(p.relative_to(PACKAGE)): _inner_package_imports(p) for p in PACKAGE.rglob("*.py")}
     assert not {k: v for k, v in unexplained.items() if v}
 
 

@@ -184,12 +184,14 @@ class Unwrapped:
 def unwrap(obj: Any) -> Unwrapped | None:
     """The state dict inside a loaded checkpoint: under ``model``, ``state_dict`` (also the project's own
     format) or ``net``, or bare; ``module.`` and ``_orig_mod.`` prefixes stripped. ``None`` when
-    ``obj`` holds no dict of tensors. ``scan`` and ``--init`` both read weights through it."""
+    ``obj`` holds no weights. ``scan`` and ``--init`` both read weights through it. Under a wrapper key the
+    dict is taken as the authors saved it; a bare dict must hold only tensors, or it is no state dict."""
     if not isinstance(obj, dict):
         return None
     wrapper = next((k for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
     weights = obj[wrapper] if wrapper is not None else obj
-    if not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+    usable = wrapper is not None or all(isinstance(v, torch.Tensor) for v in weights.values())
+    if not weights or not usable:
         return None
     return Unwrapped(_strip_prefix(weights), wrapper)
 

@@ -69,7 +69,7 @@ def check_model_choices(threshold: float | None, ai_class_index: int | None) -> 
 
 def arch_field(default: str | None = None, help: str = "architecture of a plain state dict") -> Any:
     """``--arch``, with the registry's names as choices."""
-    return option(default, choices=registry.ARCHS, help=help)
+    return option(default, choices=lambda: tuple(registry.REGISTRY), help=help)
 
 
 def native_max_pixels_field() -> Any:

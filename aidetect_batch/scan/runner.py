@@ -42,7 +42,6 @@ _logger = logging.getLogger(__name__)
 # stages apart: Ray Data fuses consecutive map stages whose remote args are equal, which
 # would run decoding inside the Classifier actors and leave the remaining CPUs idle.
 CLASSIFIER_MEMORY = 1 << 30
-NATIVE_BATCH_BYTES = policies.ANY_SIZE_BATCH_BYTES
 PROGRESS_EVERY_S = 10.0
 # A streamed listing's shards. Ray Data gathers a task's output into blocks of the dataset's
 # target_max_block_size before passing any on, and that size holds for every stage of the
@@ -269,7 +268,7 @@ def run_scan(cfg: ScanConfig, listing: pa.Table | None = None) -> ScanResult:
     Raises:
         ConfigError: bad arguments, a non-empty OUT, or a resume with other settings (before Ray starts).
         sources.SourceError: a missing source or manifest (before Ray starts).
-        model.CheckpointError: an unreadable or mismatched checkpoint (before Ray starts).
+        CheckpointError: an unreadable or mismatched checkpoint (before Ray starts).
         runtime.Stopped: SIGINT or SIGTERM; finished shards are committed first.
     """
     started = datetime.now(timezone.utc)

@@ -209,7 +209,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
     Raises:
         ConfigError: bad arguments, an empty split, or a non-empty OUT (before Ray starts).
         sources.SourceError: a missing or unlabelled dataset.
-        model.CheckpointError: an unusable checkpoint.
+        CheckpointError: an unusable checkpoint.
     """
 
     check_eval_output(cfg)

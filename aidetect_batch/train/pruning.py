@@ -218,7 +218,7 @@ def run_prune(cfg: PruneConfig) -> PruneResult:
 
     Raises:
         ConfigError: bad arguments, an unsupported architecture, or a non-empty OUT.
-        model.CheckpointError: an unusable checkpoint.
+        CheckpointError: an unusable checkpoint.
     """
     claim_output(
         cfg.out,

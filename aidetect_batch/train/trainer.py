@@ -40,6 +40,7 @@ from ray.train.torch import TorchTrainer
 from aidetect_batch import runtime, schema
 from aidetect_batch.detectors import checkpoints, policies, registry
 from aidetect_batch.errors import ConfigError
+from aidetect_batch.inputs import item
 from aidetect_batch.inputs.manifest import block_size
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.storage import (
@@ -91,7 +92,7 @@ class TrainResult:
 
 def select_split_batch(batch: pa.Table, split: str, assignment: Any, window: int | None = None) -> pa.Table:
     """Keep the decoded rows assigned to ``split``, as ``image``, float ``target`` (1 = AI) and, for a
-    ``window``-side native-pixel view, where the image's pixels sit in it (:func:`train_worker.window_boxes`)."""
+    ``window``-side native-pixel view, where the image's pixels sit in it (:func:`worker.window_boxes`)."""
     if not isinstance(assignment, dict):
         assignment = ray.get(assignment)
     paths = batch.column(schema.PATH).to_pylist()
@@ -197,6 +198,9 @@ def _decode_labelled(cfg: TrainConfig, size: int, table: pa.Table) -> Any:
         max_file_bytes=cfg.max_file_bytes,
         storage_options=cfg.storage_options,
         phash=cfg.near_duplicates,
+        # Training reads one fixed-size view per file; a kind whose Items have several views (video frames)
+        # is left to the loose-file reader, which records such a file as a failed row.
+        kinds=tuple(k for k in item.registered() if not k.views),
     )
     return (
         ray.data.from_arrow(blocks)
@@ -275,7 +279,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     Raises:
         ConfigError: bad arguments, a non-empty OUT, or a changed dataset on ``--resume``.
         sources.SourceError: a missing or unlabelled dataset.
-        model.CheckpointError: ``--init`` weights that cannot be had (offline ImageNet, bad file).
+        CheckpointError: ``--init`` weights that cannot be had (offline ImageNet, bad file).
         ray.train.TrainingFailedError: training failed (after ``--max-failures`` restarts).
     """
     started = datetime.now(timezone.utc)
