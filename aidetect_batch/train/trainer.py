@@ -439,28 +439,15 @@ def _loop_config(
     Ray Train passes on."""
     entry = registry.get(cfg.arch)
     settings = worker.LoopSettings(
+        train=cfg,
         entry=entry,
         mean=entry.mean,
         std=entry.std,
         input_size=size,
         window=train_window(cfg.preprocess, size),
         initial_weights=ray.put(initial.state_dict()),
-        freeze_backbone=cfg.freeze_backbone,
-        optimizer=cfg.optimizer,
-        lr=cfg.resolved_lr,
-        weight_decay=cfg.weight_decay,
-        schedule=cfg.schedule,
-        epochs=cfg.resolved_epochs,
-        batch_size=cfg.batch_size,
-        patience=cfg.resolved_patience,
-        seed=cfg.seed,
-        augment=tuple(cfg.augment),
         pos_weight=pos_weight,
         n_train=described.counts("train").images,
-        cpus_per_worker=cfg.cpus_per_worker,
-        crash_after_epoch=cfg.crash_after_epoch,
-        validate_first=cfg.validate_first,
-        keep_zeros=cfg.keep_zeros,
     )
     return {worker.SETTINGS_KEY: settings}
 

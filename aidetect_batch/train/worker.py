@@ -31,6 +31,7 @@ from torch import nn
 from aidetect_batch import schema
 from aidetect_batch.detectors import checkpoints, policies, registry
 from aidetect_batch.train import metrics
+from aidetect_batch.train.config import TrainConfig
 
 _logger = logging.getLogger(__name__)
 
@@ -146,40 +147,29 @@ def val_row(loss: float, scores: list[float], targets: list[int]) -> dict[str, f
 
 @dataclasses.dataclass(frozen=True)
 class LoopSettings:
-    """What every worker's loop reads, resolved on the driver (``train.trainer``).
+    """What every worker's loop reads: the run's config and what the driver resolved for it (``train.trainer``).
 
     Attributes:
+        train: The training run's config; the loop reads its optimiser, schedule, augmentation and sizes.
         entry: The registry entry of the architecture, registered again in each worker's process.
         mean: Normalisation mean the model is trained with; the saved checkpoint records the same.
         std: Normalisation standard deviation, likewise.
-        initial_weights: A Ray ObjectRef to the starting state dict.
+        input_size: The model's input side.
         window: Side of the native-pixel window training crops are drawn from (:func:`train_window`).
+        initial_weights: A Ray ObjectRef to the starting state dict.
+        pos_weight: The positive class's loss weight (``--class-weights``), else ``None``.
         n_train: Training images, for the progress lines and the shuffle buffer.
-        crash_after_epoch: Tests: fail once after this epoch, to exercise resuming.
     """
 
+    train: TrainConfig
     entry: registry.Arch
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_size: int
     window: int
     initial_weights: Any
-    freeze_backbone: bool
-    optimizer: str
-    lr: float
-    weight_decay: float
-    schedule: str
-    epochs: int
-    batch_size: int
-    patience: int
-    seed: int
-    augment: tuple[str, ...]
     pos_weight: float | None
     n_train: int
-    cpus_per_worker: int
-    crash_after_epoch: int | None = None
-    validate_first: bool = False
-    keep_zeros: bool = False
 
     @property
     def arch(self) -> str:
@@ -206,12 +196,12 @@ class WorkerLoop:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(config.cpus_per_worker)
+            torch.set_num_threads(config.train.cpus_per_worker)
         self.net, self.plain = self._model()
         trainable = [p for p in self.net.parameters() if p.requires_grad]
-        self.masks = [(p, p.detach() != 0) for p in trainable if p.dim() > 1] if config.keep_zeros else []
-        optimiser_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        self.optimiser = optimiser_class(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.masks = [(p, p.detach() != 0) for p in trainable if p.dim() > 1] if config.train.keep_zeros else []
+        optimiser_class = torch.optim.AdamW if config.train.optimizer == "adamw" else torch.optim.Adam
+        self.optimiser = optimiser_class(trainable, lr=config.train.resolved_lr, weight_decay=config.train.weight_decay)
         self.scheduler = self._scheduler()
         pos_weight = torch.tensor([config.pos_weight], device=self.device) if config.pos_weight else None
         self.loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
@@ -219,7 +209,7 @@ class WorkerLoop:
         self.mean = torch.tensor(config.mean, device=self.device).view(shape) * 255.0
         self.std = torch.tensor(config.std, device=self.device).view(shape) * 255.0
         self.size, self.window = config.input_size, config.window
-        names = tuple(config.augment)
+        names = tuple(config.train.augment)
         self.full_res: Any = None
         if self.window > self.size:
             self.full_res = build_augment(tuple(n for n in names if n in FULL_RESOLUTION), self.size)
@@ -237,7 +227,7 @@ class WorkerLoop:
         weights = ray.get(self.config.initial_weights)
         net = checkpoints.conform(checkpoints.build_model(self.config.arch, 1, self.config.input_size), weights)
         net.load_state_dict(weights)
-        if self.config.freeze_backbone:
+        if self.config.train.freeze_backbone:
             head = {id(p) for p in checkpoints.head_parameters(net, self.config.arch)}
             for p in net.parameters():
                 p.requires_grad_(id(p) in head)
@@ -245,25 +235,25 @@ class WorkerLoop:
         return net, (net.module if hasattr(net, "module") else net)
 
     def _scheduler(self) -> Any:
-        epochs = self.config.epochs
-        if self.config.schedule == "cosine":
+        epochs = self.config.train.resolved_epochs
+        if self.config.train.schedule == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimiser, T_max=epochs)
-        if self.config.schedule == "step":
+        if self.config.train.schedule == "step":
             return torch.optim.lr_scheduler.StepLR(self.optimiser, step_size=max(1, epochs // 3), gamma=0.1)
         return None
 
     def run(self) -> None:
         restored = self.restore()
-        if self.config.validate_first and not restored:
+        if self.config.train.validate_first and not restored:
             self.report_before_training()
-        for epoch in range(self.start_epoch, self.config.epochs):
+        for epoch in range(self.start_epoch, self.config.train.resolved_epochs):
             row = self.train_epoch(epoch)
             scores, targets, val_loss = self.validate()
             row.update(val_row(val_loss, scores, targets))
             stop = self.update_early_stopping(row)
             self.log_epoch(row, stop)
             self.report(row, scores=scores, targets=targets, stopped_early=stop)
-            if self.config.crash_after_epoch == epoch + 1 and not restored:
+            if self.config.train.crash_after_epoch == epoch + 1 and not restored:
                 raise RuntimeError(f"fault injection: crash after epoch {epoch + 1} (crash_after_epoch)")
             if stop:
                 break
@@ -307,7 +297,8 @@ class WorkerLoop:
         targets: list[int] = []
         loss_sum = 0.0
         with torch.inference_mode():
-            for batch in self.val_shard.iter_torch_batches(batch_size=max(self.config.batch_size, 64), device="cpu"):
+            batches = self.val_shard.iter_torch_batches(batch_size=max(self.config.train.batch_size, 64), device="cpu")
+            for batch in batches:
                 logits = self.plain(self.to_input(batch, train=False))[:, 0]
                 y = batch["target"].to(self.device)
                 loss_sum += float(self.loss_fn(logits, y)) * len(y)
@@ -333,14 +324,14 @@ class WorkerLoop:
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over this worker's shard; the history row's training columns, summed over workers."""
         config = self.config
-        torch.manual_seed(config.seed * 100_003 + epoch * 101 + self.rank)
+        torch.manual_seed(config.train.seed * 100_003 + epoch * 101 + self.rank)
         self.net.train()
         loss_sum, correct, seen, t0, last_log = 0.0, 0, 0, time.monotonic(), time.monotonic()
         for batch in self.train_shard.iter_torch_batches(
-            batch_size=config.batch_size,
+            batch_size=config.train.batch_size,
             device="cpu",
             local_shuffle_buffer_size=min(2048, max(config.n_train, 1)),
-            local_shuffle_seed=config.seed + epoch,
+            local_shuffle_seed=config.train.seed + epoch,
         ):
             loss, hits, size = self.step(batch)
             loss_sum, correct, seen = loss_sum + loss * size, correct + hits, seen + size
@@ -350,7 +341,7 @@ class WorkerLoop:
                 _logger.info(
                     "epoch %d/%d: %d/~%d images on this worker, loss %.4f, %.1f img/s",
                     epoch + 1,
-                    config.epochs,
+                    config.train.resolved_epochs,
                     seen,
                     per_worker,
                     loss_sum / seen,
@@ -390,7 +381,7 @@ class WorkerLoop:
             self.best_loss, self.bad_epochs = row["val_loss"], 0
         else:
             self.bad_epochs += 1
-        return self.bad_epochs >= self.config.patience
+        return self.bad_epochs >= self.config.train.resolved_patience
 
     def log_epoch(self, row: dict[str, Any], stop: bool) -> None:
         if self.rank != 0:
@@ -398,7 +389,7 @@ class WorkerLoop:
         _logger.info(
             "epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f AUC %.3f | %.1f img/s/worker%s",
             row["epoch"],
-            self.config.epochs,
+            self.config.train.resolved_epochs,
             row["train_loss"],
             row["train_accuracy"],
             row["val_loss"],
