@@ -88,8 +88,8 @@ class BenchmarkConfig(JsonConfig):
             raise ConfigError("--suite listing needs --listing-prefix s3://bucket/prefix")
         for name in (self.scan_arch, *self.archs):
             registry.check_arch(name)
-        check_at_least(self, ("report_rows", "reposts_rows", "photos", "repeats", "policy_photos", "per_class"))
-        check_at_least(self, ("epochs", "workers", "batch_size"))
+        sizes = ("report_rows", "reposts_rows", "photos", "repeats", "policy_photos", "per_class", "epochs")
+        check_at_least(self, (*sizes, "workers", "batch_size"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
