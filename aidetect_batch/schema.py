@@ -66,6 +66,13 @@ PDQ = "pdq"
 PDQ_QUALITY = "pdq_quality"
 PROVENANCE = "provenance"
 PROVENANCE_DETAIL = "provenance_detail"
+# An archive member's row: the archive's URI and the member's name (null for a loose file).
+CONTAINER = "container"
+MEMBER = "member"
+# A WebDataset sample's key, and its ``.txt`` caption and ``.json`` url when the shard has them.
+WDS_KEY = "wds_key"
+WDS_CAPTION = "wds_caption"
+WDS_URL = "wds_url"
 
 # What a file's own bytes say about its origin (:mod:`aidetect_batch.media.provenance`), strongest first.
 PROVENANCE_KINDS = (
@@ -137,8 +144,15 @@ SCORES_SCHEMA = pa.schema(
         pa.field(T_DECODE_MS, pa.float32()),
         pa.field(T_INFER_MS, pa.float32()),
         pa.field(DUPLICATE_OF, pa.string()),
+        pa.field(CONTAINER, pa.string()),
+        pa.field(MEMBER, pa.string()),
+        pa.field(WDS_KEY, pa.string()),
+        pa.field(WDS_CAPTION, pa.string()),
+        pa.field(WDS_URL, pa.string()),
     ]
 )
+# The columns an input kind fills per row (:class:`aidetect_batch.inputs.item.Read`).
+ITEM_COLUMNS = (CONTAINER, MEMBER, WDS_KEY, WDS_CAPTION, WDS_URL)
 
 SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
 # The columns decoding one file fills in, on the CPU stage or in the Classifier (--gpu-decode).

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
@@ -37,12 +37,34 @@ class NoItems(ValueError):
     """A listed unit that holds no Item (an empty archive): it still gets one row, with status ``empty``."""
 
 
+class NotExpanded(ValueError):
+    """An Item this scan does not open (an archive nested deeper than ``--archive-depth``): ``unsupported``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerOptions:
+    """How a container kind (an archive) expands a unit.
+
+    Attributes:
+        extensions: Lower-case extensions of the members it admits; ``None``: every regular member (``--all-files``).
+        max_members: Admitted members read per unit; those beyond are counted and the unit gets a row saying so.
+        max_ratio: Most decompressed bytes per compressed byte before a member (or stream) is a bomb.
+        depth: How many levels of containers are expanded; a container below that is ``unsupported``.
+    """
+
+    extensions: tuple[str, ...] | None = None
+    max_members: int = 100_000
+    max_ratio: float = 100.0
+    depth: int = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadOptions:
     """How bytes are read: fsspec options for remote URIs and the size cap (``--max-file-mb``; ``None``: none)."""
 
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_bytes: int | None = None
+    containers: ContainerOptions = ContainerOptions()
 
     def check_size(self, size: int) -> None:
         """Raise :class:`sources.FileTooLarge` when ``size`` bytes are over the cap (a kind's members use it)."""
@@ -78,6 +100,23 @@ class Item:
         return dataclasses.replace(self, member=member, kind=kind)
 
 
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """One row a kind's :meth:`Kind.read_all` yields: an Item and its bytes, or why it has none.
+
+    Attributes:
+        item: The row's Item (a member, or the unit itself for a row about the whole unit).
+        data: The Item's bytes, read under the size cap.
+        failure: Why it has no bytes; it becomes the row's status as a read error does.
+        columns: Per-row values of scores columns the kind fills (a WebDataset sample's caption).
+    """
+
+    item: Item
+    data: bytes | None = None
+    failure: BaseException | None = None
+    columns: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
 def _escape(member: str) -> str:
     return member.replace("%", "%25").replace("::", "%3A%3A")
 
@@ -95,6 +134,11 @@ class Kind(Protocol):
     ``read`` returns one encoded image, or, when ``views`` is true, possibly a list of them: several views
     of one Item, scored as one row. A scan that may meet such a kind carries every row's views as tiles,
     since Ray Data may put rows of different blocks into one Classifier batch.
+
+    A kind may also define ``read_all(unit, options) -> Iterator[Read]``: every row of the unit with its
+    bytes, in one pass (a tar is streamed once, never re-read per member). The decode stage then uses it
+    instead of ``items`` and ``read``; an exception it raises after some rows keeps them and adds one row
+    for the rest of the unit, with the unit's own URI as ``path``.
     """
 
     name: str
@@ -134,6 +178,8 @@ class LooseFile:
 
 LOOSE_FILE = LooseFile()
 _KINDS: list[Kind] = []
+# The kinds this package ships (archives), asked after those registered at run time: ``register_built_in``.
+_BUILT_IN: list[Kind] = []
 
 
 def register(kind: Kind) -> None:
@@ -144,9 +190,30 @@ def register(kind: Kind) -> None:
     """
     if not re.fullmatch(r"[a-z][a-z0-9+.-]*", kind.name) or kind.name == LOOSE_FILE.name:
         raise ValueError(f"input kind name {kind.name!r} must be a URI scheme other than {LOOSE_FILE.name!r}")
-    if any(k.name == kind.name for k in _KINDS):
+    if any(k.name == kind.name for k in (*_KINDS, *_BUILT_IN)):
         raise ValueError(f"input kind {kind.name!r} is already registered")
     _KINDS.insert(0, kind)
+
+
+def register_built_in(kind: Kind) -> None:
+    """Add one of the package's own kinds (``inputs/__init__`` does, on import); ``--no-archives`` leaves them out."""
+    register(kind)
+    _KINDS.remove(kind)
+    _BUILT_IN.insert(0, kind)
+
+
+def reads_all(kind: Kind) -> bool:
+    """Whether the kind reads a unit's Items in one pass (:meth:`Kind` ``read_all``)."""
+    return callable(getattr(kind, "read_all", None))
+
+
+def read_all(kind: Kind, unit: Item, options: ReadOptions) -> Iterator[Read]:
+    """Every row of ``unit``: by the kind's one-pass reader when it has one, else ``items`` then ``read`` each."""
+    if reads_all(kind):
+        yield from kind.read_all(unit, options)  # type: ignore[attr-defined]
+        return
+    for found in kind.items(unit, options):
+        yield Read(found)
 
 
 def unregister(name: str) -> None:
@@ -154,9 +221,10 @@ def unregister(name: str) -> None:
     _KINDS[:] = [k for k in _KINDS if k.name != name]
 
 
-def registered() -> tuple[Kind, ...]:
-    """The registered kinds, most recent first, then the loose file: what a scan ships to its workers."""
-    return (*_KINDS, LOOSE_FILE)
+def registered(*, built_in: bool = True) -> tuple[Kind, ...]:
+    """The registered kinds, most recent first, then the built-in ones (unless ``built_in`` is false), then the
+    loose file: what a scan ships to its workers."""
+    return (*_KINDS, *(_BUILT_IN if built_in else ()), LOOSE_FILE)
 
 
 def listed_extensions(extensions: Sequence[str], kinds: Sequence[Kind] | None = None) -> tuple[str, ...]:

@@ -59,8 +59,8 @@ def _wanted(relative: str, extensions: tuple[str, ...], all_files: bool) -> bool
         return False
     if all_files:
         return True
-    name = parts[-1] if parts else relative
-    return "." in name and name.rsplit(".", 1)[1].lower() in extensions
+    name = (parts[-1] if parts else relative).lower()
+    return name.endswith(tuple("." + e for e in extensions))  # a whole suffix, so "tar.gz" matches too
 
 
 def _list_one(

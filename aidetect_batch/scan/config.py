@@ -32,6 +32,7 @@ from aidetect_batch.detectors.policies import (
     check_policy,
 )
 from aidetect_batch.errors import ConfigError
+from aidetect_batch.inputs import archives, item
 from aidetect_batch.inputs.sources import DEFAULT_EXTENSIONS
 from aidetect_batch.media import perturb, provenance
 from aidetect_batch.report.config import prefix_depth_field
@@ -169,6 +170,10 @@ class ScanConfig(ScanOptions):
         gpu_decode: Decode JPEGs in the Classifier actor (nvJPEG on CUDA, CPU fallback per file).
         compile: ``torch.compile`` the model in each Classifier actor.
         phash: Compute each decoded image's PDQ hash and quality, for ``aidetect-batch reposts``.
+        archives: Expand zip and tar archives into their members (``--no-archives``: scan them as files).
+        max_members: Members read per archive; beyond it they are counted and the archive gets a row saying so.
+        max_ratio: Decompressed bytes per compressed byte beyond which a member or stream is a bomb (``too_large``).
+        archive_depth: Levels of archives expanded; an archive inside one is ``unsupported``.
     """
 
     sources: tuple[str, ...] = option(positional=True, nargs="*", help="folders, files, globs or s3://bucket/prefix")
@@ -216,10 +221,29 @@ class ScanConfig(ScanOptions):
     rows_per_file: int = option(250_000, help="rows per scores Parquet file")
     overwrite: bool = option(False, help="replace a previous scan in --out")
     perturbation: str | None = internal(None, "set by evaluate --perturb")
+    archives: bool = option(True, help="scan zip and tar archives as files instead of reading their members")
+    max_members: int = option(100_000, help="members read per archive; the rest are counted (default: %(default)s)")
+    # Deflate inflates at most ~1032:1 and images are stored near 1:1 (JPEG, PNG) or under ~20:1 (BMP, TIFF
+    # of photos); 100:1 passes any real picture and stops a bomb after its first MiB beyond the floor.
+    max_ratio: float = option(
+        100.0, help="decompressed/compressed size beyond which a member is a zip bomb (default: %(default)s)"
+    )
+    archive_depth: int = option(1, help="levels of archives expanded; only 1 is implemented (default: %(default)s)")
 
     @property
     def checks(self) -> provenance.Checks:
         return provenance.Checks(c2pa=self.c2pa, watermark=self.watermark, max_pixels=self.max_pixels)
+
+    @property
+    def input_kinds(self) -> tuple[item.Kind, ...]:
+        """The input kinds this scan expands units with: the archives' only without ``--no-archives``."""
+        return item.registered(built_in=self.archives)
+
+    @property
+    def containers(self) -> item.ContainerOptions:
+        """Which archive members are read, and the archive limits."""
+        admitted = None if self.all_files else (*self.extensions, *archives.EXTENSIONS)
+        return item.ContainerOptions(admitted, self.max_members, self.max_ratio, self.archive_depth)
 
     @property
     def max_file_bytes(self) -> int:
@@ -244,6 +268,11 @@ class ScanConfig(ScanOptions):
         check_at_least(self, ("decode_batch_size", "max_pixels", "rows_per_file", "cpus_per_actor", "decode_tasks"))
         check_detector(self.preprocess, self.arch, gpu_decode=self.gpu_decode)
         check_max_file_mb(self.max_file_mb)
+        check_at_least(self, ("max_members",))
+        if self.max_ratio <= 1.0:
+            raise ConfigError(f"--max-ratio must be above 1, not {self.max_ratio}")
+        if self.archive_depth != 1:
+            raise ConfigError("--archive-depth: only 1 is implemented (archives inside archives are unsupported rows)")
         check_at_least(self, ("prefix_depth", "commit_every_s"), low=0)
         if self.perturbation is not None:
             try:

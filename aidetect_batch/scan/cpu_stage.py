@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,7 @@ class PrepareOptions:
         checks: Which provenance checks run on the bytes (``--no-c2pa``, ``--watermark``).
         phash: Compute each decoded image's PDQ hash (``--phash``), for near-duplicate grouping.
         kinds: The input kinds that expand listed units, as registered on the driver when this was made.
+        containers: How archives are expanded (members admitted, ``--max-members``, ``--max-ratio``, depth).
     """
 
     policy: str
@@ -69,11 +71,12 @@ class PrepareOptions:
     checks: provenance.Checks = provenance.Checks()
     phash: bool = False
     kinds: tuple[item.Kind, ...] = dataclasses.field(default_factory=item.registered)
+    containers: item.ContainerOptions = item.ContainerOptions()
 
     @property
     def read_options(self) -> item.ReadOptions:
-        """How the input kinds read bytes: the storage options and the size cap."""
-        return item.ReadOptions(self.storage_options, self.max_file_bytes)
+        """How the input kinds read bytes: the storage options, the size cap and the archive limits."""
+        return item.ReadOptions(self.storage_options, self.max_file_bytes, self.containers)
 
     @property
     def views(self) -> bool:
@@ -95,7 +98,10 @@ class Entry:
         kind: The input kind that expanded the unit and reads the Item.
         unit: Index of the listing row (the listed unit) in the batch.
         unit_rows: On the unit's first row, how many rows the unit yielded; 0 on its other rows.
-        failure: Why expanding the unit failed (its one row then carries that status).
+        failure: Why expanding the unit, or reading this Item, failed (the row then carries that status).
+        data: The Item's bytes when its kind read them while expanding the unit (one pass over a tar).
+        columns: Values the kind gives this row (``container``, ``member``, a WebDataset caption).
+        note: Prefix of the row's error (the row of a unit that failed part way says how far it was read).
     """
 
     item: item.Item
@@ -103,6 +109,9 @@ class Entry:
     unit: int
     unit_rows: int
     failure: BaseException | None = None
+    data: bytes | None = None
+    columns: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    note: str = ""
 
 
 def prepare_batch(batch: pa.Table, options: PrepareOptions, registry: Any = None) -> pa.Table:
@@ -134,19 +143,29 @@ def prepare_batch(batch: pa.Table, options: PrepareOptions, registry: Any = None
 
 
 def expand_batch(batch: pa.Table, options: PrepareOptions) -> list[Entry]:
-    """Every listed unit's Items, in listing order; a unit that cannot be expanded keeps one row."""
+    """Every listed unit's Items, in listing order. A unit that cannot be expanded keeps one row; one that
+    fails part way (a truncated tar) keeps the rows read and adds one row, the unit's own, for the rest."""
     entries: list[Entry] = []
     for u, unit in enumerate(item.units_of(batch)):
         kind = item.kind_of(unit, options.kinds)
+        found: list[Entry] = []
         try:
-            found = kind.items(unit, options.read_options)
+            for read in item.read_all(kind, unit, options.read_options):
+                found.append(Entry(read.item, kind, u, 0, read.failure, read.data, _columns(read)))
             if not found:
                 raise item.NoItems(f"{kind.name} unit holds no items")
         except Exception as exc:  # noqa: BLE001 - a unit that cannot be opened is its row's status, never the job's
-            entries.append(Entry(unit, kind, u, 1, exc))
-            continue
-        entries += [Entry(found_item, kind, u, len(found) if j == 0 else 0) for j, found_item in enumerate(found)]
+            note = f"the rest of the unit, after {len(found)} items: " if found else ""
+            found.append(Entry(unit, kind, u, 0, exc, note=note))
+        entries.append(dataclasses.replace(found[0], unit_rows=len(found)))
+        entries += found[1:]
     return entries
+
+
+def _columns(read: item.Read) -> Mapping[str, Any]:
+    if read.item.member is None:
+        return read.columns
+    return {schema.CONTAINER: read.item.uri, schema.MEMBER: read.item.member, **read.columns}
 
 
 def read_into(
@@ -158,13 +177,13 @@ def read_into(
     try:
         if entry.failure is not None:
             raise entry.failure
-        data = entry.kind.read(entry.item, options.read_options)
+        data = entry.data if entry.data is not None else entry.kind.read(entry.item, options.read_options)
         if not isinstance(data, bytes) and not entry.kind.views:
             raise TypeError(f"input kind {entry.kind.name!r} read several views but does not declare views")
     except Exception as exc:  # noqa: BLE001 - any storage failure is this file's status, never the job's
         status, rows[schema.FILE_SIZE][i] = read_failure(exc)
         rows[schema.STATUS][i] = status.value
-        rows[schema.ERROR][i] = f"{type(exc).__name__}: {exc}"[:300]
+        rows[schema.ERROR][i] = f"{entry.note}{type(exc).__name__}: {exc}"[:300]
         return None
     if not isinstance(data, bytes) and len(data) == 1:
         data = data[0]
@@ -188,6 +207,8 @@ def read_failure(exc: BaseException) -> tuple[schema.Status, int | None]:
         return schema.Status.TOO_LARGE, exc.size
     if isinstance(exc, item.NoItems):
         return schema.Status.EMPTY, None
+    if isinstance(exc, item.NotExpanded):
+        return schema.Status.UNSUPPORTED, None
     return schema.Status.UNREADABLE, None
 
 
@@ -316,6 +337,8 @@ def _to_table(
     }
     for name, values in rows.items():
         columns[name] = pa.array(values, schema.SCORES_SCHEMA.field(name).type)
+    for name in schema.ITEM_COLUMNS:
+        columns[name] = pa.array([e.columns.get(name) for e in entries], pa.string())
     for name in listing.column_names:
         if name not in columns and name != schema.RAW_PATH:
             columns[name] = listing.column(name)

@@ -167,7 +167,8 @@ def _streamed_identity(cfg: ScanConfig, units: list[tuple[str, bool]]) -> dict[s
     """What fixes a streamed listing's rows before it has run: the sources and the selection."""
     return {
         "sources": [uri for uri, _ in units],
-        "extensions": list(item.listed_extensions(cfg.extensions)),
+        # Without the built-in archive kinds, so that a scan stopped before they existed still resumes.
+        "extensions": list(item.listed_extensions(cfg.extensions, item.registered(built_in=False))),
         "all_files": cfg.all_files,
         "sample": cfg.sample,
         "limit": cfg.limit,
@@ -182,7 +183,7 @@ def list_inputs(cfg: ScanConfig) -> pa.Table:
     else:
         table = sources.list_sources(
             cfg.sources,
-            item.listed_extensions(cfg.extensions),
+            item.listed_extensions(cfg.extensions, cfg.input_kinds),
             all_files=cfg.all_files,
             storage_options=cfg.storage_options,
         )
@@ -560,7 +561,7 @@ def streamed_inputs(
         num_cpus=0,
         fn_kwargs={
             "units": units,
-            "extensions": item.listed_extensions(cfg.extensions),
+            "extensions": item.listed_extensions(cfg.extensions, cfg.input_kinds),
             "all_files": cfg.all_files,
             "storage_options": cfg.storage_options,
             "shard_rows": shard_rows,
@@ -612,6 +613,8 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: ClassifierPlan, ds: An
         framing=cfg.framing,
         checks=cfg.checks,
         phash=cfg.phash,
+        kinds=cfg.input_kinds,
+        containers=cfg.containers,
     )
     ds = ds.map_batches(
         cpu_stage.prepare_batch,

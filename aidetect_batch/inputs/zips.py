@@ -1,0 +1,91 @@
+"""Zip archives as inputs: each admitted member is one Item, ``zip://<member>::<archive uri>``.
+
+A zip is read by random access from its central directory, so on ``s3://`` only the directory and the
+members' own byte ranges are fetched (fsspec file objects do ranged reads).
+"""
+
+from __future__ import annotations
+
+import stat
+import zipfile
+import zlib
+from collections.abc import Iterator
+
+from aidetect_batch.inputs import archives, item
+
+
+def _name(info: zipfile.ZipInfo) -> str:
+    """The member's name; a name without the UTF-8 flag that is not UTF-8 either keeps its bytes as ``%XX``."""
+    if info.flag_bits & 0x800:
+        return archives.member_name(info.filename)
+    raw = info.filename.encode("cp437")
+    return archives.member_name(raw.decode("utf-8", "surrogateescape"))
+
+
+def _skipped(info: zipfile.ZipInfo) -> str | None:
+    """Why a member is not a regular file (directory, symlink, device), from its Unix mode when it has one."""
+    if info.is_dir():
+        return "directory"
+    mode = info.external_attr >> 16
+    if mode and stat.S_ISLNK(mode):
+        return "symlink"
+    if mode and not stat.S_ISREG(mode) and stat.S_IFMT(mode):
+        return "device or special file"
+    return None
+
+
+def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo, options: item.ReadOptions) -> bytes:
+    if info.flag_bits & 0x1:
+        raise archives.EncryptedMember("encrypted zip member (no password is given)")
+    with archive.open(info) as handle:
+        return archives.read_capped(handle, options, compressed=info.compress_size)
+
+
+class Zip:
+    """``*.zip``: members by random access from the central directory."""
+
+    name = "zip"
+    views = False
+    extensions = archives.ZIP_EXTENSIONS
+
+    def accepts(self, unit: item.Item) -> bool:
+        return unit.member is None and archives.has_extension(unit.uri, self.extensions)
+
+    def items(self, unit: item.Item, options: item.ReadOptions) -> list[item.Item]:
+        return [read.item for read in self.read_all(unit, options, read=False)]
+
+    def read(self, found: item.Item, options: item.ReadOptions) -> bytes:
+        with archives.open_unit(found, options) as handle, zipfile.ZipFile(handle) as archive:
+            for info in archive.infolist():
+                if _name(info) == found.member and _skipped(info) is None:
+                    return _read(archive, info, options)
+        raise FileNotFoundError(f"no member {found.member!r} in {found.uri}")
+
+    def read_all(self, unit: item.Item, options: item.ReadOptions, *, read: bool = True) -> Iterator[item.Read]:
+        """Every admitted member in central-directory order, read one at a time."""
+        tally = archives.Tally(unit, options.containers.max_members)
+        with archives.open_unit(unit, options) as handle, zipfile.ZipFile(handle) as archive:
+            for info in archive.infolist():
+                why = _skipped(info)
+                if why is not None:
+                    tally.skipped[why] += 1
+                elif archives.admitted(info.filename, options.containers) and tally.take():
+                    yield self._member(archive, info, unit.at(self.name, _name(info)), options, read=read)
+        yield from tally.close()
+
+    def _member(
+        self,
+        archive: zipfile.ZipFile,
+        info: zipfile.ZipInfo,
+        found: item.Item,
+        options: item.ReadOptions,
+        *,
+        read: bool,
+    ) -> item.Read:
+        deeper = archives.nested(info.filename, options.containers.depth)
+        if deeper is not None or not read:
+            return item.Read(found, failure=deeper)
+        try:
+            return item.Read(found, _read(archive, info, options))
+        except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, NotImplementedError) as exc:
+            return item.Read(found, failure=exc)

@@ -1,0 +1,257 @@
+"""Zip and tar archives as inputs: one row per admitted member, WebDataset columns, hostile archives, S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zipfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import encode, photo
+
+from aidetect_batch import schema
+from aidetect_batch.inputs import item
+from aidetect_batch.scan.config import ScanConfig
+from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
+from aidetect_batch.scan.runner import list_inputs, run_scan
+
+CONTAINERS = ScanConfig(sources=("x",), out="o", checkpoint="c").containers
+
+
+def jpeg(seed: int) -> bytes:
+    return encode(photo(64, 48, seed=seed), "JPEG")
+
+
+def write_zip(path, members: dict[str, bytes], *, compression=zipfile.ZIP_STORED) -> str:
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return str(path)
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(data)
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "a.jpg"
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def write_tar(path, members: dict[str, bytes], mode: str = "w") -> str:
+    with tarfile.open(path, mode) as tar:
+        for name, data in members.items():
+            add(tar, name, data)
+    return str(path)
+
+
+def scan_rows(*units: str, options: PrepareOptions | None = None, **changes) -> list[dict]:
+    listing = pa.table({schema.PATH: list(units), schema.SOURCE: ["root"] * len(units)})
+    options = options or PrepareOptions(policy="resize", max_pixels=10**8, containers=CONTAINERS, **changes)
+    table = prepare_batch(listing, options)
+    return table.drop_columns([c for c in (schema.IMAGE, schema.PIXELS) if c in table.column_names]).to_pylist()
+
+
+def by_path(rows: list[dict]) -> dict[str, dict]:
+    return {r[schema.PATH]: r for r in rows}
+
+
+ZIPPED = {"a.jpg": jpeg(1), "sub/b.png": encode(photo(40, 40, seed=2), "PNG"), "notes.txt": b"text", "c.JPG": jpeg(3)}
+
+
+def test_a_zip_gives_one_row_per_admitted_member_with_its_identity(tmp_path):
+    archive = write_zip(tmp_path / "x.zip", ZIPPED, compression=zipfile.ZIP_DEFLATED)
+    rows = scan_rows(archive)
+    assert [r[schema.PATH] for r in rows] == [f"zip://{n}::{archive}" for n in ("a.jpg", "sub/b.png", "c.JPG")]
+    assert [r[item.UNIT_ROWS] for r in rows] == [3, 0, 0]
+    for row in rows:
+        data = ZIPPED[row[schema.MEMBER]]
+        assert row[schema.STATUS] == "ok" and row[schema.CONTAINER] == archive
+        assert row[schema.SHA256] == hashlib.sha256(data).hexdigest() and row[schema.FILE_SIZE] == len(data)
+        assert item.read_path(row[schema.PATH], item.ReadOptions()) == data
+    all_files = PrepareOptions(policy="resize", max_pixels=10**8, containers=item.ContainerOptions())
+    assert len(scan_rows(archive, options=all_files)) == 4, "--all-files admits every member"
+
+
+@pytest.mark.parametrize("mode, name", [("w", "x.tar"), ("w:gz", "x.tar.gz"), ("w:gz", "x.tgz")])
+def test_a_tar_is_streamed_into_one_row_per_member(tmp_path, mode, name):
+    archive = write_tar(tmp_path / name, ZIPPED, mode)
+    rows = scan_rows(archive, str(tmp_path / "loose.jpg"))
+    paths = [r[schema.PATH] for r in rows]
+    assert paths == [*(f"tar://{n}::{archive}" for n in ("a.jpg", "sub/b.png", "c.JPG")), str(tmp_path / "loose.jpg")]
+    assert [r[schema.STATUS] for r in rows[:3]] == ["ok"] * 3
+    assert rows[3][schema.STATUS] == "unreadable" and rows[3][schema.CONTAINER] is None
+    assert item.read_path(paths[1], item.ReadOptions()) == ZIPPED["sub/b.png"]
+
+
+def test_a_tar_is_read_once_per_scan(tmp_path, monkeypatch):
+    archive = write_tar(tmp_path / "x.tar", ZIPPED)
+    opened = []
+    real = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(1) or real(*a, **k))
+    assert len(scan_rows(archive)) == 3 and len(opened) == 1
+
+
+def test_webdataset_samples_carry_key_caption_and_url(tmp_path):
+    members = {}
+    for key in ("000000000", "000000001"):
+        members[f"shard/{key}.jpg"] = jpeg(int(key) + 5)
+        members[f"shard/{key}.txt"] = f"caption {key}".encode()
+        members[f"shard/{key}.json"] = json.dumps({"url": f"https://x/{key}.jpg", "key": key}).encode()
+    members["lonely.jpg"] = jpeg(9)
+    rows = by_path(scan_rows(write_tar(tmp_path / "00000.tar", members)))
+    first = rows[f"tar://shard/000000001.jpg::{tmp_path / '00000.tar'}"]
+    assert first[schema.WDS_KEY] == "shard/000000001" and first[schema.WDS_CAPTION] == "caption 000000001"
+    assert first[schema.WDS_URL] == "https://x/000000001.jpg" and first[schema.STATUS] == "ok"
+    lonely = rows[f"tar://lonely.jpg::{tmp_path / '00000.tar'}"]
+    assert lonely[schema.WDS_KEY] is None and lonely[schema.WDS_CAPTION] is None
+    assert len(rows) == 3
+
+
+def test_hostile_zips(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb.bmp", b"\0" * (8 << 20))
+        archive.writestr("../../etc/evil.jpg", jpeg(1))
+        archive.writestr("/abs/x.jpg", jpeg(2))
+        archive.writestr("inner.zip", b"PK")
+        archive.writestr("dir/", b"")
+        link = zipfile.ZipInfo("link.jpg")
+        link.external_attr = 0o120777 << 16
+        archive.writestr(link, b"a.jpg")
+    encrypted = tmp_path / "locked.zip"
+    write_zip(encrypted, {"secret.jpg": jpeg(3)})
+    raw = bytearray(encrypted.read_bytes())
+    for signature, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = raw.index(signature)
+        raw[at + flag_at] |= 1
+    encrypted.write_bytes(bytes(raw))
+    fake = tmp_path / "fake.zip"
+    fake.write_bytes(b"this is not a zip")
+    big = write_zip(tmp_path / "big.zip", {"big.jpg": jpeg(4)})
+    rows = by_path(scan_rows(str(bomb), str(encrypted), str(fake)))
+    assert len(rows) == 6, "directory and symlink members are skipped"
+    bombed = rows[f"zip://bomb.bmp::{bomb}"]
+    assert bombed[schema.STATUS] == "too_large" and "--max-ratio" in bombed[schema.ERROR]
+    assert rows[f"zip://../../etc/evil.jpg::{bomb}"][schema.STATUS] == "ok", "../ is only a label"
+    assert rows[f"zip:///abs/x.jpg::{bomb}"][schema.STATUS] == "ok"
+    nested = rows[f"zip://inner.zip::{bomb}"]
+    assert nested[schema.STATUS] == "unsupported" and "--archive-depth" in nested[schema.ERROR]
+    locked = rows[f"zip://secret.jpg::{encrypted}"]
+    assert locked[schema.STATUS] == "unreadable" and "encrypted" in locked[schema.ERROR]
+    assert rows[str(fake)][schema.STATUS] == "unreadable" and "BadZipFile" in rows[str(fake)][schema.ERROR]
+    capped = scan_rows(big, max_file_bytes=len(jpeg(4)) - 1)
+    assert capped[0][schema.STATUS] == "too_large" and "--max-file-mb" in capped[0][schema.ERROR]
+
+
+def test_hostile_tars(tmp_path):
+    archive = tmp_path / "odd.tar"
+    with tarfile.open(archive, "w") as tar:
+        add(tar, "a.jpg", jpeg(1))
+        add(tar, "dir", kind=tarfile.DIRTYPE)
+        add(tar, "link.jpg", kind=tarfile.SYMTYPE)
+        add(tar, "dev.jpg", kind=tarfile.CHRTYPE)
+        add(tar, "nested.tar.gz", b"x")
+        add(tar, "b.jpg", jpeg(2))
+    rows = scan_rows(str(archive))
+    assert [r[schema.MEMBER] for r in rows] == ["a.jpg", "nested.tar.gz", "b.jpg"]
+    assert [r[schema.STATUS] for r in rows] == ["ok", "unsupported", "ok"]
+    truncated = tmp_path / "cut.tar"
+    whole = open(write_tar(tmp_path / "whole.tar", {"a.jpg": jpeg(1), "b.jpg": jpeg(2) * 20}), "rb").read()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    cut = scan_rows(str(truncated))
+    assert [r[schema.PATH] for r in cut] == [f"tar://a.jpg::{truncated}", str(truncated)]
+    assert cut[0][schema.STATUS] == "ok" and cut[1][schema.STATUS] == "unreadable"
+    assert cut[1][schema.ERROR].startswith("the rest of the unit, after 1 items")
+    assert [r[item.UNIT_ROWS] for r in cut] == [2, 0]
+
+
+def test_a_compressed_tar_bomb_stops_with_a_too_large_row(tmp_path):
+    archive = write_tar(
+        tmp_path / "bomb.tgz", {"a.jpg": jpeg(1), "zeros.bmp": b"\0" * (16 << 20), "b.jpg": jpeg(2)}, "w:gz"
+    )
+    rows = scan_rows(archive)
+    assert rows[0][schema.STATUS] == "ok"
+    assert rows[-1][schema.PATH] == archive and rows[-1][schema.STATUS] == "too_large"
+    assert "--max-ratio" in rows[-1][schema.ERROR]
+
+
+def test_members_beyond_max_members_are_counted_on_the_archives_row(tmp_path):
+    members = {f"{i}.jpg": jpeg(i) for i in range(4)}
+    few = item.ContainerOptions(CONTAINERS.extensions, max_members=2)
+    options = PrepareOptions(policy="resize", max_pixels=10**8, containers=few)
+    for archive in (write_zip(tmp_path / "m.zip", members), write_tar(tmp_path / "m.tar", members)):
+        rows = scan_rows(archive, options=options)
+        assert [r[schema.MEMBER] for r in rows] == ["0.jpg", "1.jpg", None]
+        assert rows[2][schema.PATH] == archive and rows[2][schema.STATUS] == "too_large"
+        assert "2 members beyond the first 2" in rows[2][schema.ERROR]
+
+
+def test_non_utf8_member_names_are_escaped_like_file_names(tmp_path):
+    archive = tmp_path / "latin.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        add(tar, "caf\xe9%.jpg", jpeg(1))
+    rows = scan_rows(str(archive))
+    assert rows[0][schema.MEMBER] == "caf%E9%25.jpg" and rows[0][schema.STATUS] == "ok"
+    assert item.read_path(rows[0][schema.PATH], item.ReadOptions()) == jpeg(1)
+
+
+def test_archives_are_listed_and_no_archives_keeps_them_files(tmp_path):
+    for name in ("a.zip", "b.tar", "c.tar.gz", "d.tgz", "e.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    cfg = ScanConfig(sources=(str(tmp_path),), out=str(tmp_path / "out"), checkpoint="unused")
+    listed = {os.path.basename(p) for p in list_inputs(cfg).column(schema.PATH).to_pylist()}
+    assert listed == {"a.zip", "b.tar", "c.tar.gz", "d.tgz"}
+    off = ScanConfig(sources=(str(tmp_path),), out=str(tmp_path / "out"), checkpoint="unused", archives=False)
+    assert off.input_kinds == (item.LOOSE_FILE,)
+    with pytest.raises(Exception, match="no files found"):
+        list_inputs(off)
+    archive = write_zip(tmp_path / "z.zip", ZIPPED)
+    options = PrepareOptions(policy="resize", max_pixels=10**8, kinds=off.input_kinds)
+    row = scan_rows(archive, options=options)[0]
+    assert row[schema.PATH] == archive and row[schema.STATUS] == "undecodable", "one row, as before"
+
+
+def test_a_zip_and_a_tar_on_s3(s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("archives")
+    fs.put_file(write_zip(tmp_path / "x.zip", ZIPPED), "archives/x.zip")
+    fs.put_file(write_tar(tmp_path / "x.tgz", ZIPPED, "w:gz"), "archives/x.tgz")
+    rows = scan_rows("s3://archives/x.zip", "s3://archives/x.tgz")
+    assert [r[schema.STATUS] for r in rows] == ["ok"] * 6
+    assert rows[0][schema.PATH] == "zip://a.jpg::s3://archives/x.zip"
+    assert rows[3][schema.CONTAINER] == "s3://archives/x.tgz"
+    for row in rows:
+        assert item.read_path(row[schema.PATH], item.ReadOptions()) == ZIPPED[row[schema.MEMBER]]
+
+
+@pytest.fixture(scope="module")
+def archive_scan(ray_cluster, tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("archives")
+    (root / "loose.jpg").write_bytes(jpeg(20))
+    zipped = write_zip(root / "x.zip", ZIPPED)
+    tarred = write_tar(root / "y.tar.gz", ZIPPED, "w:gz")
+    expected = {str(root / "loose.jpg"): jpeg(20)}
+    for kind, archive in (("zip", zipped), ("tar", tarred)):
+        expected.update({f"{kind}://{n}::{archive}": ZIPPED[n] for n in ("a.jpg", "sub/b.png", "c.JPG")})
+    cfg = ScanConfig(
+        sources=(str(root),), out=str(tmp_path_factory.mktemp("archive_scan") / "out"), checkpoint=tiny_checkpoint
+    )
+    return run_scan(cfg), cfg, expected
+
+
+def test_a_scan_writes_every_member_exactly_once(archive_scan):
+    result, cfg, expected = archive_scan
+    rows = pq.read_table(os.path.join(cfg.out, schema.SCORES_DIR)).to_pylist()
+    paths = [r[schema.PATH] for r in rows]
+    assert len(paths) == len(set(paths)) and set(paths) == set(expected)
+    assert result.run["inputs"] == 3 and result.summary.total == 7
+    for row in rows:
+        assert row[schema.STATUS] == "ok" and 0.0 <= row[schema.SCORE] <= 1.0
+        assert item.read_path(row[schema.PATH], item.ReadOptions()) == expected[row[schema.PATH]]
