@@ -255,3 +255,15 @@ def test_a_scan_writes_every_member_exactly_once(archive_scan):
     for row in rows:
         assert row[schema.STATUS] == "ok" and 0.0 <= row[schema.SCORE] <= 1.0
         assert item.read_path(row[schema.PATH], item.ReadOptions()) == expected[row[schema.PATH]]
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_an_archive_past_its_memory_budget_keeps_what_was_read_and_one_row_for_the_rest(tmp_path, monkeypatch, kind):
+    from aidetect_batch.inputs import archives
+
+    archive = (write_zip if kind == "zip" else write_tar)(tmp_path / f"x.{kind}", ZIPPED)
+    monkeypatch.setattr(archives, "UNIT_BUDGET_BYTES", len(ZIPPED["a.jpg"]) + 1)
+    rows = scan_rows(archive)
+    assert [r[schema.STATUS] for r in rows] == ["ok", "too_large"]
+    assert rows[0][schema.PATH] == f"{kind}://a.jpg::{archive}"
+    assert rows[1][schema.PATH] == archive and "one archive may hold" in rows[1][schema.ERROR]

@@ -23,6 +23,10 @@ ZIP_EXTENSIONS = ("zip",)
 TAR_EXTENSIONS = ("tar", "tar.gz", "tgz")
 EXTENSIONS = (*ZIP_EXTENSIONS, *TAR_EXTENSIONS)
 
+# Most member bytes one archive may put in its decode task's memory. The CPU stage returns a unit's rows in one
+# table, so the members read so far are all held at once; past this budget the rest of the archive becomes one
+# too_large row instead of an out-of-memory worker. Streaming partial tables would lift it.
+UNIT_BUDGET_BYTES = 2 << 30
 # Below this many decompressed bytes the ratio cap is not applied: small, flat files compress far and are harmless.
 RATIO_FLOOR_BYTES = 1 << 20
 _CHUNK = 1 << 20
@@ -39,6 +43,16 @@ class CompressionBomb(sources.FileTooLarge):
 
     def __init__(self, size: int, ratio: float) -> None:
         OSError.__init__(self, f"decompresses over {ratio:g}:1 after {size} bytes (--max-ratio): a zip bomb?")
+        self.size = size
+
+
+class OverBudget(sources.FileTooLarge):
+    """The members read so far fill the archive's memory budget: the rest of it is one ``too_large`` row."""
+
+    def __init__(self, size: int, budget: int) -> None:
+        OSError.__init__(
+            self, f"{size} bytes of members read, over the {budget >> 20} MiB one archive may hold in a decode task"
+        )
         self.size = size
 
 
@@ -106,14 +120,22 @@ class Tally:
     """Members skipped (directories, links, devices) and admitted members beyond ``--max-members``."""
 
     def __init__(self, unit: item.Item, cap: int) -> None:
-        self.unit, self.cap = unit, cap
+        self.unit, self.cap, self.budget = unit, cap, UNIT_BUDGET_BYTES
         self.skipped: Counter[str] = Counter()
         self.admitted = 0
+        self.held = 0
 
     def take(self) -> bool:
         """Count one admitted member; whether it is within the cap (and so read)."""
         self.admitted += 1
         return self.admitted <= self.cap
+
+    def spend(self, read: item.Read) -> item.Read:
+        """Count a member's bytes against the archive's memory budget; over it, raise :class:`OverBudget`."""
+        self.held += len(read.data or b"")
+        if self.held > self.budget:
+            raise OverBudget(self.held, self.budget)
+        return read
 
     def close(self) -> Iterator[item.Read]:
         """Log what was skipped; the unit's row when members were over the cap."""

@@ -70,7 +70,7 @@ class Zip:
                 if why is not None:
                     tally.skipped[why] += 1
                 elif archives.admitted(info.filename, options.containers) and tally.take():
-                    yield self._member(archive, info, unit.at(self.name, _name(info)), options, read=read)
+                    yield tally.spend(self._member(archive, info, unit.at(self.name, _name(info)), options, read=read))
         yield from tally.close()
 
     def _member(
