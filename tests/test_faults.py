@@ -42,6 +42,7 @@ def classifier_actor_pids():
     return [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if "Classifier" in a.class_name]
 
 
+@pytest.mark.slow
 def test_a_killed_classifier_actor_is_replaced_and_no_row_is_lost(ray_with_state_api, tiny_checkpoint, tmp_path):
     paths = write_photos(str(tmp_path / "imgs"), 300)
     killed = []

@@ -21,6 +21,7 @@ def ray_with_state_api():
         yield ray
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_search_refuses_to_start_without_the_state_api(tmp_path):
     with own_ray(num_cpus=1):
