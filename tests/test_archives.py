@@ -262,8 +262,57 @@ def test_an_archive_past_its_memory_budget_keeps_what_was_read_and_one_row_for_t
     from aidetect_batch.inputs import archives
 
     archive = (write_zip if kind == "zip" else write_tar)(tmp_path / f"x.{kind}", ZIPPED)
-    monkeypatch.setattr(archives, "UNIT_BUDGET_BYTES", len(ZIPPED["a.jpg"]) + 1)
+    monkeypatch.setattr(archives, "BATCH_BUDGET_BYTES", len(ZIPPED["a.jpg"]) + 1)
     rows = scan_rows(archive)
     assert [r[schema.STATUS] for r in rows] == ["ok", "too_large"]
     assert rows[0][schema.PATH] == f"{kind}://a.jpg::{archive}"
-    assert rows[1][schema.PATH] == archive and "one archive may hold" in rows[1][schema.ERROR]
+    assert rows[1][schema.PATH] == archive and "one decode batch may hold" in rows[1][schema.ERROR]
+
+
+def test_archives_of_one_batch_share_its_memory_budget(tmp_path, monkeypatch):
+    from aidetect_batch.inputs import archives
+
+    first = write_zip(tmp_path / "one.zip", {"a.jpg": ZIPPED["a.jpg"]})
+    second = write_tar(tmp_path / "two.tar", {"a.jpg": ZIPPED["a.jpg"]})
+    monkeypatch.setattr(archives, "BATCH_BUDGET_BYTES", len(ZIPPED["a.jpg"]) + 1)
+    rows = scan_rows(first, second)
+    assert [(r[schema.PATH], r[schema.STATUS]) for r in rows] == [
+        (f"zip://a.jpg::{first}", "ok"),
+        (second, "too_large"),
+    ]
+
+
+def test_text_a_tar_carries_is_valid_utf8_whatever_its_sidecars_and_names_hold(tmp_path):
+    archive = tmp_path / "w.tar"
+    members = {
+        "s/1.jpg": jpeg(1),
+        "s/1.json": b'{"url": "\\ud800x"}',
+        "s\udcff/2.jpg": jpeg(2),
+        "s\udcff/2.txt": b"cap",
+    }
+    with tarfile.open(archive, "w", encoding="utf-8", errors="surrogateescape") as tar:
+        for name, data in members.items():
+            add(tar, name, data)
+    rows = by_path(scan_rows(str(archive)))
+    assert rows[f"tar://s/1.jpg::{archive}"][schema.WDS_URL] == "?x"
+    odd = rows[f"tar://s%25FF/2.jpg::{archive}"]
+    assert odd[schema.STATUS] == "ok" and odd[schema.WDS_KEY] == "s%FF/2" and odd[schema.WDS_CAPTION] == "cap"
+
+
+def test_a_corrupt_zip_member_is_its_own_row_and_the_next_is_still_read(tmp_path):
+    archive = write_zip(tmp_path / "x.zip", {"a.jpg": ZIPPED["a.jpg"], "b.jpg": jpeg(4)}, compression=zipfile.ZIP_LZMA)
+    data = bytearray(open(archive, "rb").read())
+    start = data.index(b"a.jpg") + len("a.jpg") + 4
+    data[start : start + 64] = bytes(64)
+    open(archive, "wb").write(bytes(data))
+    rows = scan_rows(archive)
+    assert [r[schema.PATH] for r in rows] == [f"zip://a.jpg::{archive}", f"zip://b.jpg::{archive}"]
+    assert rows[0][schema.STATUS] != "ok" and rows[1][schema.STATUS] == "ok"
+
+
+def test_a_member_name_with_colons_reopens_its_bytes(tmp_path):
+    archive = write_zip(tmp_path / "x.zip", {"a:": jpeg(1), "b::c.jpg": jpeg(2)})
+    all_files = PrepareOptions(policy="resize", max_pixels=10**8, containers=item.ContainerOptions())
+    for row in scan_rows(archive, options=all_files):
+        data = {"a:": jpeg(1), "b::c.jpg": jpeg(2)}[row[schema.MEMBER]]
+        assert item.read_path(row[schema.PATH], item.ReadOptions()) == data

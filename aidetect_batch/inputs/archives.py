@@ -23,10 +23,10 @@ ZIP_EXTENSIONS = ("zip",)
 TAR_EXTENSIONS = ("tar", "tar.gz", "tgz")
 EXTENSIONS = (*ZIP_EXTENSIONS, *TAR_EXTENSIONS)
 
-# Most member bytes one archive may put in its decode task's memory. The CPU stage returns a unit's rows in one
-# table, so the members read so far are all held at once; past this budget the rest of the archive becomes one
+# Most member bytes one decode batch may hold, shared by its archives. The CPU stage returns a batch's rows in
+# one table, so every member read is held at once; past this budget the rest of an archive becomes one
 # too_large row instead of an out-of-memory worker. Streaming partial tables would lift it.
-UNIT_BUDGET_BYTES = 2 << 30
+BATCH_BUDGET_BYTES = 2 << 30
 # Below this many decompressed bytes the ratio cap is not applied: small, flat files compress far and are harmless.
 RATIO_FLOOR_BYTES = 1 << 20
 _CHUNK = 1 << 20
@@ -50,9 +50,7 @@ class OverBudget(sources.FileTooLarge):
     """The members read so far fill the archive's memory budget: the rest of it is one ``too_large`` row."""
 
     def __init__(self, size: int, budget: int) -> None:
-        OSError.__init__(
-            self, f"{size} bytes of members read, over the {budget >> 20} MiB one archive may hold in a decode task"
-        )
+        OSError.__init__(self, f"{size} bytes of members read, over the {budget >> 20} MiB one decode batch may hold")
         self.size = size
 
 
@@ -119,11 +117,11 @@ def open_unit(unit: item.Item, options: item.ReadOptions) -> Iterator[IO[bytes]]
 class Tally:
     """Members skipped (directories, links, devices) and admitted members beyond ``--max-members``."""
 
-    def __init__(self, unit: item.Item, cap: int) -> None:
-        self.unit, self.cap, self.budget = unit, cap, UNIT_BUDGET_BYTES
+    def __init__(self, unit: item.Item, options: item.ReadOptions) -> None:
+        self.unit, self.cap = unit, options.containers.max_members
+        self.budget = options.budget or item.Budget(BATCH_BUDGET_BYTES)
         self.skipped: Counter[str] = Counter()
         self.admitted = 0
-        self.held = 0
 
     def take(self) -> bool:
         """Count one admitted member; whether it is within the cap (and so read)."""
@@ -132,9 +130,8 @@ class Tally:
 
     def spend(self, read: item.Read) -> item.Read:
         """Count a member's bytes against the archive's memory budget; over it, raise :class:`OverBudget`."""
-        self.held += len(read.data or b"")
-        if self.held > self.budget:
-            raise OverBudget(self.held, self.budget)
+        if not self.budget.spend(len(read.data or b"")):
+            raise OverBudget(self.budget.held, self.budget.limit)
         return read
 
     def close(self) -> Iterator[item.Read]:

@@ -58,13 +58,28 @@ class ContainerOptions:
     depth: int = 1
 
 
+@dataclasses.dataclass
+class Budget:
+    """Member bytes one decode batch may hold before its rows leave the CPU stage (shared by its units)."""
+
+    limit: int
+    held: int = 0
+
+    def spend(self, size: int) -> bool:
+        """Count ``size`` more bytes held; whether the batch is still within its limit."""
+        self.held += size
+        return self.held <= self.limit
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadOptions:
-    """How bytes are read: fsspec options for remote URIs and the size cap (``--max-file-mb``; ``None``: none)."""
+    """How bytes are read: fsspec options for remote URIs, the size cap (``--max-file-mb``; ``None``: none),
+    the archive limits, and the memory budget the units of one decode batch share (``None``: a kind's own)."""
 
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_bytes: int | None = None
     containers: ContainerOptions = ContainerOptions()
+    budget: Budget | None = None
 
     def check_size(self, size: int) -> None:
         """Raise :class:`sources.FileTooLarge` when ``size`` bytes are over the cap (a kind's members use it)."""
@@ -118,11 +133,12 @@ class Read:
 
 
 def _escape(member: str) -> str:
-    return member.replace("%", "%25").replace("::", "%3A%3A")
+    """``%`` and ``:`` as ``%25`` and ``%3A``, so the first ``::`` of a path always ends its member."""
+    return member.replace("%", "%25").replace(":", "%3A")
 
 
 def _unescape(member: str) -> str:
-    return member.replace("%3A%3A", "::").replace("%25", "%")
+    return member.replace("%3A", ":").replace("%25", "%")
 
 
 @runtime_checkable

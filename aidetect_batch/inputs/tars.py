@@ -64,7 +64,7 @@ class _Sample:
             except ValueError:
                 return
             if isinstance(found, dict) and found.get("url") is not None:
-                self.columns[schema.WDS_URL] = str(found["url"])
+                self.columns[schema.WDS_URL] = str(found["url"]).encode("utf-8", "replace").decode("utf-8")
 
     def flush(self) -> Iterator[item.Read]:
         shared = {**self.columns, schema.WDS_KEY: self.key} if self.siblings else {}
@@ -94,14 +94,14 @@ class Tar:
 
     def read_all(self, unit: item.Item, options: item.ReadOptions) -> Iterator[item.Read]:
         """Every admitted member in stream order, each read as the stream passes it."""
-        tally = archives.Tally(unit, options.containers.max_members)
+        tally = archives.Tally(unit, options)
         sample = _Sample(None)
         with archives.open_unit(unit, options) as handle:
             counted = _Counting(handle)
             try:
                 with self._open(counted) as tar:
                     for member in tar:
-                        key = sample_key(member.name)[0]
+                        key = sample_key(archives.member_name(member.name))[0]
                         if key != sample.key:
                             yield from sample.flush()
                             sample = _Sample(key)

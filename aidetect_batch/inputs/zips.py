@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import stat
 import zipfile
-import zlib
 from collections.abc import Iterator
 
 from aidetect_batch.inputs import archives, item
@@ -63,7 +62,7 @@ class Zip:
 
     def read_all(self, unit: item.Item, options: item.ReadOptions, *, read: bool = True) -> Iterator[item.Read]:
         """Every admitted member in central-directory order, read one at a time."""
-        tally = archives.Tally(unit, options.containers.max_members)
+        tally = archives.Tally(unit, options)
         with archives.open_unit(unit, options) as handle, zipfile.ZipFile(handle) as archive:
             for info in archive.infolist():
                 why = _skipped(info)
@@ -87,5 +86,5 @@ class Zip:
             return item.Read(found, failure=deeper)
         try:
             return item.Read(found, _read(archive, info, options))
-        except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile, NotImplementedError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a corrupt member (lzma, struct, ...) is its own row, not the rest's
             return item.Read(found, failure=exc)

@@ -27,7 +27,7 @@ from ray.data.extensions import ArrowTensorArray
 
 from aidetect_batch import schema
 from aidetect_batch.detectors import policies
-from aidetect_batch.inputs import item, sources
+from aidetect_batch.inputs import archives, item, sources
 from aidetect_batch.media import pdq, perturb, provenance
 
 DECODE_COLUMNS = (
@@ -146,11 +146,12 @@ def expand_batch(batch: pa.Table, options: PrepareOptions) -> list[Entry]:
     """Every listed unit's Items, in listing order. A unit that cannot be expanded keeps one row; one that
     fails part way (a truncated tar) keeps the rows read and adds one row, the unit's own, for the rest."""
     entries: list[Entry] = []
+    read_options = dataclasses.replace(options.read_options, budget=item.Budget(archives.BATCH_BUDGET_BYTES))
     for u, unit in enumerate(item.units_of(batch)):
         kind = item.kind_of(unit, options.kinds)
         found: list[Entry] = []
         try:
-            for read in item.read_all(kind, unit, options.read_options):
+            for read in item.read_all(kind, unit, read_options):
                 found.append(Entry(read.item, kind, u, 0, read.failure, read.data, _columns(read)))
             if not found:
                 raise item.NoItems(f"{kind.name} unit holds no items")
