@@ -62,6 +62,16 @@ class TooManyMembers(sources.FileTooLarge):
         self.size = None
 
 
+class ArchiveKind:
+    """What both archive kinds are: a whole listed unit with one of their extensions, one view per member."""
+
+    extensions: tuple[str, ...] = ()
+    views = False
+
+    def accepts(self, unit: item.Item) -> bool:
+        return unit.member is None and has_extension(unit.uri, self.extensions)
+
+
 def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
     """Whether ``name`` ends with one of ``extensions`` (``tar.gz`` included), ignoring case."""
     return name.lower().endswith(tuple("." + e for e in extensions))

@@ -72,15 +72,11 @@ class _Sample:
             yield item.Read(read.item, read.data, read.failure, {**read.columns, **shared})
 
 
-class Tar:
+class Tar(archives.ArchiveKind):
     """``*.tar``, ``*.tar.gz``, ``*.tgz``: members streamed in one sequential pass."""
 
     name = "tar"
-    views = False
     extensions = archives.TAR_EXTENSIONS
-
-    def accepts(self, unit: item.Item) -> bool:
-        return unit.member is None and archives.has_extension(unit.uri, self.extensions)
 
     def items(self, unit: item.Item, options: item.ReadOptions) -> list[item.Item]:
         return [read.item for read in self.read_all(unit, options)]

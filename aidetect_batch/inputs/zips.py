@@ -40,15 +40,11 @@ def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo, options: item.ReadOpt
         return archives.read_capped(handle, options, compressed=info.compress_size)
 
 
-class Zip:
+class Zip(archives.ArchiveKind):
     """``*.zip``: members by random access from the central directory."""
 
     name = "zip"
-    views = False
     extensions = archives.ZIP_EXTENSIONS
-
-    def accepts(self, unit: item.Item) -> bool:
-        return unit.member is None and archives.has_extension(unit.uri, self.extensions)
 
     def items(self, unit: item.Item, options: item.ReadOptions) -> list[item.Item]:
         return [read.item for read in self.read_all(unit, options, read=False)]
