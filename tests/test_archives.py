@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -67,7 +68,7 @@ def test_a_zip_gives_one_row_per_admitted_member_with_its_identity(tmp_path):
     archive = write_zip(tmp_path / "x.zip", ZIPPED, compression=zipfile.ZIP_DEFLATED)
     rows = scan_rows(archive)
     assert [r[schema.PATH] for r in rows] == [f"zip://{n}::{archive}" for n in ("a.jpg", "sub/b.png", "c.JPG")]
-    assert [r[item.UNIT_ROWS] for r in rows] == [3, 0, 0]
+    assert [r[item.UNIT_ROWS] for r in rows] == [0, 0, 3]
     for row in rows:
         data = ZIPPED[row[schema.MEMBER]]
         assert row[schema.STATUS] == "ok" and row[schema.CONTAINER] == archive
@@ -167,7 +168,7 @@ def test_hostile_tars(tmp_path):
     assert [r[schema.PATH] for r in cut] == [f"tar://a.jpg::{truncated}", str(truncated)]
     assert cut[0][schema.STATUS] == "ok" and cut[1][schema.STATUS] == "unreadable"
     assert cut[1][schema.ERROR].startswith("the rest of the unit, after 1 items")
-    assert [r[item.UNIT_ROWS] for r in cut] == [2, 0]
+    assert [r[item.UNIT_ROWS] for r in cut] == [0, 2]
 
 
 def test_a_compressed_tar_bomb_stops_with_a_too_large_row(tmp_path):
@@ -258,28 +259,21 @@ def test_a_scan_writes_every_member_exactly_once(archive_scan):
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar"])
-def test_an_archive_past_its_memory_budget_keeps_what_was_read_and_one_row_for_the_rest(tmp_path, monkeypatch, kind):
-    from aidetect_batch.inputs import archives
+def test_an_archive_leaves_the_decode_task_in_chunks_as_it_is_read(tmp_path, monkeypatch, kind):
+    """Members are decoded and handed on a chunk at a time: a task never holds a whole archive."""
+    from aidetect_batch.scan import cpu_stage
 
-    archive = (write_zip if kind == "zip" else write_tar)(tmp_path / f"x.{kind}", ZIPPED)
-    monkeypatch.setattr(archives, "BATCH_BUDGET_BYTES", len(ZIPPED["a.jpg"]) + 1)
-    rows = scan_rows(archive)
-    assert [r[schema.STATUS] for r in rows] == ["ok", "too_large"]
-    assert rows[0][schema.PATH] == f"{kind}://a.jpg::{archive}"
-    assert rows[1][schema.PATH] == archive and "one decode batch may hold" in rows[1][schema.ERROR]
-
-
-def test_archives_of_one_batch_share_its_memory_budget(tmp_path, monkeypatch):
-    from aidetect_batch.inputs import archives
-
-    first = write_zip(tmp_path / "one.zip", {"a.jpg": ZIPPED["a.jpg"]})
-    second = write_tar(tmp_path / "two.tar", {"a.jpg": ZIPPED["a.jpg"]})
-    monkeypatch.setattr(archives, "BATCH_BUDGET_BYTES", len(ZIPPED["a.jpg"]) + 1)
-    rows = scan_rows(first, second)
-    assert [(r[schema.PATH], r[schema.STATUS]) for r in rows] == [
-        (f"zip://a.jpg::{first}", "ok"),
-        (second, "too_large"),
-    ]
+    members = {f"m{i}.jpg": jpeg(i) for i in range(7)}
+    archive = (write_zip if kind == "zip" else write_tar)(tmp_path / f"x.{kind}", members)
+    listing = pa.table({schema.PATH: [archive, archive], schema.SOURCE: ["root"] * 2})
+    options = PrepareOptions(policy="resize", max_pixels=10**8, containers=CONTAINERS, chunk_rows=3)
+    tables = list(cpu_stage.prepare_stream(listing, options))
+    assert [t.num_rows for t in tables] == [3, 3, 3, 3, 2]
+    counts = [n for t in tables for n in t.column(item.UNIT_ROWS).to_pylist()]
+    assert counts == [0] * 6 + [7] + [0] * 6 + [7], "each unit's count rides on its last row"
+    monkeypatch.setattr(cpu_stage, "CHUNK_BYTES", 2 * min(map(len, members.values())))
+    by_bytes = list(cpu_stage.prepare_stream(listing.slice(0, 1), dataclasses.replace(options, chunk_rows=100)))
+    assert max(t.num_rows for t in by_bytes) <= 2 and sum(t.num_rows for t in by_bytes) == 7
 
 
 def test_text_a_tar_carries_is_valid_utf8_whatever_its_sidecars_and_names_hold(tmp_path):
@@ -316,3 +310,13 @@ def test_a_member_name_with_colons_reopens_its_bytes(tmp_path):
     for row in scan_rows(archive, options=all_files):
         data = {"a:": jpeg(1), "b::c.jpg": jpeg(2)}[row[schema.MEMBER]]
         assert item.read_path(row[schema.PATH], item.ReadOptions()) == data
+
+
+def test_a_listing_of_mostly_archives_gets_one_archive_per_decode_task(tmp_path):
+    from aidetect_batch.scan.runner import mostly_containers
+
+    cfg = ScanConfig(sources=("x",), out="o", checkpoint="c", decode_batch_size=16)
+    shards = [f"s3://b/{i:05d}.tar" for i in range(10)]
+    assert mostly_containers(shards, cfg) and mostly_containers([*shards, "a.jpg"], cfg)
+    assert not mostly_containers(["a.zip", *[f"{i}.jpg" for i in range(40)]], cfg), "one zip among many photos"
+    assert not mostly_containers([f"{i}.jpg" for i in range(40)], cfg)

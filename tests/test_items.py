@@ -163,7 +163,7 @@ def test_the_cpu_stage_yields_one_row_per_member_and_per_failure(kinds, tmp_path
     rows = prepare_batch(listing, options).drop_columns([schema.IMAGE]).to_pylist()
     members = [f"bundle://{name}::{bundle}" for name in MEMBERS]
     assert [r[schema.PATH] for r in rows] == [loose, *members, empty, missing, bogus]
-    assert [r[item.UNIT_ROWS] for r in rows] == [1, 3, 0, 0, 1, 1, 1]
+    assert [r[item.UNIT_ROWS] for r in rows] == [1, 0, 0, 3, 1, 1, 1], "a unit's count is on its last row"
     assert [r["post_id"] for r in rows] == [10, 11, 11, 11, 12, 13, 14], "listing columns repeat per member"
     status = {r[schema.PATH]: (r[schema.STATUS], r[schema.ERROR] or "") for r in rows}
     assert status[loose][0] == status[members[0]][0] == status[members[1]][0] == "ok"

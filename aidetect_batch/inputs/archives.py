@@ -23,10 +23,6 @@ ZIP_EXTENSIONS = ("zip",)
 TAR_EXTENSIONS = ("tar", "tar.gz", "tgz")
 EXTENSIONS = (*ZIP_EXTENSIONS, *TAR_EXTENSIONS)
 
-# Most member bytes one decode batch may hold, shared by its archives. The CPU stage returns a batch's rows in
-# one table, so every member read is held at once; past this budget the rest of an archive becomes one
-# too_large row instead of an out-of-memory worker. Streaming partial tables would lift it.
-BATCH_BUDGET_BYTES = 2 << 30
 # Below this many decompressed bytes the ratio cap is not applied: small, flat files compress far and are harmless.
 RATIO_FLOOR_BYTES = 1 << 20
 _CHUNK = 1 << 20
@@ -43,14 +39,6 @@ class CompressionBomb(sources.FileTooLarge):
 
     def __init__(self, size: int, ratio: float) -> None:
         OSError.__init__(self, f"decompresses over {ratio:g}:1 after {size} bytes (--max-ratio): a zip bomb?")
-        self.size = size
-
-
-class OverBudget(sources.FileTooLarge):
-    """The members read so far fill the archive's memory budget: the rest of it is one ``too_large`` row."""
-
-    def __init__(self, size: int, budget: int) -> None:
-        OSError.__init__(self, f"{size} bytes of members read, over the {budget >> 20} MiB one decode batch may hold")
         self.size = size
 
 
@@ -129,7 +117,6 @@ class Tally:
 
     def __init__(self, unit: item.Item, options: item.ReadOptions) -> None:
         self.unit, self.cap = unit, options.containers.max_members
-        self.budget = options.budget or item.Budget(BATCH_BUDGET_BYTES)
         self.skipped: Counter[str] = Counter()
         self.admitted = 0
 
@@ -137,12 +124,6 @@ class Tally:
         """Count one admitted member; whether it is within the cap (and so read)."""
         self.admitted += 1
         return self.admitted <= self.cap
-
-    def spend(self, read: item.Read) -> item.Read:
-        """Count a member's bytes against the archive's memory budget; over it, raise :class:`OverBudget`."""
-        if not self.budget.spend(len(read.data or b"")):
-            raise OverBudget(self.budget.held, self.budget.limit)
-        return read
 
     def close(self) -> Iterator[item.Read]:
         """Log what was skipped; the unit's row when members were over the cap."""

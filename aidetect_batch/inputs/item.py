@@ -26,7 +26,7 @@ import pyarrow as pa
 from aidetect_batch import schema
 from aidetect_batch.inputs import sources
 
-# Hidden column the decode stage adds: on the first row of each listed unit, how many rows that unit
+# Hidden column the decode stage adds: on the last row of each listed unit, how many rows that unit
 # yielded (1 for a loose file); 0 on the unit's other rows. The sink counts a shard's units with it.
 UNIT_ROWS = "_unit_rows"
 
@@ -58,28 +58,14 @@ class ContainerOptions:
     depth: int = 1
 
 
-@dataclasses.dataclass
-class Budget:
-    """Member bytes one decode batch may hold before its rows leave the CPU stage (shared by its units)."""
-
-    limit: int
-    held: int = 0
-
-    def spend(self, size: int) -> bool:
-        """Count ``size`` more bytes held; whether the batch is still within its limit."""
-        self.held += size
-        return self.held <= self.limit
-
-
 @dataclasses.dataclass(frozen=True)
 class ReadOptions:
-    """How bytes are read: fsspec options for remote URIs, the size cap (``--max-file-mb``; ``None``: none),
-    the archive limits, and the memory budget the units of one decode batch share (``None``: a kind's own)."""
+    """How bytes are read: fsspec options for remote URIs, the size cap (``--max-file-mb``; ``None``: none)
+    and the archive limits."""
 
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_bytes: int | None = None
     containers: ContainerOptions = ContainerOptions()
-    budget: Budget | None = None
 
     def check_size(self, size: int) -> None:
         """Raise :class:`sources.FileTooLarge` when ``size`` bytes are over the cap (a kind's members use it)."""

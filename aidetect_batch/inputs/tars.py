@@ -132,7 +132,7 @@ class Tar(archives.ArchiveKind):
             tally.skipped["directory" if member.isdir() else "link or special file"] += 1
         elif archives.admitted(member.name, options.containers):
             if tally.take():
-                sample.rows.append(tally.spend(self._member(tar, member, found, options)))
+                sample.rows.append(self._member(tar, member, found, options))
         elif extension in ("txt", "json") and member.size <= SIDECAR_BYTES:
             sample.take_sidecar(extension, tar.extractfile(member).read(SIDECAR_BYTES))
         elif extension in ("txt", "json", "cls"):

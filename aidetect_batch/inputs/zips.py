@@ -65,7 +65,7 @@ class Zip(archives.ArchiveKind):
                 if why is not None:
                     tally.skipped[why] += 1
                 elif archives.admitted(info.filename, options.containers) and tally.take():
-                    yield tally.spend(self._member(archive, info, unit.at(self.name, _name(info)), options, read=read))
+                    yield self._member(archive, info, unit.at(self.name, _name(info)), options, read=read)
         yield from tally.close()
 
     def _member(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,8 +27,12 @@ from ray.data.extensions import ArrowTensorArray
 
 from aidetect_batch import schema
 from aidetect_batch.detectors import policies
-from aidetect_batch.inputs import archives, item, sources
+from aidetect_batch.inputs import item, sources
 from aidetect_batch.media import pdq, perturb, provenance
+
+# Member bytes a decode task holds before it decodes what it has read and hands the rows on: a task's memory
+# stays flat however large the archive it streams.
+CHUNK_BYTES = 64 << 20
 
 DECODE_COLUMNS = (
     *schema.DECODED_COLUMNS,
@@ -58,6 +62,8 @@ class PrepareOptions:
         phash: Compute each decoded image's PDQ hash (``--phash``), for near-duplicate grouping.
         kinds: The input kinds that expand listed units, as registered on the driver when this was made.
         containers: How archives are expanded (members admitted, ``--max-members``, ``--max-ratio``, depth).
+        chunk_rows: Rows decoded and handed on together; a unit that yields more (an archive) is cut into
+            several tables, so the task never holds all of it.
     """
 
     policy: str
@@ -72,6 +78,7 @@ class PrepareOptions:
     phash: bool = False
     kinds: tuple[item.Kind, ...] = dataclasses.field(default_factory=item.registered)
     containers: item.ContainerOptions = item.ContainerOptions()
+    chunk_rows: int = 16
 
     @property
     def read_options(self) -> item.ReadOptions:
@@ -97,7 +104,7 @@ class Entry:
         item: The input this row scores.
         kind: The input kind that expanded the unit and reads the Item.
         unit: Index of the listing row (the listed unit) in the batch.
-        unit_rows: On the unit's first row, how many rows the unit yielded; 0 on its other rows.
+        unit_rows: On the unit's last row, how many rows the unit yielded; 0 on its other rows.
         failure: Why expanding the unit, or reading this Item, failed (the row then carries that status).
         data: The Item's bytes when its kind read them while expanding the unit (one pass over a tar).
         columns: Values the kind gives this row (``container``, ``member``, a WebDataset caption).
@@ -115,18 +122,30 @@ class Entry:
 
 
 def prepare_batch(batch: pa.Table, options: PrepareOptions, registry: Any = None) -> pa.Table:
+    """:func:`prepare_stream`'s rows as one table: for callers that hold a batch anyway (Serve, training, tests)."""
+    return pa.concat_tables(list(prepare_stream(batch, options, registry)))
+
+
+def prepare_stream(batch: pa.Table, options: PrepareOptions, registry: Any = None) -> Iterator[pa.Table]:
     """Expand, read, hash, (deduplicate,) decode and preprocess each input; failures become statuses.
 
-    Returns an Arrow table typed like the scores schema plus the uint8 ``image``
+    Yields Arrow tables typed like the scores schema plus the uint8 ``image``
     tensor column (``size``×``size``×3), or for ``tiles``, ``native`` and Items read
     as several views the ``_pixels`` bytes and their ``_pixel_shape``, so nullable
-    integers stay integers on the way to the sink. It has one row per Item (one per
-    loose file, in listing order) and the hidden ``_unit_rows`` column. Columns of the
+    integers stay integers on the way to the sink. Together they hold one row per
+    Item (one per loose file, in listing order) and the hidden ``_unit_rows`` column.
+    Rows go out in chunks of ``options.chunk_rows`` (or :data:`CHUNK_BYTES` of member
+    bytes), so an archive's members leave the task as they are decoded. Columns of the
     listing other than ``path``, ``source`` and ``_raw_path`` (labels, groups, manifest
     columns, the shard id) pass through, repeated on each row of a unit. ``registry``
     (``--dedup``) is the :class:`aidetect_batch.scan.dedup.HashRegistry` actor.
     """
-    entries = expand_batch(batch, options)
+    for entries in chunks(expand_batch(batch, options), rows=options.chunk_rows, max_bytes=CHUNK_BYTES):
+        yield prepare_entries(batch, entries, options, registry)
+
+
+def prepare_entries(batch: pa.Table, entries: list[Entry], options: PrepareOptions, registry: Any = None) -> pa.Table:
+    """One chunk of :func:`prepare_batch`: read, hash, claim, inspect, decode and tabulate ``entries``."""
     rows: dict[str, list[Any]] = {c: [None] * len(entries) for c in DECODE_COLUMNS}
     payload = [read_into(rows, i, entry, options=options) for i, entry in enumerate(entries)]
     if registry is not None:
@@ -142,25 +161,46 @@ def prepare_batch(batch: pa.Table, options: PrepareOptions, registry: Any = None
     )
 
 
-def expand_batch(batch: pa.Table, options: PrepareOptions) -> list[Entry]:
-    """Every listed unit's Items, in listing order. A unit that cannot be expanded keeps one row; one that
-    fails part way (a truncated tar) keeps the rows read and adds one row, the unit's own, for the rest."""
-    entries: list[Entry] = []
-    read_options = dataclasses.replace(options.read_options, budget=item.Budget(archives.BATCH_BUDGET_BYTES))
+def chunks(entries: Iterator[Entry], *, rows: int, max_bytes: int) -> Iterator[list[Entry]]:
+    """``entries`` in lists of ``rows``, cut sooner when the bytes read while expanding reach ``max_bytes``."""
+    chunk: list[Entry] = []
+    held = 0
+    for entry in entries:
+        chunk.append(entry)
+        held += len(entry.data or b"")
+        if len(chunk) >= rows or held >= max_bytes:
+            yield chunk
+            chunk, held = [], 0
+    if chunk:
+        yield chunk
+
+
+def expand_batch(batch: pa.Table, options: PrepareOptions) -> Iterator[Entry]:
+    """Every listed unit's Items, in listing order, each as its kind reads it."""
     for u, unit in enumerate(item.units_of(batch)):
-        kind = item.kind_of(unit, options.kinds)
-        found: list[Entry] = []
-        try:
-            for read in item.read_all(kind, unit, read_options):
-                found.append(Entry(read.item, kind, u, 0, read.failure, read.data, _columns(read)))
-            if not found:
-                raise item.NoItems(f"{kind.name} unit holds no items")
-        except Exception as exc:  # noqa: BLE001 - a unit that cannot be opened is its row's status, never the job's
-            note = f"the rest of the unit, after {len(found)} items: " if found else ""
-            found.append(Entry(unit, kind, u, 0, exc, note=note))
-        entries.append(dataclasses.replace(found[0], unit_rows=len(found)))
-        entries += found[1:]
-    return entries
+        yield from expand_unit(unit, u, options)
+
+
+def expand_unit(unit: item.Item, u: int, options: PrepareOptions) -> Iterator[Entry]:
+    """One unit's rows, the last saying how many there are. A unit that cannot be expanded keeps one row;
+    one that fails part way (a truncated tar) keeps the rows read and adds one row, the unit's own, for
+    the rest. Each row is held until the next is read, so the last one is known when it leaves."""
+    kind = item.kind_of(unit, options.kinds)
+    held: Entry | None = None
+    count = 0
+    try:
+        for read in item.read_all(kind, unit, options.read_options):
+            if held is not None:
+                yield held
+            held, count = Entry(read.item, kind, u, 0, read.failure, read.data, _columns(read)), count + 1
+        if held is None:
+            raise item.NoItems(f"{kind.name} unit holds no items")
+    except Exception as exc:  # noqa: BLE001 - a unit that cannot be opened is its row's status, never the job's
+        if held is not None:
+            yield held
+        note = f"the rest of the unit, after {count} items: " if count else ""
+        held, count = Entry(unit, kind, u, 0, exc, note=note), count + 1
+    yield dataclasses.replace(held, unit_rows=count)
 
 
 def _columns(read: item.Read) -> Mapping[str, Any]:

@@ -57,6 +57,8 @@ STREAM_BLOCK_BYTES = 64 << 10
 # in-flight batches re-run), and decode tasks are retried when their worker dies. Passing
 # them again as map_batches(**ray_remote_args) is deprecated from Ray 2.60. Per-file errors
 # never raise, so retries only ever see system failures.
+# Listing rows sampled to tell whether a scan is mostly archives (:func:`mostly_containers`).
+CONTAINER_SAMPLE_ROWS = 4096
 _OWN_ENTRIES = (schema.SCORES_DIR, schema.REPORT_DIR, schema.RUN_FILE, schema.REPOSTS_DIR)
 
 
@@ -232,6 +234,7 @@ class _Inputs:
     listing: pa.Table | None = None
     units: list[tuple[str, bool]] | None = None
     extra_fields: list[pa.Field] = dataclasses.field(default_factory=list)
+    containers: bool = False
 
     @property
     def total(self) -> int | None:
@@ -324,7 +327,9 @@ def resolve_inputs(cfg: ScanConfig, listing: pa.Table | None) -> _Inputs:
     if listing is None and not cfg.manifest and sources.streamable(cfg.sources):
         units = sources.listing_units(cfg.sources, cfg.storage_options)
         _logger.info("listing %d remote source(s) page by page while the scan runs", len(units))
-        return _Inputs(identity={"listing": _streamed_identity(cfg, units)}, units=units)
+        named = [uri for uri, is_prefix in units if not is_prefix]
+        containers = len(named) == len(units) and mostly_containers(named, cfg)
+        return _Inputs(identity={"listing": _streamed_identity(cfg, units)}, units=units, containers=containers)
     if listing is None:
         listing = list_inputs(cfg)
     passed = [f for f in listing.schema if f.name not in (schema.PATH, schema.SOURCE, schema.RAW_PATH)]
@@ -333,7 +338,17 @@ def resolve_inputs(cfg: ScanConfig, listing: pa.Table | None) -> _Inputs:
         raise ConfigError(f"input columns {clash or [schema.IMAGE]} clash with output columns; rename them")
     _logger.info("%d inputs from %s", listing.num_rows, cfg.manifest or f"{len(cfg.sources)} source(s)")
     identity = {"inputs": manifest.fingerprint(listing), "input_rows": listing.num_rows}
-    return _Inputs(identity=identity, listing=listing, extra_fields=passed)
+    step = max(1, listing.num_rows // CONTAINER_SAMPLE_ROWS)
+    sample = listing.column(schema.PATH).take(pa.array(range(0, listing.num_rows, step))).to_pylist()
+    return _Inputs(identity=identity, listing=listing, extra_fields=passed, containers=mostly_containers(sample, cfg))
+
+
+def mostly_containers(paths: list[str], cfg: ScanConfig) -> bool:
+    """Whether a decode batch of ``--decode-batch-size`` of these units would hold an archive on average.
+    Each archive then gets a decode task of its own, so archives are read side by side, not one after
+    another in a task."""
+    containers = sum(item.kind_of(item.Item(p), cfg.input_kinds) is not item.LOOSE_FILE for p in paths)
+    return containers > 0 and containers * cfg.decode_batch_size >= len(paths)
 
 
 def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
@@ -440,7 +455,14 @@ def _score_and_report(
         commit_every_s=cfg.commit_every_s,
     )
     progress = _Progress(scan_inputs.total, skipped=run.done_rows, listing=state)
-    results = None if ds is None else _score(cfg, detector=detector, plan=plan, ds=ds, registry=registry)
+    units_per_task = 1 if scan_inputs.containers else cfg.decode_batch_size
+    if scan_inputs.containers:
+        _logger.info("the inputs are mostly archives: one archive per decode task")
+    results = (
+        None
+        if ds is None
+        else _score(cfg, detector=detector, plan=plan, ds=ds, registry=registry, units_per_task=units_per_task)
+    )
     timing = _drain(cfg, results, writer=writer, progress=progress, run=run)
     total = scan_inputs.total
     if state is not None:
@@ -600,8 +622,12 @@ def _finish_listing(cfg: ScanConfig, finished: dict[str, Any] | None, run: _Run)
     return int(finished["rows"])
 
 
-def _score(cfg: ScanConfig, *, detector: _Detector, plan: ClassifierPlan, ds: Any, registry: Any) -> Any:
-    """The Ray Data plan: input shards ─► read/decode tasks ─► Classifier actor pool."""
+def _score(
+    cfg: ScanConfig, *, detector: _Detector, plan: ClassifierPlan, ds: Any, registry: Any, units_per_task: int
+) -> Any:
+    """The Ray Data plan: input shards ─► read/decode tasks (``units_per_task`` listed units each, their rows
+    handed on in chunks) ─► Classifier actor pool."""
+    decode_rows = batch_rows(cfg.decode_batch_size, detector.policy, cfg.framing)
     options = cpu_stage.PrepareOptions(
         policy=detector.policy,
         max_pixels=cfg.max_pixels,
@@ -615,10 +641,11 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: ClassifierPlan, ds: An
         phash=cfg.phash,
         kinds=cfg.input_kinds,
         containers=cfg.containers,
+        chunk_rows=decode_rows,
     )
     ds = ds.map_batches(
-        cpu_stage.prepare_batch,
-        batch_size=batch_rows(cfg.decode_batch_size, detector.policy, cfg.framing),
+        cpu_stage.prepare_stream,
+        batch_size=min(units_per_task, decode_rows),
         batch_format="pyarrow",
         compute=TaskPoolStrategy(size=plan.decode_tasks),
         num_cpus=1,

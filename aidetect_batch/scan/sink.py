@@ -12,7 +12,7 @@ Resume builds on this. The input is cut into numbered shards; a file is only
 ever written with whole shards, and lists them in its Parquet metadata
 (``aidetect.shards``). A shard is whole when a row has arrived for every
 listed unit in it and every unit's rows have arrived: a unit may yield several
-rows (an archive's members), and says how many on its first row
+rows (an archive's members), and says how many on its last row
 (``_unit_rows``, :mod:`aidetect_batch.inputs.item`). A file that holds other
 than one row per unit records its units too (``aidetect.units``).
 The committed files are therefore exactly the finished
@@ -64,7 +64,7 @@ def to_scores_table(batch: pa.Table | dict[str, Any], table_schema: pa.Schema = 
 
 
 def _unit_rows(table: pa.Table) -> np.ndarray:
-    """Per row, the rows its unit yielded on the unit's first row, else 0; all 1 for a table without
+    """Per row, the rows its unit yielded on the unit's last row, else 0; all 1 for a table without
     ``_unit_rows`` (one row per unit)."""
     if item.UNIT_ROWS not in table.column_names:
         return np.ones(table.num_rows, np.int64)
