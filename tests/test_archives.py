@@ -320,3 +320,33 @@ def test_a_listing_of_mostly_archives_gets_one_archive_per_decode_task(tmp_path)
     assert mostly_containers(shards, cfg) and mostly_containers([*shards, "a.jpg"], cfg)
     assert not mostly_containers(["a.zip", *[f"{i}.jpg" for i in range(40)]], cfg), "one zip among many photos"
     assert not mostly_containers([f"{i}.jpg" for i in range(40)], cfg)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_members_of_one_name_get_one_path_each_that_reopens_exactly_that_member(tmp_path, kind):
+    """A tar appended to, a zip written twice under one name, and a literal ``%FF`` beside a non-UTF-8 byte
+    that escapes to it: each row's path reopens its own bytes."""
+    archive = tmp_path / f"dup.{kind}"
+    members = [("a.jpg", jpeg(1)), ("a.jpg", jpeg(2)), ("b%FF.jpg", jpeg(3)), ("b\udcff.jpg", jpeg(4))]
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as out:
+            for name, data in members:
+                out.writestr(name.replace("\udcff", "~"), data)
+        # zipfile writes any non-ASCII name as flagged UTF-8: put the raw byte in by hand, as old tools wrote it.
+        archive.write_bytes(archive.read_bytes().replace(b"b~.jpg", b"b\xff.jpg"))
+    else:
+        with tarfile.open(archive, "w", encoding="utf-8", errors="surrogateescape") as tar:
+            for name, data in members:
+                add(tar, name, data)
+    rows = scan_rows(str(archive))
+    assert [r[schema.PATH] for r in rows] == [
+        f"{kind}://a.jpg::{archive}",
+        f"{kind}://a.jpg:2::{archive}",
+        f"{kind}://b%25FF.jpg::{archive}",
+        f"{kind}://b%25FF.jpg:2::{archive}",
+    ]
+    assert [r[schema.MEMBER] for r in rows] == ["a.jpg", "a.jpg", "b%FF.jpg", "b%FF.jpg"]
+    for row, (_, data) in zip(rows, members, strict=True):
+        assert row[schema.SHA256] == hashlib.sha256(data).hexdigest()
+        assert item.read_path(row[schema.PATH], item.ReadOptions()) == data
+    assert item.parse(rows[1][schema.PATH]).occurrence == 2

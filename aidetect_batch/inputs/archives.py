@@ -112,6 +112,17 @@ def open_unit(unit: item.Item, options: item.ReadOptions) -> Iterator[IO[bytes]]
         yield handle
 
 
+def nth(members: Iterator[tuple[str, Any]], found: item.Item) -> Any:
+    """The entry of ``members`` (regular ones, as ``(name, entry)`` in archive order) that ``found`` names."""
+    seen = 0
+    for name, entry in members:
+        if name == found.member:
+            seen += 1
+            if seen == found.occurrence:
+                return entry
+    raise FileNotFoundError(f"no member {found.member!r} (occurrence {found.occurrence}) in {found.uri}")
+
+
 class Tally:
     """Members skipped (directories, links, devices) and admitted members beyond ``--max-members``."""
 
@@ -119,6 +130,12 @@ class Tally:
         self.unit, self.cap = unit, options.containers.max_members
         self.skipped: Counter[str] = Counter()
         self.admitted = 0
+        self.names: Counter[str] = Counter()
+
+    def name(self, kind: str, member: str) -> item.Item:
+        """The Item of the next regular member called ``member``: its occurrence counts earlier ones."""
+        self.names[member] += 1
+        return self.unit.at(kind, member, self.names[member])
 
     def take(self) -> bool:
         """Count one admitted member; whether it is within the cap (and so read)."""

@@ -30,7 +30,7 @@ from aidetect_batch.inputs import sources
 # yielded (1 for a loose file); 0 on the unit's other rows. The sink counts a shard's units with it.
 UNIT_ROWS = "_unit_rows"
 
-_MEMBER_PATH = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*?)::(.+)$", re.DOTALL)
+_MEMBER_PATH = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*?)(?::([0-9]+))?::(.+)$", re.DOTALL)
 
 
 class NoItems(ValueError):
@@ -82,23 +82,28 @@ class Item:
         member: Where inside the unit (an archive member, a frame locator); ``None`` for the whole unit.
         kind: Name of the :class:`Kind` that reads it.
         raw_path: A local name's exact bytes when ``uri`` is its ``%XX``-escaped form (:func:`sources.escape_path`).
+        occurrence: Which member of that name it is, counting from 1: an archive may hold one name twice (a tar
+            appended to, or two names that escape alike), and each must reopen exactly.
     """
 
     uri: str
     member: str | None = None
     kind: str = "file"
     raw_path: bytes | None = None
+    occurrence: int = 1
 
     @property
     def path(self) -> str:
-        """The row's identity: ``uri`` for a whole unit, ``<kind>://<member>::<uri>`` for a member."""
+        """The row's identity: ``uri`` for a whole unit, ``<kind>://<member>::<uri>`` for a member, and
+        ``<kind>://<member>:<n>::<uri>`` for the n-th member of one name (a member's own ``:`` is escaped)."""
         if self.member is None:
             return self.uri
-        return f"{self.kind}://{_escape(self.member)}::{self.uri}"
+        suffix = f":{self.occurrence}" if self.occurrence > 1 else ""
+        return f"{self.kind}://{_escape(self.member)}{suffix}::{self.uri}"
 
-    def at(self, kind: str, member: str) -> Item:
-        """The Item ``member`` of this unit, read by the input kind named ``kind``."""
-        return dataclasses.replace(self, member=member, kind=kind)
+    def at(self, kind: str, member: str, occurrence: int = 1) -> Item:
+        """The Item ``member`` of this unit (its ``occurrence``-th of that name), read by the kind ``kind``."""
+        return dataclasses.replace(self, member=member, kind=kind, occurrence=occurrence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,8 +261,8 @@ def parse(path: str, kinds: Sequence[Kind] | None = None) -> Item:
     found = _MEMBER_PATH.match(path)
     if found is None or found.group(1) not in {k.name for k in kinds or registered()}:
         return Item(path)
-    scheme, member, uri = found.groups()
-    return Item(uri, _unescape(member), kind=scheme)
+    scheme, member, occurrence, uri = found.groups()
+    return Item(uri, _unescape(member), kind=scheme, occurrence=int(occurrence or 1))
 
 
 def unit_path(path: str, kinds: Sequence[Kind] | None = None) -> str:

@@ -83,10 +83,8 @@ class Tar(archives.ArchiveKind):
 
     def read(self, found: item.Item, options: item.ReadOptions) -> bytes:
         with archives.open_unit(found, options) as handle, self._open(handle) as tar:
-            for member in tar:
-                if member.isreg() and archives.member_name(member.name) == found.member:
-                    return archives.read_capped(tar.extractfile(member), options)
-        raise FileNotFoundError(f"no member {found.member!r} in {found.uri}")
+            regular = ((archives.member_name(m.name), m) for m in tar if m.isreg())
+            return archives.read_capped(tar.extractfile(archives.nth(regular, found)), options)
 
     def read_all(self, unit: item.Item, options: item.ReadOptions) -> Iterator[item.Read]:
         """Every admitted member in stream order, each read as the stream passes it."""
@@ -102,14 +100,7 @@ class Tar(archives.ArchiveKind):
                             yield from sample.flush()
                             sample = _Sample(key)
                         self._check_ratio(member, counted, options)
-                        self._take(
-                            tar,
-                            member,
-                            unit.at(self.name, archives.member_name(member.name)),
-                            sample=sample,
-                            tally=tally,
-                            options=options,
-                        )
+                        self._take(tar, member, sample=sample, tally=tally, options=options)
             except STREAM_ERRORS:
                 yield from sample.flush()
                 raise
@@ -120,7 +111,6 @@ class Tar(archives.ArchiveKind):
         self,
         tar: tarfile.TarFile,
         member: tarfile.TarInfo,
-        found: item.Item,
         *,
         sample: _Sample,
         tally: archives.Tally,
@@ -132,6 +122,7 @@ class Tar(archives.ArchiveKind):
             tally.skipped["directory" if member.isdir() else "link or special file"] += 1
         elif archives.admitted(member.name, options.containers):
             if tally.take():
+                found = tally.name(self.name, archives.member_name(member.name))
                 sample.rows.append(self._member(tar, member, found, options))
         elif extension in ("txt", "json") and member.size <= SIDECAR_BYTES:
             sample.take_sidecar(extension, tar.extractfile(member).read(SIDECAR_BYTES))

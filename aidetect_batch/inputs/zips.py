@@ -51,10 +51,8 @@ class Zip(archives.ArchiveKind):
 
     def read(self, found: item.Item, options: item.ReadOptions) -> bytes:
         with archives.open_unit(found, options) as handle, zipfile.ZipFile(handle) as archive:
-            for info in archive.infolist():
-                if _name(info) == found.member and _skipped(info) is None:
-                    return _read(archive, info, options)
-        raise FileNotFoundError(f"no member {found.member!r} in {found.uri}")
+            regular = ((_name(info), info) for info in archive.infolist() if _skipped(info) is None)
+            return _read(archive, archives.nth(regular, found), options)
 
     def read_all(self, unit: item.Item, options: item.ReadOptions, *, read: bool = True) -> Iterator[item.Read]:
         """Every admitted member in central-directory order, read one at a time."""
@@ -65,7 +63,7 @@ class Zip(archives.ArchiveKind):
                 if why is not None:
                     tally.skipped[why] += 1
                 elif archives.admitted(info.filename, options.containers) and tally.take():
-                    yield self._member(archive, info, unit.at(self.name, _name(info)), options, read=read)
+                    yield self._member(archive, info, tally.name(self.name, _name(info)), options, read=read)
         yield from tally.close()
 
     def _member(
