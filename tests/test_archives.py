@@ -141,7 +141,7 @@ def test_hostile_zips(tmp_path):
     assert rows[f"zip://../../etc/evil.jpg::{bomb}"][schema.STATUS] == "ok", "../ is only a label"
     assert rows[f"zip:///abs/x.jpg::{bomb}"][schema.STATUS] == "ok"
     nested = rows[f"zip://inner.zip::{bomb}"]
-    assert nested[schema.STATUS] == "unsupported" and "--archive-depth" in nested[schema.ERROR]
+    assert nested[schema.STATUS] == "unreadable" and "BadZipFile" in nested[schema.ERROR], "a corrupt inner zip"
     locked = rows[f"zip://secret.jpg::{encrypted}"]
     assert locked[schema.STATUS] == "unreadable" and "encrypted" in locked[schema.ERROR]
     assert rows[str(fake)][schema.STATUS] == "unreadable" and "BadZipFile" in rows[str(fake)][schema.ERROR]
@@ -160,7 +160,7 @@ def test_hostile_tars(tmp_path):
         add(tar, "b.jpg", jpeg(2))
     rows = scan_rows(str(archive))
     assert [r[schema.MEMBER] for r in rows] == ["a.jpg", "nested.tar.gz", "b.jpg"]
-    assert [r[schema.STATUS] for r in rows] == ["ok", "unsupported", "ok"]
+    assert [r[schema.STATUS] for r in rows] == ["ok", "unreadable", "ok"], "a corrupt inner archive is its own row"
     truncated = tmp_path / "cut.tar"
     whole = open(write_tar(tmp_path / "whole.tar", {"a.jpg": jpeg(1), "b.jpg": jpeg(2) * 20}), "rb").read()
     truncated.write_bytes(whole[: len(whole) // 2])
@@ -350,3 +350,30 @@ def test_members_of_one_name_get_one_path_each_that_reopens_exactly_that_member(
         assert row[schema.SHA256] == hashlib.sha256(data).hexdigest()
         assert item.read_path(row[schema.PATH], item.ReadOptions()) == data
     assert item.parse(rows[1][schema.PATH]).occurrence == 2
+
+
+def test_an_archive_inside_an_archive_is_read_to_archive_depth(tmp_path):
+    deepest = io.BytesIO()
+    with zipfile.ZipFile(deepest, "w") as archive:
+        archive.writestr("b.jpg", jpeg(2))
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w") as tar:
+        add(tar, "a.jpg", jpeg(1))
+        add(tar, "deeper.zip", deepest.getvalue())
+    outer = write_zip(tmp_path / "outer.zip", {"inner.tar": inner.getvalue(), "c.jpg": jpeg(3)})
+    tar_path = f"zip://inner.tar::{outer}"
+    rows = scan_rows(outer)
+    assert [(r[schema.PATH], r[schema.STATUS]) for r in rows] == [
+        (f"tar://a.jpg::{tar_path}", "ok"),
+        (f"tar://deeper.zip::{tar_path}", "unsupported"),
+        (f"zip://c.jpg::{outer}", "ok"),
+    ]
+    assert rows[0][schema.CONTAINER] == tar_path and "--archive-depth" in rows[1][schema.ERROR]
+    assert [r[item.UNIT_ROWS] for r in rows] == [0, 0, 3]
+    assert item.read_path(rows[0][schema.PATH], item.ReadOptions()) == jpeg(1)
+    two = PrepareOptions(policy="resize", max_pixels=10**8, containers=dataclasses.replace(CONTAINERS, depth=2))
+    deep = by_path(scan_rows(outer, options=two))
+    b_path = f"zip://b.jpg::tar://deeper.zip::{tar_path}"
+    assert deep[b_path][schema.STATUS] == "ok" and item.read_path(b_path, item.ReadOptions()) == jpeg(2)
+    none = PrepareOptions(policy="resize", max_pixels=10**8, containers=dataclasses.replace(CONTAINERS, depth=0))
+    assert by_path(scan_rows(outer, options=none))[tar_path][schema.STATUS] == "unsupported"

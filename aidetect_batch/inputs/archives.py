@@ -8,11 +8,13 @@ is counted while its bytes are read, never taken from its header.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from aidetect_batch.inputs import item, sources
@@ -57,7 +59,7 @@ class ArchiveKind:
     views = False
 
     def accepts(self, unit: item.Item) -> bool:
-        return unit.member is None and has_extension(unit.uri, self.extensions)
+        return unit.member is None and has_extension(item.leaf(unit.uri), self.extensions)
 
 
 def has_extension(name: str, extensions: tuple[str, ...]) -> bool:
@@ -75,11 +77,30 @@ def member_name(name: str) -> str:
     return sources.escape_path(name)[0]
 
 
-def nested(name: str, depth: int) -> item.NotExpanded | None:
-    """Why an archive member is not expanded at this depth, or ``None`` for an ordinary member."""
-    if not has_extension(name, EXTENSIONS):
-        return None
-    return item.NotExpanded(f"archive inside an archive is not expanded beyond --archive-depth {depth}")
+def is_archive(name: str) -> bool:
+    """Whether a member is itself an archive, by its name."""
+    return has_extension(name, EXTENSIONS)
+
+
+def expand(found: item.Item, data: Callable[[], bytes], options: item.ReadOptions) -> Iterator[item.Read]:
+    """The rows of ``found``, an archive inside an archive: its own members, read from its bytes (``data``,
+    read under the caps) one level further down, or one row for it when ``--archive-depth`` stops here or
+    it cannot be read. Its members' paths chain: ``zip://a.jpg::zip://inner.zip::/data/outer.tar``."""
+    depth = options.containers.depth
+    if depth <= 0:
+        yield item.Read(found, failure=item.NotExpanded("archive nested deeper than --archive-depth"))
+        return
+    inner = item.Item(found.path)
+    deeper = dataclasses.replace(options, containers=dataclasses.replace(options.containers, depth=depth - 1))
+    rows = 0
+    try:
+        for read in item.kind_of(inner).read_all(inner, deeper, data=data()):  # type: ignore[attr-defined]
+            rows += 1
+            yield read
+        if not rows:
+            raise item.NoItems("archive member holds no items")
+    except Exception as exc:  # noqa: BLE001 - a bad inner archive is its own row; the outer one goes on
+        yield item.Read(found, failure=exc)
 
 
 def read_capped(handle: IO[bytes], options: item.ReadOptions, *, compressed: int | None = None) -> bytes:
@@ -98,8 +119,14 @@ def read_capped(handle: IO[bytes], options: item.ReadOptions, *, compressed: int
 
 
 @contextlib.contextmanager
-def open_unit(unit: item.Item, options: item.ReadOptions) -> Iterator[IO[bytes]]:
-    """The archive as a seekable binary file: local, or through fsspec (ranged reads on ``s3://``)."""
+def open_unit(unit: item.Item, options: item.ReadOptions, data: bytes | None = None) -> Iterator[IO[bytes]]:
+    """The archive as a seekable binary file: local, through fsspec (ranged reads on ``s3://``), or from
+    its bytes (``data``, or read back when the archive is itself a member)."""
+    if data is None and item.parse(unit.uri).member is not None:
+        data = item.read_path(unit.uri, options)  # type: ignore[assignment]
+    if data is not None:
+        yield io.BytesIO(data)
+        return
     if is_remote(unit.uri):
         fs, inner = filesystem(unit.uri, options.storage_options)
         with fs.open(inner, "rb") as handle:

@@ -49,7 +49,7 @@ class ContainerOptions:
         extensions: Lower-case extensions of the members it admits; ``None``: every regular member (``--all-files``).
         max_members: Admitted members read per unit; those beyond are counted and the unit gets a row saying so.
         max_ratio: Most decompressed bytes per compressed byte before a member (or stream) is a bomb.
-        depth: How many levels of containers are expanded; a container below that is ``unsupported``.
+        depth: How many levels of archives inside an archive are expanded; one below that is ``unsupported``.
     """
 
     extensions: tuple[str, ...] | None = None
@@ -263,6 +263,12 @@ def parse(path: str, kinds: Sequence[Kind] | None = None) -> Item:
         return Item(path)
     scheme, member, occurrence, uri = found.groups()
     return Item(uri, _unescape(member), kind=scheme, occurrence=int(occurrence or 1))
+
+
+def leaf(uri: str) -> str:
+    """The name whose extension says what ``uri`` holds: the member of a chained path
+    (``zip://inner.tar::outer.zip`` is a tar), else the URI itself."""
+    return parse(uri).member or uri
 
 
 def unit_path(path: str, kinds: Sequence[Kind] | None = None) -> str:

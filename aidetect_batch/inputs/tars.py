@@ -86,11 +86,12 @@ class Tar(archives.ArchiveKind):
             regular = ((archives.member_name(m.name), m) for m in tar if m.isreg())
             return archives.read_capped(tar.extractfile(archives.nth(regular, found)), options)
 
-    def read_all(self, unit: item.Item, options: item.ReadOptions) -> Iterator[item.Read]:
-        """Every admitted member in stream order, each read as the stream passes it."""
+    def read_all(self, unit: item.Item, options: item.ReadOptions, *, data: bytes | None = None) -> Iterator[item.Read]:
+        """Every admitted member in stream order, each read as the stream passes it; an archive member is
+        expanded in place (:func:`archives.expand`). ``data``: the tar's bytes, when it is itself a member."""
         tally = archives.Tally(unit, options)
         sample = _Sample(None)
-        with archives.open_unit(unit, options) as handle:
+        with archives.open_unit(unit, options, data) as handle:
             counted = _Counting(handle)
             try:
                 with self._open(counted) as tar:
@@ -123,7 +124,11 @@ class Tar(archives.ArchiveKind):
         elif archives.admitted(member.name, options.containers):
             if tally.take():
                 found = tally.name(self.name, archives.member_name(member.name))
-                sample.rows.append(self._member(tar, member, found, options))
+                if archives.is_archive(member.name):
+                    stream = tar.extractfile(member)
+                    sample.rows += archives.expand(found, lambda: archives.read_capped(stream, options), options)
+                else:
+                    sample.rows.append(self._member(tar, member, found, options))
         elif extension in ("txt", "json") and member.size <= SIDECAR_BYTES:
             sample.take_sidecar(extension, tar.extractfile(member).read(SIDECAR_BYTES))
         elif extension in ("txt", "json", "cls"):
@@ -133,9 +138,6 @@ class Tar(archives.ArchiveKind):
     def _member(
         tar: tarfile.TarFile, member: tarfile.TarInfo, found: item.Item, options: item.ReadOptions
     ) -> item.Read:
-        deeper = archives.nested(member.name, options.containers.depth)
-        if deeper is not None:
-            return item.Read(found, failure=deeper)
         try:
             return item.Read(found, archives.read_capped(tar.extractfile(member), options))
         except sources.FileTooLarge as exc:

@@ -54,16 +54,23 @@ class Zip(archives.ArchiveKind):
             regular = ((_name(info), info) for info in archive.infolist() if _skipped(info) is None)
             return _read(archive, archives.nth(regular, found), options)
 
-    def read_all(self, unit: item.Item, options: item.ReadOptions, *, read: bool = True) -> Iterator[item.Read]:
-        """Every admitted member in central-directory order, read one at a time."""
+    def read_all(
+        self, unit: item.Item, options: item.ReadOptions, *, read: bool = True, data: bytes | None = None
+    ) -> Iterator[item.Read]:
+        """Every admitted member in central-directory order, read one at a time; an archive member is
+        expanded in place (:func:`archives.expand`). ``data``: the zip's bytes, when it is itself a member."""
         tally = archives.Tally(unit, options)
-        with archives.open_unit(unit, options) as handle, zipfile.ZipFile(handle) as archive:
+        with archives.open_unit(unit, options, data) as handle, zipfile.ZipFile(handle) as archive:
             for info in archive.infolist():
                 why = _skipped(info)
                 if why is not None:
                     tally.skipped[why] += 1
                 elif archives.admitted(info.filename, options.containers) and tally.take():
-                    yield self._member(archive, info, tally.name(self.name, _name(info)), options, read=read)
+                    found = tally.name(self.name, _name(info))
+                    if read and archives.is_archive(info.filename):
+                        yield from archives.expand(found, lambda info=info: _read(archive, info, options), options)
+                    else:
+                        yield self._member(archive, info, found, options, read=read)
         yield from tally.close()
 
     def _member(
@@ -75,9 +82,8 @@ class Zip(archives.ArchiveKind):
         *,
         read: bool,
     ) -> item.Read:
-        deeper = archives.nested(info.filename, options.containers.depth)
-        if deeper is not None or not read:
-            return item.Read(found, failure=deeper)
+        if not read:
+            return item.Read(found)
         try:
             return item.Read(found, _read(archive, info, options))
         except Exception as exc:  # noqa: BLE001 - a corrupt member (lzma, struct, ...) is its own row, not the rest's

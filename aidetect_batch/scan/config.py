@@ -173,7 +173,7 @@ class ScanConfig(ScanOptions):
         archives: Expand zip and tar archives into their members (``--no-archives``: scan them as files).
         max_members: Members read per archive; beyond it they are counted and the archive gets a row saying so.
         max_ratio: Decompressed bytes per compressed byte beyond which a member or stream is a bomb (``too_large``).
-        archive_depth: Levels of archives expanded; an archive inside one is ``unsupported``.
+        archive_depth: Levels of archives inside a listed archive that are expanded; deeper ones are ``unsupported``.
     """
 
     sources: tuple[str, ...] = option(positional=True, nargs="*", help="folders, files, globs or s3://bucket/prefix")
@@ -228,7 +228,11 @@ class ScanConfig(ScanOptions):
     max_ratio: float = option(
         100.0, help="decompressed/compressed size beyond which a member is a zip bomb (default: %(default)s)"
     )
-    archive_depth: int = option(1, help="levels of archives expanded; only 1 is implemented (default: %(default)s)")
+    archive_depth: int = option(
+        1,
+        help="levels of archives inside an archive that are expanded; deeper ones are unsupported "
+        "(default: %(default)s)",
+    )
 
     @property
     def checks(self) -> provenance.Checks:
@@ -273,7 +277,7 @@ class ScanConfig(ScanOptions):
             raise ConfigError(f"--max-ratio must be above 1, not {self.max_ratio}")
         if self.archive_depth != 1:
             raise ConfigError("--archive-depth: only 1 is implemented (archives inside archives are unsupported rows)")
-        check_at_least(self, ("prefix_depth", "commit_every_s"), low=0)
+        check_at_least(self, ("prefix_depth", "commit_every_s", "archive_depth"), low=0)
         if self.perturbation is not None:
             try:
                 perturb.parse(self.perturbation)
