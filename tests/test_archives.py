@@ -190,6 +190,11 @@ def test_members_beyond_max_members_are_counted_on_the_archives_row(tmp_path):
         assert [r[schema.MEMBER] for r in rows] == ["0.jpg", "1.jpg", None]
         assert rows[2][schema.PATH] == archive and rows[2][schema.STATUS] == "too_large"
         assert "2 members beyond the first 2" in rows[2][schema.ERROR]
+    huge = write_zip(tmp_path / "huge.zip", {f"{i}.jpg": b"x" for i in range(25)})
+    one = item.ContainerOptions(CONTAINERS.extensions, max_members=2)
+    refused = scan_rows(huge, options=PrepareOptions(policy="resize", max_pixels=10**8, containers=one))
+    assert [(r[schema.PATH], r[schema.STATUS]) for r in refused] == [(huge, "too_large")]
+    assert "central directory lists 25 entries" in refused[0][schema.ERROR], "never parsed past 10 x --max-members"
 
 
 def test_non_utf8_member_names_are_escaped_like_file_names(tmp_path):

@@ -9,8 +9,32 @@ from __future__ import annotations
 import stat
 import zipfile
 from collections.abc import Iterator
+from typing import IO
 
 from aidetect_batch.inputs import archives, item
+
+# Entries a central directory may list, as a multiple of --max-members, before it is parsed at all: zipfile
+# holds every entry in memory (hundreds of bytes each), so a directory of ten million entries is refused.
+DIRECTORY_FACTOR = 10
+
+
+def check_directory(handle: IO[bytes], options: item.ReadOptions) -> None:
+    """Refuse (``too_large``) a zip whose end record lists far more entries than ``--max-members`` reads."""
+    # zipfile's own end-record reader (zip64 included); it is private, but stable since Python 2.
+    end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
+    if end is None:
+        return
+    entries, cap = end[zipfile._ECD_ENTRIES_TOTAL], DIRECTORY_FACTOR * options.containers.max_members  # type: ignore[attr-defined]
+    if entries > cap:
+        raise HugeDirectory(entries, cap)
+
+
+class HugeDirectory(archives.TooManyMembers):
+    """A central directory too large to parse: the zip's one row is ``too_large`` and no member is read."""
+
+    def __init__(self, entries: int, cap: int) -> None:
+        OSError.__init__(self, f"central directory lists {entries} entries, over {cap} (10 x --max-members): not read")
+        self.size = None
 
 
 def _name(info: zipfile.ZipInfo) -> str:
@@ -60,7 +84,17 @@ class Zip(archives.ArchiveKind):
         """Every admitted member in central-directory order, read one at a time; an archive member is
         expanded in place (:func:`archives.expand`). ``data``: the zip's bytes, when it is itself a member."""
         tally = archives.Tally(unit, options)
-        with archives.open_unit(unit, options, data) as handle, zipfile.ZipFile(handle) as archive:
+        with archives.open_unit(unit, options, data) as handle:
+            check_directory(handle, options)
+            handle.seek(0)
+            archive = zipfile.ZipFile(handle)
+            yield from self._members(archive, tally, options, read=read)
+        yield from tally.close()
+
+    def _members(
+        self, archive: zipfile.ZipFile, tally: archives.Tally, options: item.ReadOptions, *, read: bool
+    ) -> Iterator[item.Read]:
+        with archive:
             for info in archive.infolist():
                 why = _skipped(info)
                 if why is not None:
@@ -71,7 +105,6 @@ class Zip(archives.ArchiveKind):
                         yield from archives.expand(found, lambda info=info: _read(archive, info, options), options)
                     else:
                         yield self._member(archive, info, found, options, read=read)
-        yield from tally.close()
 
     def _member(
         self,
