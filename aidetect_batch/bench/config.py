@@ -45,6 +45,8 @@ class BenchmarkConfig(JsonConfig):
         repeats: Times the scan suite scans each photo end to end.
         policy_photos: Photographs per policy or check (scan, policies, provenance and reposts suites).
         memory_sizes: Small-image corpus sizes whose peak RSS the scan suite measures.
+        corpora_photos: Photographs the corpora suite stores as loose files, tar shards, a zip and Parquet.
+        archive_gb: Size of the larger archive whose decode-task memory the corpora suite measures.
         archs: Architectures the training suite trains.
         per_class: Generated images per class of the training suite.
         epochs: Training suite epochs.
@@ -70,6 +72,8 @@ class BenchmarkConfig(JsonConfig):
         show=show_comma_list,
         help="scan suite: small-image corpus sizes for RSS",
     )
+    corpora_photos: int = option(96, help="corpora suite: photographs stored as each input kind")
+    archive_gb: float = option(2.0, help="corpora suite: GiB of the larger archive whose memory is measured")
     archs: tuple[str, ...] = option(
         (registry.SMALL_ARCH, registry.TINY_ARCH, registry.DEFAULT_ARCH),
         parse=comma_list(str),
@@ -88,8 +92,19 @@ class BenchmarkConfig(JsonConfig):
             raise ConfigError("--suite listing needs --listing-prefix s3://bucket/prefix")
         for name in (self.scan_arch, *self.archs):
             registry.check_arch(name)
-        sizes = ("report_rows", "reposts_rows", "photos", "repeats", "policy_photos", "per_class", "epochs")
+        sizes = (
+            "report_rows",
+            "reposts_rows",
+            "photos",
+            "repeats",
+            "policy_photos",
+            "per_class",
+            "epochs",
+            "corpora_photos",
+        )
         check_at_least(self, (*sizes, "workers", "batch_size"))
+        if self.archive_gb <= 0:
+            raise ConfigError(f"--archive-gb must be positive, not {self.archive_gb}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

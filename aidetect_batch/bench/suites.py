@@ -38,6 +38,9 @@ Suites:
   by distance against the planted groups.
 - ``report``: the report's aggregation over 10 million synthetic score rows
   (``--report-rows``) in a fresh interpreter: time and peak RSS.
+- ``corpora``: the same photographs as loose files, WebDataset tar shards, a zip and a Parquet image column,
+  through the CPU stage on one core and end to end; a decode task's peak RSS on multi-GB archives; the
+  decode watchdog's cost per file (:mod:`aidetect_batch.bench.corpora`).
 - ``gpu``: one GPU's ceiling (eager and compiled), and end-to-end scans with CPU decoding, GPU
   decoding and a compiled model, each long enough for 60 s of steady state
   (:mod:`aidetect_batch.bench.gpu`); refuses to run without CUDA.
@@ -72,7 +75,7 @@ import torch
 from PIL import Image
 
 from aidetect_batch import runtime, schema
-from aidetect_batch.bench import gpu, measure
+from aidetect_batch.bench import corpora, gpu, measure
 from aidetect_batch.bench.config import BenchmarkConfig
 from aidetect_batch.bench.demo import PHOTOS, photo_bytes, run_demo, write_labelled_corpus
 from aidetect_batch.detectors import policies as preprocess
@@ -611,6 +614,10 @@ def _report_suite(*, report_rows: int) -> dict[str, Any]:
     return {"report": report_aggregation(report_rows)}
 
 
+def _corpora_suite(*, corpora_photos: int, archive_gb: float) -> dict[str, Any]:
+    return {"corpora": corpora.run_corpora(corpora_photos, archive_gb)}
+
+
 def _gpu_suite(*, scan_arch: str, precision: str, photos: int) -> dict[str, Any]:
     options = gpu.GpuSuiteOptions(arch=scan_arch, precision=precision, photos=photos)
     return {"gpu": gpu.run_gpu_suite(options)}
@@ -644,6 +651,7 @@ SUITES: dict[str, Suite] = {
     "reposts": Suite(_reposts_suite, ("policy_photos", "reposts_rows")),
     "listing": Suite(_listing_suite, ("listing_prefix", "storage_options"), in_all=False),
     "report": Suite(_report_suite, ("report_rows",), in_all=False),
+    "corpora": Suite(_corpora_suite, ("corpora_photos", "archive_gb"), in_all=False),
     "gpu": Suite(_gpu_suite, ("scan_arch", "precision", "photos"), in_all=False, json="benchmark-gpu.json"),
 }
 
@@ -762,4 +770,5 @@ _LINES: dict[str, Callable[[Any], list[str]]] = {
     "listing": listing_lines,
     "gpu": gpu.gpu_lines,
     "report": report_lines,
+    "corpora": corpora.corpora_lines,
 }
