@@ -382,3 +382,25 @@ def test_an_archive_inside_an_archive_is_read_to_archive_depth(tmp_path):
     assert deep[b_path][schema.STATUS] == "ok" and item.read_path(b_path, item.ReadOptions()) == jpeg(2)
     none = PrepareOptions(policy="resize", max_pixels=10**8, containers=dataclasses.replace(CONTAINERS, depth=0))
     assert by_path(scan_rows(outer, options=none))[tar_path][schema.STATUS] == "unsupported"
+
+
+def test_progress_counts_an_archive_as_one_input_when_its_last_row_arrives(caplog):
+    from aidetect_batch.scan import runner
+
+    progress = runner._Progress(total=2)
+    rows = {schema.STATUS: ["ok", "ok"], item.UNIT_ROWS: [0, 0]}
+    progress.update(pa.table(rows))
+    assert (progress.done, progress.rows) == (0, 2), "no input is done before its last row"
+    with caplog.at_level("INFO", logger=runner.__name__):
+        progress.update(pa.table({schema.STATUS: ["undecodable", "ok"], item.UNIT_ROWS: [3, 1]}))
+    assert "progress: 2/2 inputs (100.0%), 4 rows: ok 3, failed 1" in caplog.text
+
+
+def test_a_manifest_row_naming_an_archive_is_expanded(tmp_path):
+    archive = write_zip(tmp_path / "x.zip", ZIPPED)
+    (tmp_path / "list.csv").write_text(f"path,case\n{archive},7\n")
+    cfg = ScanConfig(sources=(), manifest=str(tmp_path / "list.csv"), out=str(tmp_path / "o"), checkpoint="c")
+    listing = list_inputs(cfg)
+    rows = prepare_batch(listing, PrepareOptions(policy="resize", max_pixels=10**8, containers=cfg.containers))
+    assert rows.column(schema.MEMBER).to_pylist() == ["a.jpg", "sub/b.png", "c.JPG"]
+    assert rows.column("case").to_pylist() == [7, 7, 7], "the manifest's columns repeat on every member"

@@ -182,7 +182,7 @@ def test_scan_submitted_to_a_two_node_cluster(cluster, tmp_path, tiny_checkpoint
     logs = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, logs[-4000:]
     assert "succeeded" in logs and "scanned 25 files: ok 24, failed 1" in logs, logs[-4000:]
-    assert "progress: 25/25 files (100.0%), ok 24, failed 1" in logs, "the progress line reaches the job log"
+    assert "progress: 25/25 inputs (100.0%), 25 rows: ok 24, failed 1" in logs, "the progress line reaches the job log"
 
     table = pq.read_table(out / schema.SCORES_DIR)
     assert table.num_rows == 25 and table.column(schema.STATUS).to_pylist().count("ok") == 24

@@ -122,14 +122,16 @@ def plan_classifier(cfg: ScanConfig, resources: dict[str, float]) -> ClassifierP
 
 
 class _Progress:
-    """Progress lines every ``PROGRESS_EVERY_S``: files done of all, statuses, rate and ETA. While a
-    streamed listing runs the total is not known yet; the line then shows how many files are listed."""
+    """Progress lines every ``PROGRESS_EVERY_S``: inputs done of all, rows written, statuses, rate and ETA.
+    An input is a listed unit: an archive counts once, when its last member's row arrives. While a streamed
+    listing runs the total is not known yet; the line then shows how many inputs are listed."""
 
     def __init__(self, total: int | None, skipped: int = 0, listing: Any = None) -> None:
         self.total = total
         self.listing = listing
         self.listed_all = total is not None
         self.done = skipped
+        self.rows = 0
         self.ok = 0
         self.duplicates = 0
         self.skipped = skipped
@@ -137,7 +139,9 @@ class _Progress:
         self.last = self.start
 
     def update(self, table: pa.Table) -> None:
-        self.done += table.num_rows
+        self.rows += table.num_rows
+        units = table.column(item.UNIT_ROWS) if item.UNIT_ROWS in table.column_names else None
+        self.done += table.num_rows if units is None else pc.sum(pc.greater(units, 0)).as_py() or 0
         status = table.column(schema.STATUS)
         self.ok += pc.sum(pc.equal(status, schema.Status.OK.value)).as_py() or 0
         self.duplicates += pc.sum(pc.equal(status, schema.Status.DUPLICATE.value)).as_py() or 0
@@ -152,15 +156,16 @@ class _Progress:
         rate = (self.done - self.skipped) / max(now - self.start, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 and self.listed_all else math.inf
         _logger.info(
-            "progress: %d/%d%s files (%.1f%%), ok %d, failed %d, duplicates %d, %.1f img/s, ETA %s",
+            "progress: %d/%d%s inputs (%.1f%%), %d rows: ok %d, failed %d, duplicates %d; %.1f rows/s, ETA %s",
             self.done,
             self.total,
             "" if self.listed_all else " listed so far",
             100.0 * self.done / max(self.total or 0, 1),
+            self.rows,
             self.ok,
-            self.done - self.skipped - self.ok - self.duplicates,
+            self.rows - self.ok - self.duplicates,
             self.duplicates,
-            rate,
+            self.rows / max(now - self.start, 1e-9),
             f"{eta:.0f}s" if math.isfinite(eta) else "unknown",
         )
 
