@@ -110,11 +110,12 @@ def read_capped(handle: IO[bytes], options: item.ReadOptions, *, compressed: int
 
 
 @contextlib.contextmanager
-def open_unit(unit: item.Item, options: item.ReadOptions) -> Iterator[IO[bytes]]:
-    """The archive as a seekable binary file: local, or through fsspec (ranged reads on ``s3://``)."""
+def open_unit(unit: item.Item, options: item.ReadOptions, **remote: Any) -> Iterator[IO[bytes]]:
+    """The archive as a seekable binary file: local, or through fsspec (ranged reads on ``s3://``), opened
+    with the ``remote`` options (a Parquet file turns fsspec's read-ahead off)."""
     if is_remote(unit.uri):
         fs, inner = filesystem(unit.uri, options.storage_options)
-        with fs.open(inner, "rb") as handle:
+        with fs.open(inner, "rb", **remote) as handle:
             yield handle
         return
     path: Any = unit.raw_path or filesystem(unit.uri)[1]

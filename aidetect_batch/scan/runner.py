@@ -232,6 +232,7 @@ class _Inputs:
     listing: pa.Table | None = None
     units: list[tuple[str, bool]] | None = None
     extra_fields: list[pa.Field] = dataclasses.field(default_factory=list)
+    carried: tuple[pa.Field, ...] | None = None
 
     @property
     def total(self) -> int | None:
@@ -324,16 +325,33 @@ def resolve_inputs(cfg: ScanConfig, listing: pa.Table | None) -> _Inputs:
     if listing is None and not cfg.manifest and sources.streamable(cfg.sources):
         units = sources.listing_units(cfg.sources, cfg.storage_options)
         _logger.info("listing %d remote source(s) page by page while the scan runs", len(units))
-        return _Inputs(identity={"listing": _streamed_identity(cfg, units)}, units=units)
+        named = pa.table({schema.PATH: pa.array([uri for uri, prefix in units if not prefix], pa.string())})
+        carried = _carried(cfg, named)
+        identity = {"listing": _streamed_identity(cfg, units)}
+        return _Inputs(identity=identity, units=units, extra_fields=list(carried or ()), carried=carried)
     if listing is None:
         listing = list_inputs(cfg)
     passed = [f for f in listing.schema if f.name not in (schema.PATH, schema.SOURCE, schema.RAW_PATH)]
     clash = [f.name for f in passed if f.name in schema.SCORE_COLUMNS or f.name.startswith("_")]
     if clash or schema.IMAGE in listing.column_names:
         raise ConfigError(f"input columns {clash or [schema.IMAGE]} clash with output columns; rename them")
+    carried = _carried(cfg, listing)
+    twice = sorted({f.name for f in passed} & {f.name for f in carried or ()})
+    if twice:
+        raise ConfigError(f"manifest columns {twice} are also columns of the Parquet inputs; rename them")
     _logger.info("%d inputs from %s", listing.num_rows, cfg.manifest or f"{len(cfg.sources)} source(s)")
     identity = {"inputs": manifest.fingerprint(listing), "input_rows": listing.num_rows}
-    return _Inputs(identity=identity, listing=listing, extra_fields=passed)
+    return _Inputs(identity=identity, listing=listing, extra_fields=[*passed, *(carried or ())], carried=carried)
+
+
+def _carried(cfg: ScanConfig, listing: pa.Table) -> tuple[pa.Field, ...] | None:
+    """The columns the listed Parquet inputs carry through, from the first one's footer (read on the driver);
+    ``None`` when there is none to read (a streamed listing's files under prefixes carry nothing)."""
+    options = item.ReadOptions(cfg.storage_options, cfg.max_file_bytes, cfg.containers)
+    carried = item.carried_fields(listing, options, cfg.input_kinds)
+    if carried:
+        _logger.info("carried through from the Parquet inputs: %s", ", ".join(f.name for f in carried))
+    return carried
 
 
 def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
@@ -440,7 +458,9 @@ def _score_and_report(
         commit_every_s=cfg.commit_every_s,
     )
     progress = _Progress(scan_inputs.total, skipped=run.done_rows, listing=state)
-    results = None if ds is None else _score(cfg, detector=detector, plan=plan, ds=ds, registry=registry)
+    results = None
+    if ds is not None:
+        results = _score(cfg, detector=detector, plan=plan, ds=ds, registry=registry, carried=scan_inputs.carried)
     timing = _drain(cfg, results, writer=writer, progress=progress, run=run)
     total = scan_inputs.total
     if state is not None:
@@ -600,8 +620,17 @@ def _finish_listing(cfg: ScanConfig, finished: dict[str, Any] | None, run: _Run)
     return int(finished["rows"])
 
 
-def _score(cfg: ScanConfig, *, detector: _Detector, plan: ClassifierPlan, ds: Any, registry: Any) -> Any:
-    """The Ray Data plan: input shards ─► read/decode tasks ─► Classifier actor pool."""
+def _score(
+    cfg: ScanConfig,
+    *,
+    detector: _Detector,
+    plan: ClassifierPlan,
+    ds: Any,
+    registry: Any,
+    carried: tuple[pa.Field, ...] | None,
+) -> Any:
+    """The Ray Data plan: input shards ─► read/decode tasks ─► Classifier actor pool. ``carried``: the Parquet
+    inputs' columns, as the driver found them."""
     options = cpu_stage.PrepareOptions(
         policy=detector.policy,
         max_pixels=cfg.max_pixels,
@@ -614,7 +643,7 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: ClassifierPlan, ds: An
         checks=cfg.checks,
         phash=cfg.phash,
         kinds=cfg.input_kinds,
-        containers=cfg.containers,
+        containers=dataclasses.replace(cfg.containers, carried=carried),
     )
     ds = ds.map_batches(
         cpu_stage.prepare_batch,
