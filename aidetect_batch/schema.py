@@ -73,6 +73,11 @@ MEMBER = "member"
 WDS_KEY = "wds_key"
 WDS_CAPTION = "wds_caption"
 WDS_URL = "wds_url"
+# A Parquet image dataset row: the path its image struct names (Hugging Face's Image feature), next to its bytes.
+IMAGE_PATH = "image_path"
+# A column a Parquet dataset carries through whose name is an output column (``label``) or starts with ``_`` is
+# written under this prefix (``input_label``).
+CARRIED_PREFIX = "input_"
 
 # What a file's own bytes say about its origin (:mod:`aidetect_batch.media.provenance`), strongest first.
 PROVENANCE_KINDS = (
@@ -149,10 +154,11 @@ SCORES_SCHEMA = pa.schema(
         pa.field(WDS_KEY, pa.string()),
         pa.field(WDS_CAPTION, pa.string()),
         pa.field(WDS_URL, pa.string()),
+        pa.field(IMAGE_PATH, pa.string()),
     ]
 )
 # The columns an input kind fills per row (:class:`aidetect_batch.inputs.item.Read`).
-ITEM_COLUMNS = (CONTAINER, MEMBER, WDS_KEY, WDS_CAPTION, WDS_URL)
+ITEM_COLUMNS = (CONTAINER, MEMBER, WDS_KEY, WDS_CAPTION, WDS_URL, IMAGE_PATH)
 
 SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
 # The columns decoding one file fills in, on the CPU stage or in the Classifier (--gpu-decode).

@@ -49,6 +49,27 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fs, path
 
 
+# How to install the filesystem a URI scheme needs, where fsspec's own hint is not enough.
+_INSTALL_HINTS = {"hf": "pip install huggingface_hub (or 'aidetect-batch[hub]')"}
+
+
+def check_filesystem(uri: str) -> None:
+    """Refuse a URI whose scheme's fsspec filesystem is not installed (``hf://`` without huggingface_hub),
+    before any work starts, saying what to install.
+
+    Raises:
+        ConfigError: the filesystem's package cannot be imported.
+    """
+    if not is_remote(uri):
+        return
+    protocol = uri.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        hint = _INSTALL_HINTS.get(protocol, str(exc))
+        raise ConfigError(f"{uri}: reading {protocol}:// needs a package that is not installed: {hint}") from None
+
+
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The user-facing name of ``path``: absolute for local files, ``s3://bucket/key`` for S3."""
     if isinstance(fs, LocalFileSystem):

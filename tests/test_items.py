@@ -143,7 +143,7 @@ def test_a_member_path_names_its_kind_member_and_unit(kinds):
 
 
 def test_kinds_are_registered_once_and_the_loose_file_comes_last(kinds):
-    assert [k.name for k in item.registered()] == ["flip", "bundle", "tar", "zip", "file"], "then the built-in kinds"
+    assert [k.name for k in item.registered()] == ["flip", "bundle", "parquet", "tar", "zip", "file"], "then built-in"
     assert item.kind_of(item.Item("/d/x.bundle")).name == "bundle"
     assert item.kind_of(item.Item("/d/x.jpg")) is item.LOOSE_FILE
     with pytest.raises(ValueError, match="already registered"):

@@ -119,9 +119,12 @@ def read_capped(handle: IO[bytes], options: item.ReadOptions, *, compressed: int
 
 
 @contextlib.contextmanager
-def open_unit(unit: item.Item, options: item.ReadOptions, data: bytes | None = None) -> Iterator[IO[bytes]]:
-    """The archive as a seekable binary file: local, through fsspec (ranged reads on ``s3://``), or from
-    its bytes (``data``, or read back when the archive is itself a member)."""
+def open_unit(
+    unit: item.Item, options: item.ReadOptions, data: bytes | None = None, **remote: Any
+) -> Iterator[IO[bytes]]:
+    """The archive as a seekable binary file: local, through fsspec (ranged reads on ``s3://``) opened with the
+    ``remote`` options (a Parquet file turns fsspec's read-ahead off), or from its bytes (``data``, or read back
+    when the archive is itself a member)."""
     if data is None and item.parse(unit.uri).member is not None:
         data = item.read_path(unit.uri, options)  # type: ignore[assignment]
     if data is not None:
@@ -129,7 +132,7 @@ def open_unit(unit: item.Item, options: item.ReadOptions, data: bytes | None = N
         return
     if is_remote(unit.uri):
         fs, inner = filesystem(unit.uri, options.storage_options)
-        with fs.open(inner, "rb") as handle:
+        with fs.open(inner, "rb", **remote) as handle:
             yield handle
         return
     path: Any = unit.raw_path or filesystem(unit.uri)[1]

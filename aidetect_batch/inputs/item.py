@@ -17,11 +17,14 @@ scan starts is used by every worker.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from aidetect_batch import schema
 from aidetect_batch.inputs import sources
@@ -29,6 +32,8 @@ from aidetect_batch.inputs import sources
 # Hidden column the decode stage adds: on the last row of each listed unit, how many rows that unit
 # yielded (1 for a loose file); 0 on the unit's other rows. The sink counts a shard's units with it.
 UNIT_ROWS = "_unit_rows"
+
+_logger = logging.getLogger(__name__)
 
 _MEMBER_PATH = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*?)(?::([0-9]+))?::(.+)$", re.DOTALL)
 
@@ -43,19 +48,26 @@ class NotExpanded(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ContainerOptions:
-    """How a container kind (an archive) expands a unit.
+    """How a container kind (an archive, a Parquet dataset) expands a unit.
 
     Attributes:
         extensions: Lower-case extensions of the members it admits; ``None``: every regular member (``--all-files``).
         max_members: Admitted members read per unit; those beyond are counted and the unit gets a row saying so.
         max_ratio: Most decompressed bytes per compressed byte before a member (or stream) is a bomb.
         depth: How many levels of archives inside an archive are expanded; one below that is ``unsupported``.
+        image_column: The Parquet column of image bytes (``--image-column``); ``None``: the dataset's own
+            Hugging Face ``Image`` feature.
+        carried: The output fields of the columns a kind carries through (:func:`carried_fields`, found on the
+            driver, so every shard's rows have one schema); ``None`` where they are not known (a streamed
+            listing): nothing is carried.
     """
 
     extensions: tuple[str, ...] | None = None
     max_members: int = 100_000
     max_ratio: float = 100.0
     depth: int = 1
+    image_column: str | None = None
+    carried: tuple[pa.Field, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +158,11 @@ class Kind(Protocol):
     bytes, in one pass (a tar is streamed once, never re-read per member). The decode stage then uses it
     instead of ``items`` and ``read``; an exception it raises after some rows keeps them and adds one row
     for the rest of the unit, with the unit's own URI as ``path``.
+
+    A kind whose rows carry columns of their own (a Parquet dataset's) defines ``columns(unit, options) ->
+    list[pa.Field]``: their output fields, read from one unit (its footer) on the driver, which adds them to
+    the scores schema (:func:`carried_fields`) and hands them back in ``options.containers.carried``;
+    ``read_all`` then fills :attr:`Read.columns` with those names.
     """
 
     name: str
@@ -185,7 +202,7 @@ class LooseFile:
 
 LOOSE_FILE = LooseFile()
 _KINDS: list[Kind] = []
-# The kinds this package ships (archives), asked after those registered at run time: ``register_built_in``.
+# The kinds this package ships (archives, Parquet), asked after those registered at run time: ``register_built_in``.
 _BUILT_IN: list[Kind] = []
 
 
@@ -203,7 +220,8 @@ def register(kind: Kind) -> None:
 
 
 def register_built_in(kind: Kind) -> None:
-    """Add one of the package's own kinds (``inputs/__init__`` does, on import); ``--no-archives`` leaves them out."""
+    """Add one of the package's own kinds (``inputs/__init__`` does, on import): asked after those registered at
+    run time, and left out of a streamed listing's resume identity (``registered(built_in=False)``)."""
     register(kind)
     _KINDS.remove(kind)
     _BUILT_IN.insert(0, kind)
@@ -285,6 +303,43 @@ def read(item: Item, options: ReadOptions, kinds: Sequence[Kind] | None = None) 
 def read_path(path: str, options: ReadOptions, kinds: Sequence[Kind] | None = None) -> bytes | list[bytes]:
     """The bytes of the Item whose identity is ``path``: the report's thumbnails read scanned rows back so."""
     return read(parse(path, kinds), options, kinds)
+
+
+def carried_fields(
+    listing: pa.Table, options: ReadOptions, kinds: Sequence[Kind] | None = None
+) -> tuple[pa.Field, ...] | None:
+    """The output fields of the columns the listed units' rows carry through (a Parquet dataset's own), read
+    on the driver from the first listed unit of each kind that has ``columns``: one footer per kind.
+
+    ``None`` when not known: no such unit is listed, or its columns cannot be read (its own row will say why).
+    """
+    kinds = kinds or registered()
+    fields: list[pa.Field] | None = None
+    for kind in kinds:
+        unit = _first_unit(listing, kind, kinds) if callable(getattr(kind, "columns", None)) else None
+        if unit is None:
+            continue
+        try:
+            fields = [*(fields or []), *kind.columns(unit, options)]  # type: ignore[attr-defined]
+        except (OSError, ValueError) as exc:
+            _logger.warning("%s: its columns cannot be read (%s); no %s columns are carried", unit.uri, exc, kind.name)
+    return None if fields is None else tuple(fields)
+
+
+def _first_unit(listing: pa.Table, kind: Kind, kinds: Sequence[Kind]) -> Item | None:
+    """The first listed unit ``kind`` expands; its extensions narrow the search without a loop over every row."""
+    paths = listing.column(schema.PATH)
+    candidates: Any = range(len(paths))
+    if kind.extensions:
+        lower = pc.utf8_lower(paths)
+        wanted = [pc.ends_with(lower, "." + extension) for extension in kind.extensions]
+        candidates = pc.indices_nonzero(functools.reduce(pc.or_, wanted)).to_pylist()
+    raw = listing.column(schema.RAW_PATH) if schema.RAW_PATH in listing.column_names else None
+    for i in candidates:
+        unit = Item(paths[i].as_py(), raw_path=None if raw is None else raw[i].as_py())
+        if kind_of(unit, kinds) is kind:
+            return unit
+    return None
 
 
 def units_of(batch: pa.Table) -> list[Item]:

@@ -36,6 +36,7 @@ from aidetect_batch.inputs import archives, item
 from aidetect_batch.inputs.sources import DEFAULT_EXTENSIONS
 from aidetect_batch.media import perturb, provenance
 from aidetect_batch.report.config import prefix_depth_field
+from aidetect_batch.storage import check_filesystem
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -174,6 +175,7 @@ class ScanConfig(ScanOptions):
         max_members: Members read per archive; beyond it they are counted and the archive gets a row saying so.
         max_ratio: Decompressed bytes per compressed byte beyond which a member or stream is a bomb (``too_large``).
         archive_depth: Levels of archives inside a listed archive that are expanded; deeper ones are ``unsupported``.
+        image_column: The Parquet inputs' column of image bytes; ``None``: the Hugging Face ``Image`` feature.
     """
 
     sources: tuple[str, ...] = option(positional=True, nargs="*", help="folders, files, globs or s3://bucket/prefix")
@@ -233,6 +235,11 @@ class ScanConfig(ScanOptions):
         help="levels of archives inside an archive that are expanded; deeper ones are unsupported "
         "(default: %(default)s)",
     )
+    image_column: str | None = option(
+        None,
+        help="Parquet inputs: the column of image bytes, binary or struct<bytes, path> "
+        "(default: the Image feature of a Hugging Face dataset's metadata)",
+    )
 
     @property
     def checks(self) -> provenance.Checks:
@@ -240,14 +247,17 @@ class ScanConfig(ScanOptions):
 
     @property
     def input_kinds(self) -> tuple[item.Kind, ...]:
-        """The input kinds this scan expands units with: the archives' only without ``--no-archives``."""
-        return item.registered(built_in=self.archives)
+        """The input kinds this scan expands units with: ``--no-archives`` leaves out the archives (zip, tar)."""
+        kinds = item.registered()
+        return kinds if self.archives else tuple(k for k in kinds if not isinstance(k, archives.ArchiveKind))
 
     @property
     def containers(self) -> item.ContainerOptions:
-        """Which archive members are read, and the archive limits."""
+        """Which archive members are read, the archive limits, and the Parquet inputs' image column."""
         admitted = None if self.all_files else (*self.extensions, *archives.EXTENSIONS)
-        return item.ContainerOptions(admitted, self.max_members, self.max_ratio, self.archive_depth)
+        return item.ContainerOptions(
+            admitted, self.max_members, self.max_ratio, self.archive_depth, image_column=self.image_column
+        )
 
     @property
     def max_file_bytes(self) -> int:
@@ -266,6 +276,8 @@ class ScanConfig(ScanOptions):
             raise ConfigError("--resume continues the scan in --out and --overwrite replaces it; pick one")
         if not self.out:
             raise ConfigError("--out is required")
+        for uri in (*self.sources, self.manifest or "", self.checkpoint, self.out):
+            check_filesystem(uri)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         check_model_choices(self.threshold, self.ai_class_index)
@@ -275,8 +287,6 @@ class ScanConfig(ScanOptions):
         check_at_least(self, ("max_members",))
         if self.max_ratio <= 1.0:
             raise ConfigError(f"--max-ratio must be above 1, not {self.max_ratio}")
-        if self.archive_depth != 1:
-            raise ConfigError("--archive-depth: only 1 is implemented (archives inside archives are unsupported rows)")
         check_at_least(self, ("prefix_depth", "commit_every_s", "archive_depth"), low=0)
         if self.perturbation is not None:
             try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -29,6 +30,8 @@ from aidetect_batch import schema
 from aidetect_batch.detectors import policies
 from aidetect_batch.inputs import item, sources
 from aidetect_batch.media import pdq, perturb, provenance
+
+_logger = logging.getLogger(__name__)
 
 # Member bytes a decode task holds before it decodes what it has read and hands the rows on: a task's memory
 # stays flat however large the archive it streams.
@@ -157,7 +160,13 @@ def prepare_entries(batch: pa.Table, entries: list[Entry], options: PrepareOptio
         _views_need_the_cpu(rows, payload)
     images = None if options.decode_later else _decode_all(rows, payload, options)
     return _to_table(
-        batch, rows, payload if options.decode_later else None, entries=entries, images=images, policy=options.policy
+        batch,
+        rows,
+        payload if options.decode_later else None,
+        entries=entries,
+        images=images,
+        policy=options.policy,
+        carried=options.containers.carried or (),
     )
 
 
@@ -367,6 +376,7 @@ def _to_table(
     entries: list[Entry],
     images: np.ndarray | list[np.ndarray | None] | None,
     policy: str,
+    carried: tuple[pa.Field, ...] = (),
 ) -> pa.Table:
     n = len(entries)
     units = [e.unit for e in entries]
@@ -380,6 +390,8 @@ def _to_table(
         columns[name] = pa.array(values, schema.SCORES_SCHEMA.field(name).type)
     for name in schema.ITEM_COLUMNS:
         columns[name] = pa.array([e.columns.get(name) for e in entries], pa.string())
+    for field in carried:
+        columns[field.name] = carried_array([e.columns.get(field.name) for e in entries], field)
     for name in listing.column_names:
         if name not in columns and name != schema.RAW_PATH:
             columns[name] = listing.column(name)
@@ -391,6 +403,23 @@ def _to_table(
     else:
         columns.update(pixel_columns(images or []))
     return pa.table(columns)
+
+
+def carried_array(values: list[Any], field: pa.Field) -> pa.Array:
+    """A carried column (a Parquet dataset's) typed as the driver found it, whatever a unit held: all-null
+    chunks keep the type, and a value that does not convert (another file's type) is null, with a warning."""
+    try:
+        return pa.array(values, field.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        _logger.warning("column %s: values that are not %s are written as null", field.name, field.type)
+    return pa.array([_converted(v, field.type) for v in values], field.type)
+
+
+def _converted(value: Any, type_: pa.DataType) -> Any:
+    try:
+        return pa.scalar(value, type_).as_py()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return None
 
 
 def pixel_columns(images: list[np.ndarray | None]) -> dict[str, pa.Array]:

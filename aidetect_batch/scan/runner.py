@@ -240,6 +240,7 @@ class _Inputs:
     units: list[tuple[str, bool]] | None = None
     extra_fields: list[pa.Field] = dataclasses.field(default_factory=list)
     containers: bool = False
+    carried: tuple[pa.Field, ...] | None = None
 
     @property
     def total(self) -> int | None:
@@ -333,19 +334,43 @@ def resolve_inputs(cfg: ScanConfig, listing: pa.Table | None) -> _Inputs:
         units = sources.listing_units(cfg.sources, cfg.storage_options)
         _logger.info("listing %d remote source(s) page by page while the scan runs", len(units))
         named = [uri for uri, is_prefix in units if not is_prefix]
+        carried = _carried(cfg, pa.table({schema.PATH: pa.array(named, pa.string())}))
+        identity = {"listing": _streamed_identity(cfg, units)}
         containers = len(named) == len(units) and mostly_containers(named, cfg)
-        return _Inputs(identity={"listing": _streamed_identity(cfg, units)}, units=units, containers=containers)
+        return _Inputs(
+            identity=identity, units=units, extra_fields=list(carried or ()), carried=carried, containers=containers
+        )
     if listing is None:
         listing = list_inputs(cfg)
     passed = [f for f in listing.schema if f.name not in (schema.PATH, schema.SOURCE, schema.RAW_PATH)]
     clash = [f.name for f in passed if f.name in schema.SCORE_COLUMNS or f.name.startswith("_")]
     if clash or schema.IMAGE in listing.column_names:
         raise ConfigError(f"input columns {clash or [schema.IMAGE]} clash with output columns; rename them")
+    carried = _carried(cfg, listing)
+    twice = sorted({f.name for f in passed} & {f.name for f in carried or ()})
+    if twice:
+        raise ConfigError(f"manifest columns {twice} are also columns of the Parquet inputs; rename them")
     _logger.info("%d inputs from %s", listing.num_rows, cfg.manifest or f"{len(cfg.sources)} source(s)")
     identity = {"inputs": manifest.fingerprint(listing), "input_rows": listing.num_rows}
     step = max(1, listing.num_rows // CONTAINER_SAMPLE_ROWS)
     sample = listing.column(schema.PATH).take(pa.array(range(0, listing.num_rows, step))).to_pylist()
-    return _Inputs(identity=identity, listing=listing, extra_fields=passed, containers=mostly_containers(sample, cfg))
+    return _Inputs(
+        identity=identity,
+        listing=listing,
+        extra_fields=[*passed, *(carried or ())],
+        carried=carried,
+        containers=mostly_containers(sample, cfg),
+    )
+
+
+def _carried(cfg: ScanConfig, listing: pa.Table) -> tuple[pa.Field, ...] | None:
+    """The columns the listed Parquet inputs carry through, from the first one's footer (read on the driver);
+    ``None`` when there is none to read (a streamed listing's files under prefixes carry nothing)."""
+    options = item.ReadOptions(cfg.storage_options, cfg.max_file_bytes, cfg.containers)
+    carried = item.carried_fields(listing, options, cfg.input_kinds)
+    if carried:
+        _logger.info("carried through from the Parquet inputs: %s", ", ".join(f.name for f in carried))
+    return carried
 
 
 def mostly_containers(paths: list[str], cfg: ScanConfig) -> bool:
@@ -462,12 +487,18 @@ def _score_and_report(
     progress = _Progress(scan_inputs.total, skipped=run.done_rows, listing=state)
     units_per_task = 1 if scan_inputs.containers else cfg.decode_batch_size
     if scan_inputs.containers:
-        _logger.info("the inputs are mostly archives: one archive per decode task")
-    results = (
-        None
-        if ds is None
-        else _score(cfg, detector=detector, plan=plan, ds=ds, registry=registry, units_per_task=units_per_task)
-    )
+        _logger.info("the inputs are mostly archives or Parquet files: one per decode task")
+    results = None
+    if ds is not None:
+        results = _score(
+            cfg,
+            detector=detector,
+            plan=plan,
+            ds=ds,
+            registry=registry,
+            carried=scan_inputs.carried,
+            units_per_task=units_per_task,
+        )
     timing = _drain(cfg, results, writer=writer, progress=progress, run=run)
     total = scan_inputs.total
     if state is not None:
@@ -628,10 +659,18 @@ def _finish_listing(cfg: ScanConfig, finished: dict[str, Any] | None, run: _Run)
 
 
 def _score(
-    cfg: ScanConfig, *, detector: _Detector, plan: ClassifierPlan, ds: Any, registry: Any, units_per_task: int
+    cfg: ScanConfig,
+    *,
+    detector: _Detector,
+    plan: ClassifierPlan,
+    ds: Any,
+    registry: Any,
+    carried: tuple[pa.Field, ...] | None,
+    units_per_task: int,
 ) -> Any:
     """The Ray Data plan: input shards ─► read/decode tasks (``units_per_task`` listed units each, their rows
-    handed on in chunks) ─► Classifier actor pool."""
+    handed on in chunks) ─► Classifier actor pool. ``carried``: the Parquet inputs' columns, as the driver
+    found them."""
     decode_rows = batch_rows(cfg.decode_batch_size, detector.policy, cfg.framing)
     options = cpu_stage.PrepareOptions(
         policy=detector.policy,
@@ -645,7 +684,7 @@ def _score(
         checks=cfg.checks,
         phash=cfg.phash,
         kinds=cfg.input_kinds,
-        containers=cfg.containers,
+        containers=dataclasses.replace(cfg.containers, carried=carried),
         chunk_rows=decode_rows,
     )
     ds = ds.map_batches(
