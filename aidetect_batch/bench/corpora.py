@@ -152,6 +152,7 @@ def archive_memory(root: str, photos: list[str], gb: float) -> list[dict[str, An
     CPU stage, beside the same interpreter's RSS after imports alone. Linux only: it reads ``/proc``."""
     blobs = [(os.path.basename(p), open(p, "rb").read()) for p in photos]
     per_copy = sum(len(data) for _, data in blobs)
+    imports = _peak(photos[0], "imports")["peak_rss_mb"]
     rows = []
     for size in (gb / 4, gb):
         repeat = max(1, round(size * 2**30 / per_copy))
@@ -159,17 +160,24 @@ def archive_memory(root: str, photos: list[str], gb: float) -> list[dict[str, An
         write_shard(tar_path, [(f"{r}-{name}", data) for r in range(repeat) for name, data in blobs])
         zip_path = write_zip(os.path.join(root, f"big-{size:g}.zip"), blobs, repeat=repeat)
         for kind, path in (("tar", tar_path), ("zip", zip_path)):
-            rows.append({"kind": kind, "gib": os.path.getsize(path) / 2**30, **_streamed(path)})
+            streamed = _peak(path, "stream")
+            rows.append(
+                {
+                    "kind": kind,
+                    "gib": os.path.getsize(path) / 2**30,
+                    "rows": streamed["rows"],
+                    "stream_peak_rss_mb": streamed["peak_rss_mb"],
+                    "imports_peak_rss_mb": imports,
+                }
+            )
             os.remove(path)
     return rows
 
 
-def _streamed(path: str) -> dict[str, Any]:
-    found = {}
-    for mode in ("stream", "imports"):
-        run = subprocess.run([sys.executable, "-c", _STREAM, path, mode], capture_output=True, text=True, check=True)
-        found[mode] = json.loads(run.stdout.strip().splitlines()[-1])
-    return {"rows": found["stream"]["rows"], **{f"{m}_peak_rss_mb": f["peak_rss_mb"] for m, f in found.items()}}
+def _peak(path: str, mode: str) -> dict[str, Any]:
+    """Rows and peak RSS of a fresh interpreter that streams ``path`` (``stream``) or only imports (``imports``)."""
+    run = subprocess.run([sys.executable, "-c", _STREAM, path, mode], capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def watchdog_cost(paths: list[str], options: cpu_stage.PrepareOptions, timeout: float) -> dict[str, Any]:
