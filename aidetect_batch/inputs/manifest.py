@@ -339,6 +339,5 @@ def _difference(committed: str, paths: list[str], found: list[str | None], *, wh
         return f"{where} differs from the committed one"
     if "~" not in committed or committed == listed:
         return None
-    archives = [p for p, s in zip(paths, found, strict=True) if s is not None]
-    named = ", ".join(archives[:5]) + (f" and {len(archives) - 5} more" if len(archives) > 5 else "")
-    return f"{where} holds an archive rewritten since (size, modification time or ETag): one of {named}"
+    archives = stamps.named([p for p, s in zip(paths, found, strict=True) if s is not None])
+    return f"{where} holds an archive rewritten since (size, modification time or ETag): one of {archives}"

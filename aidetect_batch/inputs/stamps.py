@@ -33,6 +33,8 @@ COLUMN = "_stamp"
 # Concurrent stat or HEAD requests when stamping a listing's archives: a HEAD is a round trip, not work.
 STAMP_THREADS = 16
 MISSING = "missing"
+# Archives a refusal names; the rest are counted.
+NAMED = 5
 
 
 def of_info(info: Mapping[str, Any]) -> str:
@@ -105,3 +107,9 @@ def container_stamps(
 def changed(before: Mapping[str, str], now: Mapping[str, str]) -> list[str]:
     """The units whose stamp differs from (or was not in) ``before``, in ``now``'s order."""
     return [uri for uri, found in now.items() if before.get(uri) != found]
+
+
+def named(uris: Sequence[str]) -> str:
+    """The first :data:`NAMED` of ``uris`` and how many more, for a refusal."""
+    more = f" and {len(uris) - NAMED} more" if len(uris) > NAMED else ""
+    return ", ".join(uris[:NAMED]) + more

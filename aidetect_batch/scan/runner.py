@@ -60,8 +60,6 @@ STREAM_BLOCK_BYTES = 64 << 10
 _OWN_ENTRIES = (schema.SCORES_DIR, schema.REPORT_DIR, schema.RUN_FILE, schema.REPOSTS_DIR)
 # Identity key of the listed archives' stamps (:mod:`aidetect_batch.inputs.stamps`); absent when none is listed.
 CONTAINER_STAMPS = "container_stamps"
-# Archives a refusal names; the rest are counted.
-NAMED_ARCHIVES = 5
 
 
 @dataclasses.dataclass
@@ -229,12 +227,10 @@ def _check_archives(before: dict[str, str] | None, now: dict[str, str]) -> None:
         return
     rewritten = stamps.changed(before, now)
     if rewritten:
-        named = ", ".join(rewritten[:NAMED_ARCHIVES])
-        more = f" and {len(rewritten) - NAMED_ARCHIVES} more" if len(rewritten) > NAMED_ARCHIVES else ""
         raise ConfigError(
             f"--resume refused: {len(rewritten)} archive(s) changed since the stopped scan (size, modification "
-            f"time or ETag): {named}{more}. Its committed rows name the members of the archive as it was; "
-            "restore the archive, or start over with --overwrite."
+            f"time or ETag): {stamps.named(rewritten)}. The committed rows name the members they held then; "
+            "restore them, or start over with --overwrite."
         )
 
 
