@@ -1,12 +1,16 @@
 """The scan's self-contained HTML report, its rebuild command, and how it renders in headless Chromium."""
 
+import io
 import os
 import re
 import shutil
 import subprocess
+import tarfile
+import zipfile
 
 import numpy as np
 import pytest
+import s3fs
 from helpers import encode, photo
 from PIL import Image
 
@@ -113,3 +117,32 @@ def test_page_renders_in_headless_chromium(scanned, tmp_path):
 
     assert share((76, 114, 176)) + share((221, 132, 82)) > 0.001, "the histogram's bars are on screen"
     assert pixels.std() > 20, "not a blank page"
+
+
+def test_thumbnails_of_zip_and_tar_members_local_and_on_s3(s3_server, tmp_path):
+    """A member's thumbnail is read back through its ``zip://``/``tar://`` URI: a zip by ranged reads, a tar
+    streamed up to the member, from disk and from S3."""
+    wanted = encode(photo(300, 200, seed=5), "JPEG")
+    with zipfile.ZipFile(tmp_path / "x.zip", "w") as archive:
+        archive.writestr("other.jpg", encode(photo(64, 64, seed=1), "JPEG"))
+        archive.writestr("media/a.jpg", wanted)
+    with tarfile.open(tmp_path / "x.tar.gz", "w:gz") as tar:
+        for name, data in (("000.jpg", encode(photo(64, 64, seed=1), "JPEG")), ("001.jpg", wanted)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("thumbs")
+    fs.put_file(str(tmp_path / "x.zip"), "thumbs/x.zip")
+    fs.put_file(str(tmp_path / "x.tar.gz"), "thumbs/x.tar.gz")
+    (tmp_path / "a.jpg").write_bytes(wanted)
+    expected = page.thumbnail(str(tmp_path / "a.jpg"))
+    assert expected.startswith("data:image/jpeg;base64,")
+    for path in (
+        f"zip://media/a.jpg::{tmp_path / 'x.zip'}",
+        f"tar://001.jpg::{tmp_path / 'x.tar.gz'}",
+        "zip://media/a.jpg::s3://thumbs/x.zip",
+        "tar://001.jpg::s3://thumbs/x.tar.gz",
+    ):
+        assert page.thumbnail(path) == expected, path
+    assert page.thumbnail("zip://gone.jpg::s3://thumbs/x.zip") is None, "a member gone since is a placeholder"

@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import replace
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -16,7 +17,7 @@ from helpers import encode, photo
 from aidetect_batch import schema
 from aidetect_batch.bench import suites
 from aidetect_batch.errors import ConfigError
-from aidetect_batch.inputs import manifest, sources
+from aidetect_batch.inputs import item, manifest, sources, stamps
 from aidetect_batch.scan import runner
 from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.runner import run_scan
@@ -45,7 +46,7 @@ def bucket(s3_server, ray_after_moto):
 
 def listed(units, page_keys=7, **kwargs):
     pages = list(sources.iter_listing(units, EXTENSIONS, page_keys=page_keys, **kwargs))
-    return pages, [p for paths, _ in pages for p in paths]
+    return pages, [p for page in pages for p in page.paths]
 
 
 def test_iter_listing_pages_match_the_full_listing(bucket):
@@ -59,7 +60,7 @@ def test_iter_listing_pages_match_the_full_listing(bucket):
     assert len(pages) >= 5, "several listing pages"
     full = sources.list_sources(("s3://streamed/posts", "s3://streamed/other/elsewhere.jpg"), EXTENSIONS)
     assert paths == full.column(schema.PATH).to_pylist()
-    assert [r for _, roots in pages for r in roots] == full.column(schema.SOURCE).to_pylist()
+    assert [r for page in pages for r in page.roots] == full.column(schema.SOURCE).to_pylist()
     assert "s3://streamed/posts/2024-03/zero.jpg" in paths, "zero-byte files are kept, to become 'empty' rows"
     assert not [p for p in paths if "/." in p or p.endswith(("/", ".txt"))]
     with pytest.raises(sources.SourceError, match="does not exist"):
@@ -121,6 +122,36 @@ def test_stream_shards_select_like_the_driver_and_check_committed_shards(bucket)
     moved = {0: manifest.shard_digest(want[1:5])}
     assert list(stream([("s3://streamed/posts", True)], state, sample=0.5, limit=9, seed=4, committed=moved)) == []
     assert "shard 0" in ray.get(state.snapshot.remote())["finished"]["changed"]
+
+
+def test_a_streamed_resume_stops_at_a_committed_shard_whose_archive_was_rewritten(bucket):
+    """The listing pages carry each archive's ETag: it reaches the shard's digest, and a resumed listing whose
+    archive has another one says which; digests written before stamps are compared by their paths only."""
+    bucket.pipe("streamed/arch/a.tar", b"tar bytes")
+    bucket.pipe("streamed/arch/b.jpg", b"jpeg bytes")
+    bucket.pipe("streamed/arch/c.zip", b"zip bytes")
+    units = [("s3://streamed/arch", True)]
+    state = ray.remote(num_cpus=0)(manifest.ListingState).remote()
+
+    def shards(committed):
+        options = {"sample": None, "limit": None, "seed": 0, "shard_rows": 2, "committed": committed}
+        found = manifest.stream_shards(
+            None, units, item.listed_extensions(EXTENSIONS), all_files=False, storage_options={}, state=state, **options
+        )
+        return list(found), ray.get(state.snapshot.remote())["finished"]["changed"]
+
+    first, _ = shards({})
+    table = pa.concat_tables(first)
+    assert table.column(schema.PATH).to_pylist() == [f"s3://streamed/arch/{n}" for n in ("a.tar", "b.jpg", "c.zip")]
+    found = table.column(stamps.COLUMN).to_pylist()
+    assert found[0].startswith("etag:") and found[1] is None and found[2].startswith("etag:")
+    committed = {0: manifest.shard_digest(table.column(schema.PATH).to_pylist()[:2], found[:2])}
+    assert shards(committed) == ([first[1]], None), "the committed shard is skipped"
+    assert shards({0: committed[0].split("~")[0]})[1] is None, "a digest from before stamps: paths only"
+    bucket.pipe("streamed/arch/a.tar", b"other bytes")
+    again, changed = shards(committed)
+    assert again == [] and "shard 0 (rows 0-1) holds an archive rewritten" in changed
+    assert "s3://streamed/arch/a.tar" in changed and "b.jpg" not in changed
 
 
 def test_a_streamed_listing_hands_on_about_a_page_per_block(s3_server, ray_after_moto):

@@ -40,6 +40,50 @@ def test_prefix_of():
     assert prefix_of("/dump/alice/a.jpg", "/dump", 0) == "(root)"
 
 
+def test_an_archive_is_a_prefix_of_its_own():
+    member = "zip://data/tweets_media/a.jpg::/dump/exports/2024/x.zip"
+    assert prefix_of(member, "/dump", 1, "/dump/exports/2024/x.zip", "data/tweets_media/a.jpg") == "exports/2024/x.zip"
+    assert prefix_of(member, "/dump", 3, "/dump/exports/2024/x.zip", "data/tweets_media/a.jpg") == (
+        "exports/2024/x.zip/data/tweets_media"
+    )
+    assert prefix_of("tar://k.jpg::s3://b/s/0.tar", "s3://b/s", 2, "s3://b/s/0.tar", "k.jpg") == "0.tar"
+    assert prefix_of("zip://a.jpg::s3://o/x.zip", "/dump", 1, "s3://o/x.zip", "a.jpg") == "s3://o/x.zip", "not below"
+    assert prefix_of(member, "/dump", 0, "/dump/exports/2024/x.zip", "data/tweets_media/a.jpg") == "(root)"
+
+
+def test_the_report_counts_each_archive_by_status_and_label(tmp_path):
+    table = make_rows(
+        [
+            ("zip://a/1.jpg::/dump/u/x.zip", "ok", 0.9, None),
+            ("zip://a/2.jpg::/dump/u/x.zip", "ok", 0.1, None),
+            ("zip://b/3.jpg::/dump/u/x.zip", "truncated", None, "OSError: truncated"),
+            ("tar://k.jpg::/dump/u/0.tar", "ok", 0.8, None),
+            ("tar://j.jpg::/dump/u/0.tar", "duplicate", None, None),
+            ("/dump/u/loose.jpg", "ok", 0.3, None),
+        ]
+    )
+    containers = [p.split("::")[1] if "::" in p else None for p in table.column(schema.PATH).to_pylist()]
+    members = [p.split("::")[0].split("://")[1] if "::" in p else None for p in table.column(schema.PATH).to_pylist()]
+    table = table.set_column(table.schema.get_field_index(schema.CONTAINER), schema.CONTAINER, pa.array(containers))
+    table = table.set_column(table.schema.get_field_index(schema.MEMBER), schema.MEMBER, pa.array(members))
+    writer = ScoreWriter(os.path.join(str(tmp_path), schema.SCORES_DIR))
+    writer.write(table)
+    writer.close()
+    summary = write_report(str(tmp_path), facts=RunFacts(threshold=0.5))
+    counts = {
+        p["prefix"]: {k: p[k] for k in ("files", "ok", "failed", "duplicates", "ai", "real")} for p in summary.prefixes
+    }
+    assert counts == {
+        "u": {"files": 1, "ok": 1, "failed": 0, "duplicates": 0, "ai": 0, "real": 1},
+        "u/0.tar": {"files": 2, "ok": 1, "failed": 0, "duplicates": 1, "ai": 1, "real": 0},
+        "u/x.zip": {"files": 3, "ok": 2, "failed": 1, "duplicates": 0, "ai": 1, "real": 1},
+    }
+    inside = {p["prefix"]: p["files"] for p in summarise(os.path.join(str(tmp_path), schema.SCORES_DIR), 2).prefixes}
+    assert inside == {"u": 1, "u/0.tar": 2, "u/x.zip/a": 2, "u/x.zip/b": 1}, "depth 2: an archive's folders"
+    with open(os.path.join(str(tmp_path), schema.REPORT_DIR, "index.html"), encoding="utf-8") as handle:
+        assert '<td data-v="u/x.zip">u/x.zip</td>' in handle.read()
+
+
 def test_report_aggregates(tmp_path):
     out = str(tmp_path)
     writer = ScoreWriter(os.path.join(out, schema.SCORES_DIR))
@@ -116,7 +160,8 @@ def _reference_summary(rows: list[dict], depth: int) -> dict:
         statuses[r[schema.STATUS]] += 1
         labels[r[schema.LABEL] or "none"] += 1
         formats[r[schema.FORMAT] or "unknown"] += 1
-        p = prefixes.setdefault(prefix_of(r[schema.PATH], r[schema.SOURCE], depth), Counter())
+        where = (r[schema.PATH], r[schema.SOURCE], depth, r.get(schema.CONTAINER), r.get(schema.MEMBER))
+        p = prefixes.setdefault(prefix_of(*where), Counter())
         p["files"] += 1
         if r[schema.STATUS] == "ok":
             p["ok"] += 1
@@ -132,7 +177,8 @@ def _reference_summary(rows: list[dict], depth: int) -> dict:
 
 
 def test_vectorised_aggregates_match_a_row_by_row_count(tmp_path):
-    """Several files (so batches are merged), two sources, nested folders, odd slashes, numbered errors."""
+    """Several files (so batches are merged), two sources, nested folders, odd slashes, numbered errors, archive
+    members below their source and elsewhere."""
     rng = np.random.default_rng(7)
     kinds = ["ok", "ok", "ok", "duplicate", "undecodable", "unreadable"]
     writer = ScoreWriter(str(tmp_path / schema.SCORES_DIR), rows_per_file=700)
@@ -141,11 +187,18 @@ def test_vectorised_aggregates_match_a_row_by_row_count(tmp_path):
         status = kinds[int(rng.integers(len(kinds)))]
         source = "/dump" if i % 3 else "s3://b/x"
         path = f"{source}/u{i % 11}//y{i % 4}/{i}.jpg" if i % 5 else f"{source}/{i}.jpg"
+        container = member = None
+        if i % 7 == 0:
+            container = f"{source}/u{i % 3}/{i % 5}.zip" if i % 2 else f"s3://elsewhere/{i % 4}.tar"
+            member = ("", "a/", "a//b/", "/abs/")[i % 4] + f"{i}.jpg"
+            path = f"zip://{member}::{container}"
         score = float(rng.random()) if status == "ok" else math.nan
         rows.append(
             {
                 schema.PATH: path,
                 schema.SOURCE: source,
+                schema.CONTAINER: container,
+                schema.MEMBER: member,
                 schema.STATUS: status,
                 schema.ERROR: None if status in ("ok", "duplicate") else f"OSError: errno {i % 3} at {i}",
                 schema.SCORE: score,
@@ -156,7 +209,7 @@ def test_vectorised_aggregates_match_a_row_by_row_count(tmp_path):
     full = [{name: None for name in schema.SCORE_COLUMNS} | row for row in rows]
     writer.write(pa.Table.from_pylist(full, schema=schema.SCORES_SCHEMA))
     writer.close()
-    for depth in (0, 1, 2):
+    for depth in (0, 1, 2, 3):
         got = summarise(str(tmp_path / schema.SCORES_DIR), depth)
         want = _reference_summary(rows, depth)
         assert {k: v for k, v in got.status_counts.items() if v} == dict(want["status"])

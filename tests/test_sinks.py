@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from aidetect_batch import schema
-from aidetect_batch.inputs import item
+from aidetect_batch.inputs import item, stamps
 from aidetect_batch.inputs.manifest import shard_digest
 from aidetect_batch.scan.sink import UNITS_METADATA_KEY, ScoreWriter, committed_work, to_scores_table
 
@@ -96,3 +96,18 @@ def test_a_unit_with_more_rows_than_it_announced_is_refused(tmp_path):
     writer.write(unit_rows(["/d/b"], [0]))
     with pytest.raises(RuntimeError, match="more rows than its 1 inputs yielded"):
         writer.write(unit_rows(["/d/a", "/d/c"], [2, 0]))
+
+
+def test_a_shard_digest_covers_the_stamps_of_its_archives(tmp_path):
+    """A streamed listing's ``_stamp`` column reaches the digest the sink commits, so a resumed listing sees a
+    rewritten archive; rows without the column (a listing on the driver) keep digests of paths only."""
+    out = str(tmp_path / "scores")
+    table = unit_rows(["zip://a.jpg::/d/x.zip", "/d/loose.jpg"], [1, 1])
+    writer = ScoreWriter(out, rows_per_file=1, run_id="s", shard_rows={0: 2, 1: 2})
+    writer.write(table.append_column(stamps.COLUMN, pa.array(["3:1", None], pa.string())))
+    writer.write(unit_rows(["zip://a.jpg::/d/y.zip", "/d/other.jpg"], [1, 1], shard=1))
+    writer.close()
+    assert committed_work(out).shards == {
+        0: shard_digest(["/d/x.zip", "/d/loose.jpg"], ["3:1", None]),
+        1: shard_digest(["/d/y.zip", "/d/other.jpg"]),
+    }

@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from aidetect_batch import schema
-from aidetect_batch.inputs import sources
+from aidetect_batch.inputs import item, sources, stamps
 from aidetect_batch.inputs.sources import SourceError
 from aidetect_batch.storage import filesystem, is_remote, to_uri
 
@@ -170,11 +170,25 @@ def fingerprint(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def shard_digest(paths: list[str]) -> str:
+def shard_digest(paths: list[str], stamps: list[str | None] | None = None) -> str:
     """An order-independent digest of one shard's paths (sum of 64-bit BLAKE2b hashes), so the sink can
-    record it from rows that arrive in any order and a resumed listing can check the shard is the same."""
-    total = sum(int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little") for p in paths)
-    return f"{total % (1 << 64):016x}-{len(paths)}"
+    record it from rows that arrive in any order and a resumed listing can check the shard is the same.
+
+    With ``stamps`` (:mod:`aidetect_batch.inputs.stamps`, ``None`` for a loose file), a shard holding an
+    archive adds ``~`` and the digest of its archives' stamps, so a rewritten archive shows too."""
+    digest = f"{_hash_sum(paths):016x}-{len(paths)}"
+    stamped = [f"{p}\0{s}" for p, s in zip(paths, stamps or (), strict=False) if s is not None]
+    return f"{digest}~{_hash_sum(stamped):016x}" if stamped else digest
+
+
+def _hash_sum(values: list[str]) -> int:
+    total = sum(int.from_bytes(hashlib.blake2b(v.encode(), digest_size=8).digest(), "little") for v in values)
+    return total % (1 << 64)
+
+
+def same_paths(committed: str, listed: str) -> bool:
+    """Whether two shard digests name the same paths (stamps aside: digests written before them have none)."""
+    return committed.split("~")[0] == listed.split("~")[0]
 
 
 class ListingState:
@@ -211,22 +225,27 @@ def stream_shards(
     seed: int,
     committed: dict[int, str],
     state: Any,
+    kinds: tuple[item.Kind, ...] | None = None,
     page_keys: int = sources.LIST_PAGE_KEYS,
 ) -> Iterator[pa.Table]:
     """The first stage of a streamed scan (a Ray Data generator UDF on one dummy row).
 
     Lists the units page by page and yields the input table shard by shard (``path``, ``source``,
-    ``_shard``, ``_shard_rows``) while the listing goes on (Ray Data passes them on in blocks).
-    Rows, order, ``--sample``/``--limit`` and shard numbering equal :func:`select` over the whole
-    listing. ``committed`` maps a resumed run's finished shards to their :func:`shard_digest`:
-    those are not yielded, and if one differs the listing changed since, so it stops and says so.
+    ``_shard``, ``_shard_rows``, and each archive's stamp in ``_stamp``) while the listing goes on (Ray
+    Data passes them on in blocks). Rows, order, ``--sample``/``--limit`` and shard numbering equal
+    :func:`select` over the whole listing. ``committed`` maps a resumed run's finished shards to their
+    :func:`shard_digest`: those are not yielded, and if one differs (its paths, or an archive in it was
+    rewritten) the listing changed since, so it stops and says so. ``kinds``: the input kinds that expand
+    units (their units are stamped), by default those registered.
     """
     pages = _Selection(sample=sample, limit=limit, seed=seed)
     shards = _Sharder(shard_rows, committed)
-    for paths, roots in sources.iter_listing(
+    kinds = kinds or item.registered()
+    for page in sources.iter_listing(
         units, extensions, all_files, storage_options=storage_options, page_keys=page_keys
     ):
-        yield from shards.add(*pages.select(paths, roots))
+        found = stamps.of_page(page, kinds, storage_options)
+        yield from shards.add(*pages.select(page.paths, page.roots, found))
         state.page.remote(pages.kept)
         if shards.changed or pages.full:
             break
@@ -247,17 +266,18 @@ class _Selection:
     def full(self) -> bool:
         return self.limit is not None and self.kept >= self.limit
 
-    def select(self, paths: list[str], roots: list[str]) -> tuple[list[str], list[str]]:
+    def select(self, paths: list[str], *columns: list[Any]) -> tuple[list[Any], ...]:
+        """The rows of a page kept: ``paths`` and each parallel list in ``columns``."""
+        lists = (paths, *columns)
         if self.sample is not None and self.sample < 1.0:
             keep = _uniform(len(paths), self.seed, start=self.position) < self.sample
             self.position += len(paths)
-            paths = [p for p, k in zip(paths, keep, strict=True) if k]
-            roots = [r for r, k in zip(roots, keep, strict=True) if k]
+            lists = tuple([v for v, k in zip(values, keep, strict=True) if k] for values in lists)
         if self.limit is not None:
-            paths, roots = paths[: self.limit - self.kept], roots[: self.limit - self.kept]
-        self.kept += len(paths)
-        self.digest.update(pa.array(paths, pa.string()))
-        return paths, roots
+            lists = tuple(values[: self.limit - self.kept] for values in lists)
+        self.kept += len(lists[0])
+        self.digest.update(pa.array(lists[0], pa.string()))
+        return lists
 
 
 class _Sharder:
@@ -270,11 +290,13 @@ class _Sharder:
         self.shard = 0
         self.paths: list[str] = []
         self.roots: list[str] = []
+        self.stamps: list[str | None] = []
         self.changed: str | None = None
 
-    def add(self, paths: list[str], roots: list[str]) -> Iterator[pa.Table]:
+    def add(self, paths: list[str], roots: list[str], stamps: list[str | None]) -> Iterator[pa.Table]:
         self.paths += paths
         self.roots += roots
+        self.stamps += stamps
         while len(self.paths) >= self.shard_rows and not self.changed:
             table = self._cut(self.shard_rows)
             if table is not None:
@@ -289,12 +311,11 @@ class _Sharder:
             self.changed = f"shard {max(self.committed)} (the listing now ends before it)"
 
     def _cut(self, rows: int) -> pa.Table | None:
-        paths, roots = self.paths[:rows], self.roots[:rows]
-        self.paths, self.roots = self.paths[rows:], self.roots[rows:]
+        paths, roots, found = self.paths[:rows], self.roots[:rows], self.stamps[:rows]
+        self.paths, self.roots, self.stamps = self.paths[rows:], self.roots[rows:], self.stamps[rows:]
         k, self.shard = self.shard, self.shard + 1
         if k in self.committed:
-            if self.committed[k] != shard_digest(paths):
-                self.changed = f"shard {k} (rows {k * self.shard_rows}-{k * self.shard_rows + rows - 1})"
+            self.changed = _difference(self.committed[k], paths, found, where=self._rows(k, rows))
             return None
         return pa.table(
             {
@@ -302,5 +323,21 @@ class _Sharder:
                 schema.SOURCE: pa.array(roots, pa.string()),
                 schema.SHARD: pa.array(np.full(rows, k, np.int64)),
                 schema.SHARD_ROWS: pa.array(np.full(rows, rows, np.int64)),
+                stamps.COLUMN: pa.array(found, pa.string()),
             }
         )
+
+    def _rows(self, k: int, rows: int) -> str:
+        return f"shard {k} (rows {k * self.shard_rows}-{k * self.shard_rows + rows - 1})"
+
+
+def _difference(committed: str, paths: list[str], found: list[str | None], *, where: str) -> str | None:
+    """How a committed shard differs from the same shard listed again, or ``None`` when it does not.
+    A digest written before stamps existed has none, and then only its paths are compared."""
+    listed = shard_digest(paths, found)
+    if not same_paths(committed, listed):
+        return f"{where} differs from the committed one"
+    if "~" not in committed or committed == listed:
+        return None
+    archives = stamps.named([p for p, s in zip(paths, found, strict=True) if s is not None])
+    return f"{where} holds an archive rewritten since (size, modification time or ETag): one of {archives}"

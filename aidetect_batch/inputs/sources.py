@@ -36,7 +36,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
@@ -282,24 +282,35 @@ def listing_units(sources: tuple[str, ...], storage_options: dict[str, Any] | No
     return [(uri, p) for uri, p in units if not any(uri.startswith(q) and uri + "/" != q for q in prefixes)]
 
 
-def _pages(fs: Any, path: str, page_keys: int) -> Iterator[list[tuple[str, int]]]:
-    """``(path, size)`` of every object under ``path``, one list per listing page, in key order.
+def _pages(fs: Any, path: str, page_keys: int) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """``(path, entry)`` of every object under ``path``, one list per listing page, in key order. The
+    entry is what the listing says of the object: ``Size``, ``ETag``, ``LastModified`` on S3, fsspec's
+    ``info`` elsewhere.
 
     S3 (anything with s3fs's ``call_s3``) is read with ListObjectsV2 page by page, each request
     retried by s3fs; other filesystems are found in one go.
     """
     if not hasattr(fs, "call_s3"):
         found = fs.find(path, detail=True)
-        yield [(p, i.get("size") or 0) for p, i in sorted(found.items()) if i.get("type") != "directory"]
+        yield [(p, i) for p, i in sorted(found.items()) if i.get("type") != "directory"]
         return
     bucket, key, _ = fs.split_path(path)
     request = {"Bucket": bucket, "Prefix": key.rstrip("/") + "/" if key else "", "MaxKeys": page_keys}
     while True:
         page = fs.call_s3("list_objects_v2", **request)
-        yield [(f"{bucket}/{item['Key']}", item.get("Size", 0)) for item in page.get("Contents", [])]
+        yield [(f"{bucket}/{item['Key']}", item) for item in page.get("Contents", [])]
         if not page.get("IsTruncated"):
             return
         request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+class Page(NamedTuple):
+    """One listing page: the paths kept, the source each was found under, and each one's listing entry
+    (empty for an object named as a source, which was not listed)."""
+
+    paths: list[str]
+    roots: list[str]
+    entries: list[dict[str, Any]]
 
 
 def iter_listing(
@@ -309,26 +320,31 @@ def iter_listing(
     *,
     storage_options: dict[str, Any] | None = None,
     page_keys: int = LIST_PAGE_KEYS,
-) -> Iterator[tuple[list[str], list[str]]]:
-    """Yield ``(paths, roots)`` one listing page at a time, with the same rules and order as
-    :func:`list_sources` (hidden entries, folder markers and extensions filtered, keys sorted)."""
+) -> Iterator[Page]:
+    """Yield one :class:`Page` at a time, with the same rules and order as :func:`list_sources`
+    (hidden entries, folder markers and extensions filtered, keys sorted)."""
     for uri, is_prefix in units:
         if not is_prefix:
-            yield [uri], [uri.rsplit("/", 1)[0]]
+            yield Page([uri], [uri.rsplit("/", 1)[0]], [{}])
             continue
         fs, root = filesystem(uri, storage_options)
         root = root.rstrip("/")
         found = 0
         for page in _pages(fs, root, page_keys):
-            paths = [
-                to_uri(fs, p)
-                for p, size in page
-                if not (p.endswith("/") and not size) and _wanted(p[len(root) :].lstrip("/"), extensions, all_files)
+            kept = [
+                (to_uri(fs, p), entry)
+                for p, entry in page
+                if not (p.endswith("/") and not _size(entry))
+                and _wanted(p[len(root) :].lstrip("/"), extensions, all_files)
             ]
-            found += len(paths)
-            yield paths, [uri] * len(paths)
+            found += len(kept)
+            yield Page([p for p, _ in kept], [uri] * len(kept), [e for _, e in kept])
         if not found:
             _logger.warning("source %s holds no %sfiles", uri, "" if all_files else "image ")
+
+
+def _size(entry: dict[str, Any]) -> int:
+    return entry.get("Size", entry.get("size")) or 0
 
 
 READ_ATTEMPTS = 5

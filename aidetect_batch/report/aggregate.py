@@ -30,10 +30,20 @@ _NO_PREFIX = "(root)"
 _NO_PROVENANCE = "none"
 
 
-def prefix_of(path: str, source: str | None, depth: int) -> str:
-    """First ``depth`` folder components of ``path`` below ``source``."""
+def prefix_of(
+    path: str, source: str | None, depth: int, container: str | None = None, member: str | None = None
+) -> str:
+    """First ``depth`` folder components of ``path`` below ``source``.
+
+    An archive is a prefix of its own, whatever the depth: a member's prefix is its ``container`` below
+    ``source`` (the whole URI when it is elsewhere), then the first ``depth - 1`` folders of the ``member``.
+    The default depth 1 so gives one row per archive, and a larger one splits an export by its folders."""
     if depth == 0:
         return _NO_PREFIX
+    if container is not None:
+        archive = container[len(source) :] if source and container.startswith(source) else container
+        inside = "/".join([p for p in (member or "").split("/") if p][:-1][: depth - 1])
+        return archive.lstrip("/") + (f"/{inside}" if inside else "") or _NO_PREFIX
     relative = path[len(source) :] if source and path.startswith(source) else path
     parts = [p for p in relative.split("/") if p][:-1]
     return "/".join(parts[:depth]) or _NO_PREFIX
@@ -48,6 +58,8 @@ _COLUMNS = [
     schema.LABEL,
     schema.FORMAT,
     schema.PROVENANCE,
+    schema.CONTAINER,
+    schema.MEMBER,
     schema.T_READ_MS,
     schema.T_DECODE_MS,
     schema.T_INFER_MS,
@@ -115,7 +127,13 @@ class _Aggregates:
         label = table.column(schema.LABEL)
         flags = pa.table(
             {
-                "prefix": prefixes_of(table.column(schema.PATH), table.column(schema.SOURCE), self.depth),
+                "prefix": prefixes_of(
+                    table.column(schema.PATH),
+                    table.column(schema.SOURCE),
+                    self.depth,
+                    containers=table.column(schema.CONTAINER),
+                    members=table.column(schema.MEMBER),
+                ),
                 "files": pa.array(np.ones(table.num_rows, np.int64)),
                 "ok": pc.cast(ok, pa.int64()),
                 "duplicates": pc.cast(duplicate, pa.int64()),
@@ -227,20 +245,49 @@ def _as_dict(table: pa.Table | None) -> dict[str, int]:
     )
 
 
-def prefixes_of(paths: pa.ChunkedArray, sources: pa.ChunkedArray, depth: int) -> pa.Array:
-    """:func:`prefix_of` for whole columns, in Arrow compute kernels."""
+def prefixes_of(
+    paths: pa.ChunkedArray | pa.Array,
+    sources: pa.ChunkedArray | pa.Array,
+    depth: int,
+    *,
+    containers: pa.ChunkedArray | pa.Array | None = None,
+    members: pa.ChunkedArray | pa.Array | None = None,
+) -> pa.Array:
+    """:func:`prefix_of` for whole columns, in Arrow compute kernels (members: where ``containers`` is set)."""
     if depth == 0:
         return pa.array([_NO_PREFIX] * len(paths), pa.string())
-    paths = paths.combine_chunks() if isinstance(paths, pa.ChunkedArray) else paths
-    sources = sources.combine_chunks() if isinstance(sources, pa.ChunkedArray) else sources
+    paths, sources = _whole(paths), _whole(sources)
+    prefixes = _folders(_below(paths, sources), depth)
+    if containers is None or members is None or not pc.any(pc.is_valid(containers)).as_py():
+        return prefixes
+    containers = _whole(containers)
+    archive = pc.utf8_ltrim(_below(containers, sources), "/")
+    if depth > 1:
+        inside = _folders(_whole(members), depth - 1, missing="")
+        archive = pc.if_else(pc.equal(inside, ""), archive, pc.binary_join_element_wise(archive, inside, "/"))
+    archive = pc.if_else(pc.equal(archive, ""), _NO_PREFIX, archive)
+    return pc.if_else(pc.is_valid(containers), archive, prefixes)
+
+
+def _whole(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _below(paths: pa.Array, sources: pa.Array) -> pa.Array:
+    """Each path with its row's source cut off its start (unchanged where it does not start with it)."""
     relative = paths
     for source in pc.unique(pc.drop_null(sources)).to_pylist():
         inside = pc.fill_null(pc.and_(pc.equal(sources, source), pc.starts_with(paths, source)), False)
         relative = pc.if_else(inside, pc.utf8_slice_codeunits(paths, len(source)), relative)
+    return relative
+
+
+def _folders(relative: pa.Array, depth: int, missing: str = _NO_PREFIX) -> pa.Array:
+    """The first ``depth`` folders of each relative path (its last component is the file's name)."""
     relative = pc.replace_substring_regex(relative, pattern="/+", replacement="/")
     folder = pc.replace_substring_regex(pc.utf8_ltrim(relative, "/"), pattern="/?[^/]*$", replacement="")
     first = pc.extract_regex(folder, pattern=rf"^(?P<p>[^/]+(?:/[^/]+){{0,{depth - 1}}})")
-    return pc.fill_null(pc.struct_field(first, "p"), _NO_PREFIX)
+    return pc.fill_null(pc.struct_field(first, "p"), missing)
 
 
 def summarise(scores_dir: str, prefix_depth: int = 1, storage_options: dict[str, Any] | None = None) -> Summary:

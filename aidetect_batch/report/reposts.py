@@ -105,7 +105,8 @@ def _read_scores(cfg: RepostsConfig) -> tuple[pa.Table, str | None]:
         raise ConfigError(f"{cfg.out} holds no scores/: run a scan with --phash first")
     dataset = pads.dataset(root, filesystem=fs, format="parquet")
     time_column = _time_column(dataset.schema.names, cfg.time_column)
-    table = dataset.to_table(columns=[*_COLUMNS, *([time_column] if time_column else [])])
+    items = [c for c in (schema.CONTAINER, schema.MEMBER) if c in dataset.schema.names]  # none before archives
+    table = dataset.to_table(columns=[*_COLUMNS, *items, *([time_column] if time_column else [])])
     if not pc.count(table.column(schema.PDQ)).as_py():
         raise ConfigError(f"the scan in {cfg.out} has no PDQ hashes: scan it again with --phash")
     return table, time_column
@@ -172,7 +173,13 @@ def group_table(
         "group_id": ids,
         "member": pa.array(np.ones(len(ids), np.int64)),
         "path": rows.column(schema.PATH),
-        "prefix": aggregate.prefixes_of(rows.column(schema.PATH), rows.column(schema.SOURCE), prefix_depth),
+        "prefix": aggregate.prefixes_of(
+            rows.column(schema.PATH),
+            rows.column(schema.SOURCE),
+            prefix_depth,
+            containers=_column(rows, schema.CONTAINER),
+            members=_column(rows, schema.MEMBER),
+        ),
         "score": pc.if_else(ok, rows.column(schema.SCORE), pa.scalar(None, pa.float32())),
         "ai": pc.cast(pc.fill_null(pc.equal(label, schema.LABEL_AI), False), pa.int64()),
         "real": pc.cast(pc.fill_null(pc.equal(label, schema.LABEL_REAL), False), pa.int64()),
@@ -186,6 +193,10 @@ def group_table(
         aggregations += [("seen", "min"), ("seen", "max")]
     grouped = pa.table(parts).group_by("group_id", use_threads=False).aggregate(aggregations).sort_by("group_id")
     return _finish_groups(grouped, _medians(ids, parts["score"]), time_column=time_column)
+
+
+def _column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
+    return table.column(name) if name in table.column_names else None
 
 
 def _medians(ids: pa.Array, scores: pa.Array) -> dict[int, float]:

@@ -27,7 +27,7 @@ from aidetect_batch.detectors import checkpoints, policies
 from aidetect_batch.detectors import registry as arch_registry
 from aidetect_batch.detectors.policies import check_policy
 from aidetect_batch.errors import ConfigError
-from aidetect_batch.inputs import item, manifest, sources
+from aidetect_batch.inputs import item, manifest, sources, stamps
 from aidetect_batch.inputs.manifest import block_size
 from aidetect_batch.report import aggregate
 from aidetect_batch.scan import cpu_stage, dedup
@@ -60,6 +60,8 @@ STREAM_BLOCK_BYTES = 64 << 10
 # Listing rows sampled to tell whether a scan is mostly archives (:func:`mostly_containers`).
 CONTAINER_SAMPLE_ROWS = 4096
 _OWN_ENTRIES = (schema.SCORES_DIR, schema.REPORT_DIR, schema.RUN_FILE, schema.REPOSTS_DIR)
+# Identity key of the listed archives' stamps (:mod:`aidetect_batch.inputs.stamps`); absent when none is listed.
+CONTAINER_STAMPS = "container_stamps"
 
 
 @dataclasses.dataclass
@@ -209,15 +211,33 @@ def previous_run(cfg: ScanConfig) -> dict[str, Any]:
 
 
 def check_resumable(previous: dict[str, Any], identity: dict[str, Any]) -> None:
-    """Refuse to resume when the inputs, the model or the preprocessing differ from the stopped scan."""
+    """Refuse to resume when the inputs, the model or the preprocessing differ from the stopped scan, or
+    when a listed archive was rewritten since (its stamp differs)."""
     before = previous.get("identity") or {}
-    changed = [k for k in identity if before.get(k) != identity[k]]
+    changed = [k for k in identity if k != CONTAINER_STAMPS and before.get(k) != identity[k]]
     if changed:
         details = "; ".join(f"{k}: was {before.get(k)!r}, now {identity[k]!r}" for k in changed)
         raise ConfigError(
             f"--resume refused: the scan in this OUT used other settings ({details}). Resume with the same "
             "inputs, --checkpoint, --preprocess (and its --max-tiles or --native-max-pixels), --sample/--limit "
             "and --dedup, or start over with --overwrite."
+        )
+    _check_archives(before.get(CONTAINER_STAMPS), identity.get(CONTAINER_STAMPS, {}))
+
+
+def _check_archives(before: dict[str, str] | None, now: dict[str, str]) -> None:
+    """Refuse to resume when an archive's stamp differs from the stopped scan's. A scan that recorded no
+    stamps (written before they existed) resumes unchecked, as it did then."""
+    if before is None:
+        if now:
+            _logger.warning("the stopped scan recorded no archive stamps: a rewritten archive cannot be detected")
+        return
+    rewritten = stamps.changed(before, now)
+    if rewritten:
+        raise ConfigError(
+            f"--resume refused: {len(rewritten)} archive(s) changed since the stopped scan (size, modification "
+            f"time or ETag): {stamps.named(rewritten)}. The committed rows name the members they held then; "
+            "restore them, or start over with --overwrite."
         )
 
 
@@ -351,7 +371,10 @@ def resolve_inputs(cfg: ScanConfig, listing: pa.Table | None) -> _Inputs:
     if twice:
         raise ConfigError(f"manifest columns {twice} are also columns of the Parquet inputs; rename them")
     _logger.info("%d inputs from %s", listing.num_rows, cfg.manifest or f"{len(cfg.sources)} source(s)")
-    identity = {"inputs": manifest.fingerprint(listing), "input_rows": listing.num_rows}
+    identity: dict[str, Any] = {"inputs": manifest.fingerprint(listing), "input_rows": listing.num_rows}
+    archives = stamps.container_stamps(listing, cfg.input_kinds, cfg.storage_options)
+    if archives:
+        identity[CONTAINER_STAMPS] = archives
     step = max(1, listing.num_rows // CONTAINER_SAMPLE_ROWS)
     sample = listing.column(schema.PATH).take(pa.array(range(0, listing.num_rows, step))).to_pylist()
     return _Inputs(
@@ -628,6 +651,7 @@ def streamed_inputs(
             "seed": cfg.seed,
             "committed": done,
             "state": state,
+            "kinds": cfg.input_kinds,
         },
     )
 
@@ -644,9 +668,9 @@ def _finish_listing(cfg: ScanConfig, finished: dict[str, Any] | None, run: _Run)
         raise RuntimeError("the listing stage ended without reporting its result")
     if finished["changed"]:
         raise ConfigError(
-            f"--resume refused: the listing of {', '.join(cfg.sources)} changed since the stopped scan "
-            f"({finished['changed']} differs from the committed one). Rows written so far are correct for "
-            "the new listing up to that shard; start over with --overwrite, or scan a fixed --manifest."
+            f"--resume refused: the listing of {', '.join(cfg.sources)} changed since the stopped scan: "
+            f"{finished['changed']}. Rows written so far are correct for the new listing up to that shard; "
+            "start over with --overwrite, or scan a fixed --manifest."
         )
     if finished["rows"] == 0:
         raise sources.SourceError(f"no files found in {', '.join(cfg.sources)}")

@@ -14,7 +14,9 @@ ever written with whole shards, and lists them in its Parquet metadata
 listed unit in it and every unit's rows have arrived: a unit may yield several
 rows (an archive's members), and says how many on its last row
 (``_unit_rows``, :mod:`aidetect_batch.inputs.item`). A file that holds other
-than one row per unit records its units too (``aidetect.units``).
+than one row per unit records its units too (``aidetect.units``), and each
+shard's digest (``aidetect.shard_digests``): its units' paths and, from a
+streamed listing, its archives' stamps, which a resumed listing checks.
 The committed files are therefore exactly the finished
 work: :func:`committed_shards` reads their footers, and a resumed run skips
 those shards. Rows of a shard still in flight wait in driver memory, and
@@ -39,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aidetect_batch import schema
-from aidetect_batch.inputs import item
+from aidetect_batch.inputs import item, stamps
 from aidetect_batch.inputs.manifest import shard_digest
 from aidetect_batch.storage import filesystem, is_remote, join
 
@@ -189,6 +191,7 @@ class ScoreWriter:
         self._units_seen: dict[int, int] = {}
         self._unit_extra: dict[int, int] = {}
         self._unit_paths: dict[int, list[str]] = {}
+        self._unit_stamps: dict[int, list[str | None]] = {}
         self._ready: list[pa.Table] = []
         self._ready_shards: list[int] = []
         self._ready_digests: dict[str, str] = {}
@@ -220,14 +223,17 @@ class ScoreWriter:
                 if counts is None:
                     raise RuntimeError(f"rows of shard {shard}, which is not one of this scan's inputs")
                 self.expected[shard] = int(counts[mask][0])
-            part = to_scores_table(table.filter(pa.array(mask)), self.schema)
+            rows = table.filter(pa.array(mask))
+            part = to_scores_table(rows, self.schema)
             self._partial.setdefault(shard, []).append(part)
-            self._count_units(shard, part, unit_rows[mask])
+            self._count_units(shard, rows, unit_rows[mask])
             if self._shard_done(shard):
                 parts = self._partial.pop(shard)
                 self._ready.extend(parts)
                 self._ready_shards.append(shard)
-                self._ready_digests[str(shard)] = shard_digest(self._unit_paths.pop(shard))
+                self._ready_digests[str(shard)] = shard_digest(
+                    self._unit_paths.pop(shard), self._unit_stamps.pop(shard, None)
+                )
                 self._ready_rows += self._seen.pop(shard)
                 self._ready_units += self._units_seen.pop(shard)
                 self._unit_extra.pop(shard)
@@ -235,14 +241,18 @@ class ScoreWriter:
         if self._ready_rows >= self.rows_per_file or (due and self._ready_rows):
             self._commit_ready()
 
-    def _count_units(self, shard: int, part: pa.Table, unit_rows: np.ndarray) -> None:
-        """Count a shard's rows, and its units from the rows that start one (``unit_rows`` > 0)."""
-        heads = unit_rows > 0
-        self._seen[shard] = self._seen.get(shard, 0) + part.num_rows
-        self._units_seen[shard] = self._units_seen.get(shard, 0) + int(heads.sum())
-        self._unit_extra[shard] = self._unit_extra.get(shard, 0) + int((unit_rows[heads] - 1).sum())
-        paths = part.column(schema.PATH).filter(pa.array(heads)).to_pylist()
+    def _count_units(self, shard: int, rows: pa.Table, unit_rows: np.ndarray) -> None:
+        """Count a shard's rows, and its units from the rows that carry their count (``unit_rows`` > 0), with
+        their paths and, from a streamed listing, their stamps (:mod:`aidetect_batch.inputs.stamps`)."""
+        heads = pa.array(unit_rows > 0)
+        counts = unit_rows[unit_rows > 0]
+        self._seen[shard] = self._seen.get(shard, 0) + rows.num_rows
+        self._units_seen[shard] = self._units_seen.get(shard, 0) + len(counts)
+        self._unit_extra[shard] = self._unit_extra.get(shard, 0) + int((counts - 1).sum())
+        paths = rows.column(schema.PATH).filter(heads).to_pylist()
         self._unit_paths.setdefault(shard, []).extend(item.unit_path(p) for p in paths)
+        if stamps.COLUMN in rows.column_names:
+            self._unit_stamps.setdefault(shard, []).extend(rows.column(stamps.COLUMN).filter(heads).to_pylist())
 
     def _shard_done(self, shard: int) -> bool:
         """Whether every unit of the shard and every row of those units has arrived.
@@ -306,6 +316,7 @@ class ScoreWriter:
         self._units_seen.clear()
         self._unit_extra.clear()
         self._unit_paths.clear()
+        self._unit_stamps.clear()
 
     def close(self) -> list[str]:
         """Commit what is ready and return every file this writer committed.
