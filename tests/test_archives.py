@@ -168,6 +168,7 @@ def test_hostile_tars(tmp_path):
     assert [r[schema.PATH] for r in cut] == [f"tar://a.jpg::{truncated}", str(truncated)]
     assert cut[0][schema.STATUS] == "ok" and cut[1][schema.STATUS] == "unreadable"
     assert cut[1][schema.ERROR].startswith("the rest of the unit, after 1 items")
+    assert cut[1][schema.CONTAINER] == str(truncated) and cut[1][schema.MEMBER] is None, "counted with its archive"
     assert [r[item.UNIT_ROWS] for r in cut] == [0, 2]
 
 

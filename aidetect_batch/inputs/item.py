@@ -201,6 +201,13 @@ class LooseFile:
 
 
 LOOSE_FILE = LooseFile()
+
+
+def is_loose(kind: Kind) -> bool:
+    """Whether ``kind`` is the loose file; by name, since kinds reach the workers as pickled copies."""
+    return kind.name == LOOSE_FILE.name
+
+
 _KINDS: list[Kind] = []
 # The kinds this package ships (archives, Parquet), asked after those registered at run time: ``register_built_in``.
 _BUILT_IN: list[Kind] = []

@@ -61,11 +61,11 @@ def stamp(unit: item.Item, storage_options: dict[str, Any] | None = None) -> str
 
 def _extensions(kinds: Sequence[item.Kind]) -> list[str]:
     """The extensions of the units kinds other than the loose file take: only these are stamped."""
-    return sorted({e.lower() for k in kinds if k is not item.LOOSE_FILE for e in k.extensions})
+    return sorted({e.lower() for k in kinds if not item.is_loose(k) for e in k.extensions})
 
 
 def _expanded(unit: item.Item, kinds: Sequence[item.Kind]) -> bool:
-    return item.kind_of(unit, kinds) is not item.LOOSE_FILE
+    return not item.is_loose(item.kind_of(unit, kinds))
 
 
 def stamped_units(listing: pa.Table, kinds: Sequence[item.Kind]) -> list[item.Item]:

@@ -201,19 +201,21 @@ def expand_unit(unit: item.Item, u: int, options: PrepareOptions) -> Iterator[En
         for read in item.read_all(kind, unit, options.read_options):
             if held is not None:
                 yield held
-            held, count = Entry(read.item, kind, u, 0, read.failure, read.data, _columns(read)), count + 1
+            held, count = Entry(read.item, kind, u, 0, read.failure, read.data, _columns(read, kind)), count + 1
         if held is None:
             raise item.NoItems(f"{kind.name} unit holds no items")
     except Exception as exc:  # noqa: BLE001 - a unit that cannot be opened is its row's status, never the job's
         if held is not None:
             yield held
         note = f"the rest of the unit, after {count} items: " if count else ""
-        held, count = Entry(unit, kind, u, 0, exc, note=note), count + 1
+        held, count = Entry(unit, kind, u, 0, exc, columns=_columns(item.Read(unit), kind), note=note), count + 1
     yield dataclasses.replace(held, unit_rows=count)
 
 
-def _columns(read: item.Read) -> Mapping[str, Any]:
-    if read.item.member is None:
+def _columns(read: item.Read, kind: item.Kind) -> Mapping[str, Any]:
+    """A row's ``container`` and ``member`` (a container's own row, e.g. "the rest of the unit", names the
+    container, so the report counts it with its members), then the columns the kind gives it."""
+    if item.is_loose(kind):
         return read.columns
     return {schema.CONTAINER: read.item.uri, schema.MEMBER: read.item.member, **read.columns}
 

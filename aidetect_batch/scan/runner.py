@@ -400,7 +400,7 @@ def mostly_containers(paths: list[str], cfg: ScanConfig) -> bool:
     """Whether a decode batch of ``--decode-batch-size`` of these units would hold an archive on average.
     Each archive then gets a decode task of its own, so archives are read side by side, not one after
     another in a task."""
-    containers = sum(item.kind_of(item.Item(p), cfg.input_kinds) is not item.LOOSE_FILE for p in paths)
+    containers = sum(not item.is_loose(item.kind_of(item.Item(p), cfg.input_kinds)) for p in paths)
     return containers > 0 and containers * cfg.decode_batch_size >= len(paths)
 
 
