@@ -615,6 +615,7 @@ def _score(cfg: ScanConfig, *, detector: _Detector, plan: ClassifierPlan, ds: An
         phash=cfg.phash,
         kinds=cfg.input_kinds,
         containers=cfg.containers,
+        decode_timeout=cfg.watchdog_timeout,
     )
     ds = ds.map_batches(
         cpu_stage.prepare_batch,
