@@ -30,6 +30,10 @@ class Status(str, enum.Enum):
     """The header announces more pixels than ``max_pixels`` (decompression-bomb guard)."""
     UNSUPPORTED = "unsupported"
     """A recognised media type that this build cannot decode (video, PDF, SVG, odd modes)."""
+    TIMEOUT = "timeout"
+    """Decoding it ran past ``--decode-timeout``; its process was killed so the rest of the batch goes on."""
+    CRASHED = "crashed"
+    """The decoder's process died on it (an abort, a segfault, the OOM killer); only this file is lost."""
     DUPLICATE = "duplicate"
     """``--dedup``: the same bytes (SHA-256) as the file named in ``duplicate_of``, which was scored instead."""
 

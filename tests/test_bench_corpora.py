@@ -35,6 +35,12 @@ def test_each_input_kind_of_the_corpus_yields_every_photograph_once(small_corpus
     assert len(lines) == 5 and lines[1].startswith("corpora tar")
 
 
+def test_the_watchdog_cost_is_timed_with_it_off_on_and_off_again(small_corpus):
+    options = cpu_stage.PrepareOptions(policy="resize", max_pixels=10**8)
+    cost = corpora.watchdog_cost(small_corpus.loose, options, 60.0)
+    assert cost["files"] == 6 and cost["ms_per_file_on"] > 0 and cost["ms_per_file_off"] > 0
+
+
 @pytest.mark.slow  # five fresh interpreters that import torch: about 15 s
 def test_the_memory_probe_streams_archives_of_two_sizes(small_corpus, tmp_path):
     found = corpora.archive_memory(str(tmp_path), small_corpus.loose[:2], 0.0004)

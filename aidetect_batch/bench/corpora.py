@@ -208,7 +208,7 @@ def run_corpora(photos: int, gb: float) -> dict[str, Any]:
         return {
             "photos": photos,
             "cpu_stage": stage_rates(corpus, options),
-            "watchdog": watchdog_cost(corpus.loose, options, defaults.decode_timeout),
+            "watchdog": watchdog_cost(corpus.loose, options, defaults.watchdog_timeout),
             "end_to_end": scan_rates(corpus, root),
             "archive_memory": archive_memory(root, corpus.loose[: len(measure.PHOTO_SIZES)], gb),
         }

@@ -39,6 +39,11 @@ from aidetect_batch.report.config import prefix_depth_field
 from aidetect_batch.storage import check_filesystem
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# The slowest work the pixel guard admits, an 89 MP HEIC, AVIF or PNG under --phash, took 18-26 s on one core
+# of the 2-core box, and 76 s with --watermark, which decodes it again at full resolution (BENCHMARKS.md):
+# the defaults leave several times that, and only a file that is stuck reaches them.
+DEFAULT_DECODE_TIMEOUT_S = 120.0
+WATERMARK_DECODE_TIMEOUT_S = 360.0
 
 NO_CHECKPOINT = (
     "--checkpoint is required: a detector checkpoint (local path or s3:// URI). Get one by training "
@@ -152,6 +157,9 @@ class ScanConfig(ScanOptions):
         decode_tasks: Concurrent CPU read/decode tasks; ``None``: every CPU the Classifier pool leaves.
         max_pixels: Decompression-bomb guard: images whose header announces more are rejected.
         max_file_mb: Files larger than this are ``too_large`` rows, checked before any byte is read.
+        decode_timeout: Seconds one file's provenance, decode and PDQ may take in the per-file watchdog's
+            child process before it is killed and the file is a ``timeout`` row; 0: no watchdog; ``None``:
+            the default for the checks asked for (:attr:`watchdog_timeout`).
         all_files: Send every listed file to the decoder, not only image extensions.
         extensions: Lower-case extensions accepted without ``all_files``.
         storage_options: Extra fsspec options for remote stores (endpoint, profile, ...).
@@ -216,6 +224,13 @@ class ScanConfig(ScanOptions):
     max_file_mb: float = option(
         DEFAULT_MAX_FILE_MB, help="files larger than this are too_large rows and are never read (default: %(default)s)"
     )
+    decode_timeout: float | None = option(
+        None,
+        help="seconds one file's decode (with provenance and PDQ) may take in its watched process before it is "
+        "killed and the file is a timeout row; a decoder that crashes loses only its file (a crashed row); "
+        f"0 decodes in the task, unwatched (default: {DEFAULT_DECODE_TIMEOUT_S:g}, {WATERMARK_DECODE_TIMEOUT_S:g} "
+        "with --watermark: several times the slowest decode --max-pixels admits)",
+    )
     all_files: bool = option(False, help="decode every file, not only image extensions")
     extensions: tuple[str, ...] = internal(DEFAULT_EXTENSIONS, "the image extensions; --all-files lifts them")
     storage_options: dict[str, Any] = storage_options_field()
@@ -260,6 +275,13 @@ class ScanConfig(ScanOptions):
         )
 
     @property
+    def watchdog_timeout(self) -> float:
+        """``--decode-timeout``, or its default: longer with ``--watermark``, which decodes each file twice."""
+        if self.decode_timeout is not None:
+            return self.decode_timeout
+        return WATERMARK_DECODE_TIMEOUT_S if self.watermark else DEFAULT_DECODE_TIMEOUT_S
+
+    @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * 2**20)
 
@@ -287,7 +309,7 @@ class ScanConfig(ScanOptions):
         check_at_least(self, ("max_members",))
         if self.max_ratio <= 1.0:
             raise ConfigError(f"--max-ratio must be above 1, not {self.max_ratio}")
-        check_at_least(self, ("prefix_depth", "commit_every_s", "archive_depth"), low=0)
+        check_at_least(self, ("prefix_depth", "commit_every_s", "archive_depth", "decode_timeout"), low=0)
         if self.perturbation is not None:
             try:
                 perturb.parse(self.perturbation)

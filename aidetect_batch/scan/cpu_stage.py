@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from aidetect_batch import schema
 from aidetect_batch.detectors import policies
 from aidetect_batch.inputs import item, sources
 from aidetect_batch.media import pdq, perturb, provenance
+from aidetect_batch.scan import watchdog
 
 _logger = logging.getLogger(__name__)
 
@@ -46,6 +47,33 @@ DECODE_COLUMNS = (
     schema.PROVENANCE,
     schema.PROVENANCE_DETAIL,
 )
+# What one file's native work fills in: the columns the watchdog's child sends back.
+WATCHED_COLUMNS = (*schema.DECODED_COLUMNS, schema.PROVENANCE, schema.PROVENANCE_DETAIL)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FileOptions:
+    """What one file's provenance, decode, preprocess and PDQ need (see :class:`PrepareOptions`). It is all
+    the watchdog's child receives: not the input kinds, which may be defined where the child cannot import them.
+
+    Attributes:
+        views: Rows carry their views as tiles (an input kind may read an Item as several views).
+    """
+
+    policy: str
+    max_pixels: int
+    size: int
+    perturbation: str | None
+    framing: policies.Framing
+    checks: provenance.Checks
+    phash: bool
+    decode_later: bool
+    views: bool
+
+    @property
+    def fixed(self) -> bool:
+        """Every image becomes one ``size``×``size`` view (``resize``, ``center-crop``)."""
+        return policies.get(self.policy).fixed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +95,11 @@ class PrepareOptions:
         containers: How archives are expanded (members admitted, ``--max-members``, ``--max-ratio``, depth).
         chunk_rows: Rows decoded and handed on together; a unit that yields more (an archive) is cut into
             several tables, so the task never holds all of it.
+        decode_timeout: Seconds one file's native work (provenance, decode, preprocess, PDQ) may take in the
+            watchdog's child process before the file is a ``timeout`` row (``--decode-timeout``); 0 runs
+            it in this process, unwatched.
+        per_file: What the watchdog's child runs for each file; ``None``: :func:`prepare_file`. The seam
+            through which a test gives it a decoder that hangs or aborts.
     """
 
     policy: str
@@ -82,6 +115,8 @@ class PrepareOptions:
     kinds: tuple[item.Kind, ...] = dataclasses.field(default_factory=item.registered)
     containers: item.ContainerOptions = item.ContainerOptions()
     chunk_rows: int = 16
+    decode_timeout: float = 0.0
+    per_file: Callable[[bytes | list[bytes], FileOptions], FileResult] | None = None
 
     @property
     def read_options(self) -> item.ReadOptions:
@@ -94,9 +129,32 @@ class PrepareOptions:
         return any(kind.views for kind in self.kinds)
 
     @property
-    def fixed(self) -> bool:
-        """Every image becomes one ``size``×``size`` view (``resize``, ``center-crop``)."""
-        return policies.get(self.policy).fixed
+    def file_options(self) -> FileOptions:
+        """What each file's native work needs."""
+        return FileOptions(
+            policy=self.policy,
+            max_pixels=self.max_pixels,
+            size=self.size,
+            perturbation=self.perturbation,
+            framing=self.framing,
+            checks=self.checks,
+            phash=self.phash,
+            decode_later=self.decode_later,
+            views=self.views,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FileResult:
+    """One file's native work, as the watchdog's child sends it back.
+
+    Attributes:
+        columns: The file's :data:`WATCHED_COLUMNS` values.
+        pixels: Its model input (one view, or a stack of views); ``None`` when it failed or was not decoded.
+    """
+
+    columns: dict[str, Any]
+    pixels: np.ndarray | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,12 +211,7 @@ def prepare_entries(batch: pa.Table, entries: list[Entry], options: PrepareOptio
     payload = [read_into(rows, i, entry, options=options) for i, entry in enumerate(entries)]
     if registry is not None:
         _claim_duplicates(rows, payload, [e.item.path for e in entries], registry=registry)
-    for i, data in enumerate(payload):
-        if data is not None:
-            inspect_into(rows, i, data if isinstance(data, bytes) else data[0], options.checks)
-    if options.decode_later:
-        _views_need_the_cpu(rows, payload)
-    images = None if options.decode_later else _decode_all(rows, payload, options)
+    images = inspect_and_decode(rows, payload, options)
     return _to_table(
         batch,
         rows,
@@ -277,24 +330,107 @@ def _claim_duplicates(
             payload[i] = None
 
 
+# One per Ray worker process, kept for every batch it runs; its child starts with the first watched file.
+_WATCHDOG = watchdog.Watchdog(preload=(__name__,))
+
+
+def inspect_and_decode(
+    rows: dict[str, list[Any]], payload: list[bytes | list[bytes] | None], options: PrepareOptions
+) -> np.ndarray | list[np.ndarray | None] | None:
+    """Each read row's provenance, then (unless ``--gpu-decode``) its decode, preprocess and PDQ: the
+    images, or ``None`` under ``--gpu-decode``. With ``decode_timeout`` this native work runs in the
+    watchdog's child process (:mod:`aidetect_batch.scan.watchdog`), else here."""
+    if options.decode_timeout:
+        images = _watched(rows, payload, options)
+    else:
+        for i, data in enumerate(payload):
+            if data is not None:
+                inspect_into(rows, i, _first(data), options.checks)
+        images = None if options.decode_later else _decode_all(rows, payload, options)
+    if options.decode_later:
+        _views_need_the_cpu(rows, payload)
+    return images
+
+
+def _first(data: bytes | list[bytes]) -> bytes:
+    return data if isinstance(data, bytes) else data[0]
+
+
+def _watched(
+    rows: dict[str, list[Any]], payload: list[bytes | list[bytes] | None], options: PrepareOptions
+) -> np.ndarray | list[np.ndarray | None] | None:
+    """:func:`inspect_and_decode` through the watchdog: a file whose work hangs or kills its process
+    becomes a ``timeout`` or ``crashed`` row, and is not handed on to ``--gpu-decode``."""
+    file_options = options.file_options
+    todo = [i for i, data in enumerate(payload) if data is not None]
+    work = options.per_file or prepare_file
+    results = _WATCHDOG.map(work, file_options, [payload[i] for i in todo], timeout=options.decode_timeout)
+    images = None if options.decode_later else _images_for(len(payload), file_options)
+    for i, result in zip(todo, results, strict=True):
+        if isinstance(result, watchdog.Failure):
+            rows[schema.STATUS][i], rows[schema.ERROR][i] = result.status.value, result.error
+            rows[schema.T_DECODE_MS][i] = result.elapsed_ms
+            payload[i] = None
+            continue
+        for column, value in result.columns.items():
+            rows[column][i] = value
+        if images is not None and result.pixels is not None:
+            images[i] = result.pixels
+    return images
+
+
+def prepare_file(data: bytes | list[bytes], options: FileOptions) -> FileResult:
+    """One file's provenance, then (unless ``--gpu-decode``) its decode, preprocess and PDQ, on its own:
+    what the watchdog's child runs per file. The same per-file code as in-process, so results agree."""
+    rows: dict[str, list[Any]] = {c: [None] for c in WATCHED_COLUMNS}
+    inspect_into(rows, 0, _first(data), options.checks)
+    pixels: list[np.ndarray | None] = [None]
+    if not options.decode_later:
+        _decode_row(rows, 0, data, images=pixels, options=options, change=_change_of(options))
+    return FileResult({c: rows[c][0] for c in WATCHED_COLUMNS}, pixels[0])
+
+
 def _decode_all(
     rows: dict[str, list[Any]], payload: list[bytes | list[bytes] | None], options: PrepareOptions
 ) -> np.ndarray | list[np.ndarray | None]:
     """Decode every read row. When a kind may read several views (:attr:`PrepareOptions.views`), every
     row carries its views as ``_pixels``: a fixed-size view is then a one-tile stack, scored as tiles are."""
-    views = options.views
-    images: Any = [None] * len(payload)
-    if options.fixed and not views:
-        images = np.zeros((len(payload), options.size, options.size, 3), dtype=np.uint8)
-    change = perturb.parse(options.perturbation) if options.perturbation else None
+    file_options = options.file_options
+    images = _images_for(len(payload), file_options)
+    change = _change_of(file_options)
     for i, data in enumerate(payload):
-        if isinstance(data, list):
-            decode_views_into(rows, i, data, images=images, options=options, change=change)
-        elif data is not None:
-            decode_into(rows, i, data, images=images, options=options, change=change)
-            if views and options.fixed and images[i] is not None:
-                images[i] = images[i][None]
+        if data is not None:
+            _decode_row(rows, i, data, images=images, options=file_options, change=change)
     return images
+
+
+def _images_for(n: int, options: FileOptions) -> Any:
+    """Where ``n`` rows' views go: one uint8 array when every row is one fixed-size view, else a list."""
+    if options.fixed and not options.views:
+        return np.zeros((n, options.size, options.size, 3), dtype=np.uint8)
+    return [None] * n
+
+
+def _change_of(options: FileOptions) -> Any:
+    return perturb.parse(options.perturbation) if options.perturbation else None
+
+
+def _decode_row(
+    rows: dict[str, list[Any]],
+    i: int,
+    data: bytes | list[bytes],
+    *,
+    images: Any,
+    options: FileOptions,
+    change: Any,
+) -> None:
+    """Decode row ``i``'s views or its one image; when rows carry views, a fixed-size view is a one-tile stack."""
+    if isinstance(data, list):
+        decode_views_into(rows, i, data, images=images, options=options, change=change)
+        return
+    decode_into(rows, i, data, images=images, options=options, change=change)
+    if options.views and options.fixed and images[i] is not None:
+        images[i] = images[i][None]
 
 
 def decode_views_into(
@@ -303,7 +439,7 @@ def decode_views_into(
     views: list[bytes],
     *,
     images: list[np.ndarray | None],
-    options: PrepareOptions,
+    options: FileOptions,
     change: Any,
 ) -> None:
     """Decode the views of row ``i`` (video frames) into one stack of tiles in ``images[i]``.
@@ -346,7 +482,7 @@ def decode_into(
     data: bytes,
     *,
     images: np.ndarray | list[np.ndarray | None],
-    options: PrepareOptions,
+    options: FileOptions,
     change: Any,
 ) -> None:
     """Decode and preprocess file ``i`` on the CPU, filling its decode columns and ``images[i]``.

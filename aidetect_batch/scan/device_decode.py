@@ -73,7 +73,7 @@ class DeviceDecoder:
         for i in pending:
             if i in done:
                 continue
-            decode_into(cols, i, data[i], images=images, options=opts, change=change)
+            decode_into(cols, i, data[i], images=images, options=opts.file_options, change=change)
         out = batch.drop_columns([schema.DATA])
         for name, values in cols.items():
             out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, out.schema.field(name).type))

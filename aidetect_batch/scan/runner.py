@@ -710,6 +710,7 @@ def _score(
         kinds=cfg.input_kinds,
         containers=dataclasses.replace(cfg.containers, carried=carried),
         chunk_rows=decode_rows,
+        decode_timeout=cfg.watchdog_timeout,
     )
     ds = ds.map_batches(
         cpu_stage.prepare_stream,

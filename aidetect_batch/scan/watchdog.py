@@ -1,0 +1,289 @@
+"""The per-file watchdog: native decoders run in a child process that the CPU stage can kill.
+
+libheif, libavif, libjpeg and libpng (through Pillow) and c2pa are native code that a hostile or
+unlucky file can send into an endless loop or a crash (an abort, a segfault, the kernel's OOM kill). In
+the Ray worker itself a hang would stall the decode task forever, and a crash would kill the worker: Ray
+would retry the task and meet the same file again. So the CPU stage hands each file to a persistent child
+process and waits for its result under a deadline (``--decode-timeout``). A file that overruns it has the
+child killed and gets a ``timeout`` row; a child that dies takes only the file it was working on, which
+gets a ``crashed`` row. Either way a new child takes the rest of the batch. Nothing crashes in the Ray
+task itself, so Ray never retries the batch: that is how a file that kills its decoder is skipped
+instead of met again.
+
+Children come from multiprocessing's ``forkserver``, never from a fork of the Ray worker (whose gRPC
+threads may hold locks that a fork would copy, held, into the child). The server imports the decode modules
+once (``preload``), so starting a child costs a fork, not the imports; the server is shared by the whole
+process, so the first watchdog to start a child decides what it preloads. Each Ray worker keeps its child
+for every batch it runs. A child exits when its pipe closes (the worker is gone). While it works on an
+item it also carries its own alarm, a little past the deadline, whose default action the kernel carries
+out even in native code that never returns to Python: a child stuck in a loop cannot outlive a worker
+that died before it could kill it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import pickle
+import resource
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from ray import cloudpickle
+
+from aidetect_batch import schema
+
+_READY = "ready"
+# The child's own alarm fires this long after its item's deadline: the parent, when alive, kills it first.
+_GRACE_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """Why an item has no result: it ran past its deadline (``timeout``) or its process died (``crashed``).
+
+    Attributes:
+        status: :attr:`schema.Status.TIMEOUT` or :attr:`schema.Status.CRASHED`.
+        error: What happened, for the row's ``error``.
+        elapsed_ms: Time from handing the item over until the watchdog gave up on it.
+    """
+
+    status: schema.Status
+    error: str
+    elapsed_ms: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """The work function and its settings, pickled once per call of :meth:`Watchdog.map`, and the deadline."""
+
+    blob: bytes
+    timeout: float
+
+
+@dataclasses.dataclass
+class _Child:
+    process: BaseProcess
+    conn: Connection
+    job: _Job | None = None
+
+
+class Watchdog:
+    """One child process that runs a function on each item in turn, under a deadline per item.
+
+    Args:
+        preload: Modules the forkserver imports once, so that a (re)started child finds them imported.
+    """
+
+    def __init__(self, preload: Sequence[str] = ()) -> None:
+        self.preload = tuple(preload)
+        self._child: _Child | None = None
+        self._lock = threading.Lock()
+
+    def map(self, work: Callable[[Any, Any], Any], settings: Any, items: Sequence[Any], *, timeout: float) -> list[Any]:
+        """``work(item, settings)`` for each item, in a child process: its result, or a :class:`Failure`.
+
+        ``work`` and ``settings`` travel to the child once per call (by Ray's cloudpickle, so a function made
+        at run time works too); each item then travels alone, and has ``timeout`` seconds from being handed
+        over until its result arrives. An exception ``work`` raises loses only its item (``crashed``).
+        """
+        job = _Job(cloudpickle.dumps((work, settings)), timeout)
+        with self._lock:
+            return [self._one(job, it, timeout) for it in items]
+
+    def close(self) -> None:
+        """Stop the child (a later :meth:`map` starts another)."""
+        with self._lock:
+            self._stop()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, while one runs."""
+        return None if self._child is None else self._child.process.pid
+
+    def _one(self, job: _Job, it: Any, timeout: float) -> Any:
+        child = self._hand_over(job, it)
+        start = time.monotonic()
+        ready = child.conn.poll(timeout)
+        elapsed_ms = (time.monotonic() - start) * 1000.0
+        if ready:
+            try:
+                return _recv(child.conn)
+            except (EOFError, OSError):
+                code = self._stop()
+        else:
+            code = self._stop()
+        if not ready or code == -signal.SIGALRM:  # SIGALRM: the child's own alarm beat a late parent
+            error = f"decoding took longer than {timeout:g} s (--decode-timeout); its process was killed"
+            return Failure(schema.Status.TIMEOUT, error, elapsed_ms)
+        return Failure(schema.Status.CRASHED, f"the decoder's process died ({_exit_text(code)})", elapsed_ms)
+
+    def _hand_over(self, job: _Job, it: Any) -> _Child:
+        """Send the item to a live child that holds the job. A child found dead before it took the item is
+        replaced once: the item is not what killed it."""
+        for attempt in (1, 2):
+            try:
+                child = self._running(job)
+                _send(child.conn, _out_of_band(it))
+                return child
+            except (BrokenPipeError, ConnectionResetError):
+                self._stop()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _running(self, job: _Job) -> _Child:
+        """The child, started if need be, with ``job`` loaded: neither counts against an item's deadline."""
+        if self._child is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(list(self.preload))
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(theirs,), name="aidetect-decode", daemon=True)
+            process.start()
+            theirs.close()
+            self._child = _Child(process, ours)
+            self._await_ready("start")
+        if self._child.job is not job:
+            _send(self._child.conn, job)
+            self._await_ready("load its work")
+            self._child.job = job
+        return self._child
+
+    def _await_ready(self, what: str) -> None:
+        try:
+            ready = _recv(self._child.conn)  # type: ignore[union-attr]
+        except (EOFError, OSError):
+            ready = None
+        if ready != _READY:
+            code = self._stop()
+            raise RuntimeError(f"the decode watchdog's process did not {what} ({_exit_text(code)})")
+
+    def _stop(self) -> int | None:
+        """Kill the child, if any, and reap it; its exit code (negative: the signal that ended it)."""
+        child, self._child = self._child, None
+        if child is None:
+            return None
+        child.process.kill()
+        child.process.join()
+        child.conn.close()
+        return child.process.exitcode
+
+
+def _send(conn: Connection, obj: Any) -> None:
+    """Send ``obj`` with its large buffers (arrays, file bytes) out of band: each is written once, never
+    copied into a pickle and out again."""
+    buffers: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    conn.send_bytes(struct.pack("<I", len(buffers)) + head)
+    for buffer in buffers:
+        conn.send_bytes(buffer.raw())
+
+
+def _recv(conn: Connection) -> Any:
+    message = conn.recv_bytes()
+    (count,) = struct.unpack_from("<I", message)
+    return pickle.loads(memoryview(message)[4:], buffers=[conn.recv_bytes() for _ in range(count)])
+
+
+def _out_of_band(it: Any) -> Any:
+    """An item's bytes (or list of bytes) marked to travel out of band."""
+    if isinstance(it, bytes):
+        return pickle.PickleBuffer(it)
+    if isinstance(it, list):
+        return [pickle.PickleBuffer(x) if isinstance(x, bytes) else x for x in it]
+    return it
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _serve(conn: Connection) -> None:
+    """The child's loop: take a job, then items, answering each with its result; stop when the pipe closes."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a dump of crashing files must not leave a core per crash
+    _send(conn, _READY)
+    job: _Job | None = None
+    work: Callable[[Any, Any], Any] | None = None
+    settings: Any = None
+    while True:
+        try:
+            message = _recv(conn)
+        except EOFError:
+            return
+        if isinstance(message, _Job):
+            job, (work, settings) = message, cloudpickle.loads(message.blob)
+            _send(conn, _READY)
+            continue
+        signal.setitimer(signal.ITIMER_REAL, job.timeout + _GRACE_S)  # type: ignore[union-attr]
+        result = _run(work, message, settings)  # type: ignore[arg-type]
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        _send(conn, result)
+
+
+def _run(work: Callable[[Any, Any], Any], it: Any, settings: Any) -> Any:
+    start = time.monotonic()
+    try:
+        return work(it, settings)
+    except Exception as exc:  # noqa: BLE001 - a Python error in one file's decode loses that file only
+        elapsed_ms = (time.monotonic() - start) * 1000.0
+        return Failure(schema.Status.CRASHED, f"{type(exc).__name__}: {exc}"[:300], elapsed_ms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """What the watchdog adds per item, measured on the same items in this process and through a child.
+
+    Attributes:
+        in_process_ms: Mean time per item calling ``work`` here.
+        watched_ms: Mean time per item through :meth:`Watchdog.map` (child already started).
+        start_ms: Time to start a child and run the first item through it.
+    """
+
+    in_process_ms: float
+    watched_ms: float
+    start_ms: float
+
+    @property
+    def overhead_ms(self) -> float:
+        """The watchdog's cost per item: the difference of the two means."""
+        return self.watched_ms - self.in_process_ms
+
+
+def measure_cost(
+    work: Callable[[Any, Any], Any],
+    settings: Any,
+    items: Sequence[Any],
+    *,
+    preload: Sequence[str] = (),
+    repeats: int = 3,
+) -> Cost:
+    """Time ``work`` over ``items`` in this process and through a fresh :class:`Watchdog` (best of
+    ``repeats`` each), for the benchmark of the watchdog's cost per file."""
+    watchdog = Watchdog(preload)
+    try:
+        start = time.perf_counter()
+        watchdog.map(work, settings, items[:1], timeout=3600.0)
+        start_ms = (time.perf_counter() - start) * 1000.0
+        watched = _best(lambda: watchdog.map(work, settings, items, timeout=3600.0), repeats)
+    finally:
+        watchdog.close()
+    here = _best(lambda: [work(it, settings) for it in items], repeats)
+    return Cost(here * 1000.0 / len(items), watched * 1000.0 / len(items), start_ms)
+
+
+def _best(run: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)

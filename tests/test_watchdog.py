@@ -1,0 +1,252 @@
+"""The per-file watchdog: a decoder made to hang becomes a ``timeout`` row, one made to abort a ``crashed`` row,
+the rest of the batch is scored as it is without the watchdog, and the watchdog goes on working."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import encode, photo
+from PIL import Image
+
+from aidetect_batch import schema
+from aidetect_batch.inputs import item
+from aidetect_batch.scan import cpu_stage, watchdog
+from aidetect_batch.scan.config import ScanConfig
+from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
+from aidetect_batch.scan.runner import run_scan
+
+HANG, ABORT = b"HANG", b"ABORT"
+# What the scan's own watchdog preloads, so the tests' forkserver is the one production starts.
+PRELOAD = (cpu_stage.__name__,)
+TIMING = (schema.T_READ_MS, schema.T_DECODE_MS)
+
+
+def misbehaving(real):
+    """``real`` per file, except that a file starting with ``HANG`` spins in C without end (``sum`` over a range
+    never returns to Python) and one starting with ``ABORT`` aborts its process (SIGABRT), as a native decoder
+    stuck in a loop or failing an assertion would."""
+
+    def work(data, options):
+        first = data if isinstance(data, bytes) else data[0]
+        if first.startswith(HANG):
+            sum(range(10**18))
+        if first.startswith(ABORT):
+            os.abort()
+        return real(data, options)
+
+    return work
+
+
+def gone(pid: int, within: float = 5.0) -> bool:
+    """Whether process ``pid`` has exited (or is a zombie) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def dog():
+    guard = watchdog.Watchdog(PRELOAD)
+    yield guard
+    guard.close()
+
+
+def test_a_hang_times_out_an_abort_crashes_and_the_rest_of_the_batch_is_done(dog):
+    work = misbehaving(lambda data, factor: len(data) * factor)
+    dog.map(work, 1, [b"warm"], timeout=60.0)
+    first = dog.pid
+    start = time.monotonic()
+    results = dog.map(work, 2, [b"a", HANG, b"bb", ABORT, b"ccc"], timeout=1.0)
+    took = time.monotonic() - start
+    assert results[0::2] == [2, 4, 6]
+    hung, aborted = results[1], results[3]
+    assert hung.status is schema.Status.TIMEOUT and "--decode-timeout" in hung.error
+    assert 1000.0 <= hung.elapsed_ms < 3000.0
+    assert aborted.status is schema.Status.CRASHED and "SIGABRT" in aborted.error
+    assert took < 8.0, "a restart is a fork from the preloaded server, not a new interpreter"
+    assert gone(first), "the hung child was killed"
+    assert dog.map(work, 3, [b"dd"], timeout=1.0) == [6], "the watchdog goes on working"
+
+
+def test_a_python_error_in_one_file_loses_only_that_file(dog):
+    results = dog.map(lambda data, _: 1 // len(data), None, [b"x", b"", b"y"], timeout=30.0)
+    assert results[0] == results[2] == 1
+    assert results[1].status is schema.Status.CRASHED and results[1].error.startswith("ZeroDivisionError")
+
+
+def test_a_child_stuck_in_native_code_does_not_outlive_a_parent_killed_before_its_deadline():
+    """A Ray worker killed with -9 mid-file leaves no decoder spinning: the child's own alarm ends it just past
+    the deadline, though ``sum`` never returns to Python."""
+    script = textwrap.dedent(
+        """
+        from aidetect_batch.scan import watchdog
+
+        dog = watchdog.Watchdog()
+        dog.map(sum, 0, [range(3)], timeout=60.0)
+        print(dog.pid, flush=True)
+        dog.map(sum, 0, [range(10**18)], timeout=3.0)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        time.sleep(1.0)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    assert not gone(child, within=0.5), "the child spins on after its parent died"
+    assert gone(child, within=5.0), "and is gone soon after its deadline"
+
+
+class Frames:
+    """``*.frames``: a text file naming images, one Item read as several views (as a video's frames)."""
+
+    name = "frames"
+    views = True
+    extensions = ("frames",)
+
+    def accepts(self, unit: item.Item) -> bool:
+        return unit.uri.endswith(".frames")
+
+    def items(self, unit: item.Item, options: item.ReadOptions) -> list[item.Item]:
+        return [item.Item(unit.uri, kind=self.name)]
+
+    def read(self, found: item.Item, options: item.ReadOptions) -> list[bytes]:
+        return [Path(p).read_bytes() for p in Path(found.uri).read_text().split()]
+
+
+def listing_of(paths: list[str]) -> pa.Table:
+    return pa.table({schema.PATH: paths, schema.SOURCE: ["test"] * len(paths)})
+
+
+@pytest.fixture(scope="module")
+def files(corpus, tmp_path_factory) -> list[str]:
+    """The hostile corpus (every format, provenance and C2PA files, broken files) and a clip of three frames."""
+    paths = sorted(corpus["default"])
+    clip = tmp_path_factory.mktemp("frames") / "clip.frames"
+    clip.write_text("\n".join([p for p in paths if p.endswith(".jpg") and corpus["default"][p] == "ok"][:3]))
+    return [*paths, str(clip)]
+
+
+def both_ways(listing: pa.Table, options: PrepareOptions) -> tuple[pa.Table, pa.Table]:
+    off = prepare_batch(listing, options)
+    on = prepare_batch(listing, dataclasses.replace(options, decode_timeout=60.0))
+    return off, on
+
+
+def images_of(table: pa.Table) -> np.ndarray:
+    return table.column(schema.IMAGE).combine_chunks().to_numpy()
+
+
+def assert_same_rows(off: pa.Table, on: pa.Table) -> None:
+    pixels = [c for c in (schema.IMAGE, schema.PIXELS) if c in off.column_names]
+    assert on.drop_columns([*TIMING, *pixels]).to_pylist() == off.drop_columns([*TIMING, *pixels]).to_pylist()
+    if schema.IMAGE in pixels:
+        assert np.array_equal(images_of(on), images_of(off))
+    elif pixels:
+        for got, want in zip(cpu_stage.pixels_of(on), cpu_stage.pixels_of(off), strict=True):
+            assert (got is None and want is None) or np.array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"policy": "resize", "phash": True},
+        {"policy": "tiles"},
+        {"policy": "center-crop", "kinds": (Frames(), item.LOOSE_FILE)},
+        {"policy": "resize", "decode_later": True},
+    ],
+    ids=["resize-phash", "tiles", "views", "gpu-decode"],
+)
+def test_the_watchdog_changes_no_result(files, changes):
+    """Pixels and every column (provenance, C2PA, PDQ, statuses of broken files) equal those decoded in-process."""
+    options = PrepareOptions(max_pixels=10**8, **changes)
+    off, on = both_ways(listing_of(files), options)
+    assert_same_rows(off, on)
+    assert "c2pa_ai" in off.column(schema.PROVENANCE).to_pylist()
+    if not options.decode_later:
+        assert {"ok", "truncated", "undecodable", "too_large"} <= set(off.column(schema.STATUS).to_pylist())
+
+
+def test_a_hang_and_an_abort_among_real_images_lose_only_their_own_rows(files, tmp_path):
+    good = encode(photo(96, 64, seed=1), "JPEG")
+    (tmp_path / "hang.jpg").write_bytes(HANG + good)
+    (tmp_path / "abort.png").write_bytes(ABORT + good)
+    paths = [files[0], str(tmp_path / "hang.jpg"), *files[1:6], str(tmp_path / "abort.png"), *files[6:10]]
+    options = PrepareOptions(policy="resize", max_pixels=10**8)
+    watched = PrepareOptions(
+        policy="resize", max_pixels=10**8, decode_timeout=1.0, per_file=misbehaving(cpu_stage.prepare_file)
+    )
+    start = time.monotonic()
+    rows = prepare_batch(listing_of(paths), watched)
+    assert time.monotonic() - start < 10.0
+    plain = prepare_batch(listing_of([p for p in paths if "hang" not in p and "abort" not in p]), options)
+    by_path = {r[schema.PATH]: r for r in rows.drop_columns([*TIMING, schema.IMAGE]).to_pylist()}
+    hung, aborted = by_path.pop(paths[1]), by_path.pop(paths[7])
+    assert hung[schema.STATUS] == "timeout" and "--decode-timeout" in hung[schema.ERROR]
+    assert aborted[schema.STATUS] == "crashed" and "SIGABRT" in aborted[schema.ERROR]
+    assert hung[schema.FILE_SIZE] == len(HANG + good) and hung[schema.SHA256], "what was read is kept"
+    assert list(by_path.values()) == plain.drop_columns([*TIMING, schema.IMAGE]).to_pylist()
+    images = images_of(rows)
+    assert not images[1].any() and not images[7].any(), "no pixels for the lost files"
+    kept = np.delete(images, [1, 7], axis=0)
+    assert np.array_equal(kept, images_of(plain))
+
+
+def test_the_cost_of_the_watchdog_per_file_is_measured(files):
+    options = PrepareOptions(policy="resize", max_pixels=10**8).file_options
+    data = [Path(p).read_bytes() for p in files if p.endswith(".jpg")][:4]
+    cost = watchdog.measure_cost(cpu_stage.prepare_file, options, data, preload=PRELOAD, repeats=1)
+    assert cost.in_process_ms > 0 and cost.watched_ms > 0 and cost.start_ms > 0
+    assert cost.overhead_ms == cost.watched_ms - cost.in_process_ms
+
+
+def big_flat_png(side: int) -> bytes:
+    """A flat ``side``² PNG: a few hundred KB whose decode and PDQ take seconds (within --max-pixels: no bomb)."""
+    return encode(Image.new("RGB", (side, side), (90, 120, 150)), "PNG", compress_level=1)
+
+
+@pytest.fixture(scope="module")
+def watched_scan(ray_cluster, tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("watched")
+    for seed in range(4):
+        (root / f"small_{seed}.jpg").write_bytes(encode(photo(96, 64, seed=seed), "JPEG"))
+    (root / "slow.png").write_bytes(big_flat_png(9000))
+    cfg = ScanConfig(
+        sources=(str(root),),
+        out=str(tmp_path_factory.mktemp("watched_out") / "out"),
+        checkpoint=tiny_checkpoint,
+        phash=True,
+        decode_timeout=1.0,
+    )
+    return run_scan(cfg), cfg, root
+
+
+def test_a_scan_in_ray_workers_scores_the_batch_around_a_decode_that_times_out(watched_scan):
+    result, cfg, root = watched_scan
+    rows = {r[schema.PATH]: r for r in pq.read_table(os.path.join(cfg.out, schema.SCORES_DIR)).to_pylist()}
+    assert set(rows) == {str(p) for p in root.iterdir()}, "every file exactly once"
+    slow = rows.pop(str(root / "slow.png"))
+    assert slow[schema.STATUS] == "timeout" and "1 s" in slow[schema.ERROR] and np.isnan(slow[schema.SCORE])
+    assert slow[schema.FILE_SIZE] > 0 and slow[schema.T_DECODE_MS] >= 1000.0
+    for row in rows.values():
+        assert row[schema.STATUS] == "ok" and 0.0 <= row[schema.SCORE] <= 1.0
+    assert result.summary.status_counts["timeout"] == 1 and result.summary.status_counts["crashed"] == 0
