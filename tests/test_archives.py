@@ -195,7 +195,7 @@ def test_members_beyond_max_members_are_counted_on_the_archives_row(tmp_path):
     one = item.ContainerOptions(CONTAINERS.extensions, max_members=2)
     refused = scan_rows(huge, options=PrepareOptions(policy="resize", max_pixels=10**8, containers=one))
     assert [(r[schema.PATH], r[schema.STATUS]) for r in refused] == [(huge, "too_large")]
-    assert "central directory lists 25 entries" in refused[0][schema.ERROR], "never parsed past 10 x --max-members"
+    assert "central directory holds 25 entries" in refused[0][schema.ERROR], "never parsed past 10 x --max-members"
 
 
 def test_non_utf8_member_names_are_escaped_like_file_names(tmp_path):
@@ -405,3 +405,28 @@ def test_a_manifest_row_naming_an_archive_is_expanded(tmp_path):
     rows = prepare_batch(listing, PrepareOptions(policy="resize", max_pixels=10**8, containers=cfg.containers))
     assert rows.column(schema.MEMBER).to_pylist() == ["a.jpg", "sub/b.png", "c.JPG"]
     assert rows.column("case").to_pylist() == [7, 7, 7], "the manifest's columns repeat on every member"
+
+
+def test_rows_of_a_tar_leave_as_it_streams_even_when_every_member_shares_one_key(tmp_path, monkeypatch):
+    """``frame.0001.jpg``, ``frame.0002.jpg``, ... all have the sample key ``frame``: each row must still leave
+    before the next member is read, or one key would hold the whole archive."""
+    from aidetect_batch.inputs import archives, tars
+
+    archive = write_tar(tmp_path / "frames.tar", {f"frame.{i:04d}.jpg": jpeg(i) for i in range(4)})
+    events: list[str] = []
+    reading = archives.read_capped
+    monkeypatch.setattr(archives, "read_capped", lambda *a, **k: events.append("read") or reading(*a, **k))
+    for _ in tars.Tar().read_all(item.Item(archive), item.ReadOptions(containers=CONTAINERS)):
+        events.append("row")
+    assert events == ["read", "row"] * 4
+
+
+def test_nested_members_digest_under_the_listed_unit_and_empty_inputs_are_empty(tmp_path):
+    assert item.unit_path("zip://a.jpg::tar://inner.zip::/d/outer.tar") == "/d/outer.tar"
+    assert item.unit_path("tar://x.jpg::/d/outer.tar") == "/d/outer.tar" and item.unit_path("/d/a.jpg") == "/d/a.jpg"
+    (tmp_path / "none.zip").write_bytes(b"")
+    (tmp_path / "none.tar").write_bytes(b"")
+    rows = scan_rows(str(tmp_path / "none.zip"), str(tmp_path / "none.tar"))
+    assert [r[schema.STATUS] for r in rows] == ["empty", "empty"], "a zero-byte archive is empty, as a file is"
+    nothing = pa.table({schema.PATH: pa.array([], pa.string()), schema.SOURCE: pa.array([], pa.string())})
+    assert prepare_batch(nothing, PrepareOptions(policy="resize", max_pixels=10**8)).num_rows == 0

@@ -184,7 +184,8 @@ class Entry:
 
 def prepare_batch(batch: pa.Table, options: PrepareOptions, registry: Any = None) -> pa.Table:
     """:func:`prepare_stream`'s rows as one table: for callers that hold a batch anyway (Serve, training, tests)."""
-    return pa.concat_tables(list(prepare_stream(batch, options, registry)))
+    tables = list(prepare_stream(batch, options, registry))
+    return pa.concat_tables(tables) if tables else prepare_entries(batch, [], options, registry)
 
 
 def prepare_stream(batch: pa.Table, options: PrepareOptions, registry: Any = None) -> Iterator[pa.Table]:

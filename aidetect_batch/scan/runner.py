@@ -418,7 +418,18 @@ def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
         identity["provenance_checks"] = {"c2pa": cfg.c2pa, "watermark": cfg.watermark}
     for field in policies.get(detector.policy).framing_fields:
         identity[field] = getattr(cfg.framing, field)
+    expansion = _expansion(cfg)
+    if expansion:
+        identity["expansion"] = expansion
     return identity
+
+
+def _expansion(cfg: ScanConfig) -> dict[str, Any]:
+    """The settings that decide which rows a unit expands into, where they differ from the defaults (so a scan
+    stopped before they existed still resumes): a resume with others would mix two expansions."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ScanConfig)}
+    names = ("archives", "max_members", "max_ratio", "archive_depth", "image_column")
+    return {name: getattr(cfg, name) for name in names if getattr(cfg, name) != defaults[name]}
 
 
 def _log_plan(cfg: ScanConfig, plan: ClassifierPlan) -> None:

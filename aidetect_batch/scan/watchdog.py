@@ -40,6 +40,8 @@ from ray import cloudpickle
 from aidetect_batch import schema
 
 _READY = "ready"
+# Longest a child may take to start (a fork of the forkserver, which imports the decoders once) or load a job.
+START_TIMEOUT_S = 120.0
 # The child's own alarm fires this long after its item's deadline: the parent, when alive, kills it first.
 _GRACE_S = 1.0
 
@@ -108,7 +110,11 @@ class Watchdog:
         return None if self._child is None else self._child.process.pid
 
     def _one(self, job: _Job, it: Any, timeout: float) -> Any:
-        child = self._hand_over(job, it)
+        try:
+            child = self._hand_over(job, it)
+        except (RuntimeError, OSError) as exc:
+            self._stop()
+            return Failure(schema.Status.CRASHED, f"the decoder's process could not start: {exc}", 0.0)
         start = time.monotonic()
         ready = child.conn.poll(timeout)
         elapsed_ms = (time.monotonic() - start) * 1000.0
@@ -157,7 +163,8 @@ class Watchdog:
 
     def _await_ready(self, what: str) -> None:
         try:
-            ready = _recv(self._child.conn)  # type: ignore[union-attr]
+            answered = self._child.conn.poll(START_TIMEOUT_S)  # type: ignore[union-attr]
+            ready = _recv(self._child.conn) if answered else None  # type: ignore[union-attr]
         except (EOFError, OSError):
             ready = None
         if ready != _READY:
