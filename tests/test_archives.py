@@ -11,7 +11,6 @@ import tarfile
 import zipfile
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from helpers import encode, photo
 
@@ -19,7 +18,7 @@ from aidetect_batch import schema
 from aidetect_batch.inputs import item
 from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
-from aidetect_batch.scan.runner import list_inputs, run_scan
+from aidetect_batch.scan.runner import list_inputs
 
 CONTAINERS = ScanConfig(sources=("x",), out="o", checkpoint="c").containers
 
@@ -236,32 +235,6 @@ def test_a_zip_and_a_tar_on_s3(s3_server, tmp_path):
     assert rows[3][schema.CONTAINER] == "s3://archives/x.tgz"
     for row in rows:
         assert item.read_path(row[schema.PATH], item.ReadOptions()) == ZIPPED[row[schema.MEMBER]]
-
-
-@pytest.fixture(scope="module")
-def archive_scan(ray_cluster, tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("archives")
-    (root / "loose.jpg").write_bytes(jpeg(20))
-    zipped = write_zip(root / "x.zip", ZIPPED)
-    tarred = write_tar(root / "y.tar.gz", ZIPPED, "w:gz")
-    expected = {str(root / "loose.jpg"): jpeg(20)}
-    for kind, archive in (("zip", zipped), ("tar", tarred)):
-        expected.update({f"{kind}://{n}::{archive}": ZIPPED[n] for n in ("a.jpg", "sub/b.png", "c.JPG")})
-    cfg = ScanConfig(
-        sources=(str(root),), out=str(tmp_path_factory.mktemp("archive_scan") / "out"), checkpoint=tiny_checkpoint
-    )
-    return run_scan(cfg), cfg, expected
-
-
-def test_a_scan_writes_every_member_exactly_once(archive_scan):
-    result, cfg, expected = archive_scan
-    rows = pq.read_table(os.path.join(cfg.out, schema.SCORES_DIR)).to_pylist()
-    paths = [r[schema.PATH] for r in rows]
-    assert len(paths) == len(set(paths)) and set(paths) == set(expected)
-    assert result.run["inputs"] == 3 and result.summary.total == 7
-    for row in rows:
-        assert row[schema.STATUS] == "ok" and 0.0 <= row[schema.SCORE] <= 1.0
-        assert item.read_path(row[schema.PATH], item.ReadOptions()) == expected[row[schema.PATH]]
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar"])

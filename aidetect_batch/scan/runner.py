@@ -542,6 +542,11 @@ def _score_and_report(
             f"invariant broken: {total} inputs but rows of {run.done_units} kept + {writer.units_written} new "
             "inputs written"
         )
+    return _report(cfg, detector=detector, writer=writer, timing=timing, run=run)
+
+
+def _report(cfg: ScanConfig, *, detector: _Detector, writer: ScoreWriter, timing: _Timing, run: _Run) -> ScanResult:
+    """Write the report over every committed file and record the finished run in ``_run.json``."""
     facts = schema.RunFacts(
         wall_seconds=timing.wall,
         images_per_s=writer.rows_written / timing.wall if timing.wall > 0 else None,
