@@ -148,6 +148,8 @@ def test_resume_refuses_other_settings_and_skips_finished_work(ray_cluster, tiny
         run_scan(replace(cfg, resume=True, out=str(tmp_path / "none")))
 
 
+@pytest.mark.slow  # two whole scans (25 s); test_gpu_fallback scans the GPU plan on CPU, and the batched
+# decode test below checks the --gpu-decode path's statuses and scores without Ray.
 def test_gpu_decode_falls_back_to_the_cpu_path_without_cuda(ray_cluster, corpus, tiny_checkpoint, tmp_path):
     base = ScanConfig(sources=(corpus["root"],), out=str(tmp_path / "cpu"), checkpoint=tiny_checkpoint)
     plain = run_scan(base)
