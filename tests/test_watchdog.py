@@ -250,3 +250,16 @@ def test_a_scan_in_ray_workers_scores_the_batch_around_a_decode_that_times_out(w
     for row in rows.values():
         assert row[schema.STATUS] == "ok" and 0.0 <= row[schema.SCORE] <= 1.0
     assert result.summary.status_counts["timeout"] == 1 and result.summary.status_counts["crashed"] == 0
+
+
+def test_scans_are_watched_by_default_for_120_s_and_360_s_with_the_watermark():
+    """The suite's conftest turns the default off for its many short scans, so the shipped defaults are read in a
+    fresh interpreter."""
+    code = (
+        "from dataclasses import replace; from aidetect_batch.scan.config import ScanConfig; "
+        "c = ScanConfig(sources=('x',), out='o', checkpoint='c'); "
+        "print(c.watchdog_timeout, replace(c, watermark=True).watchdog_timeout, "
+        "replace(c, decode_timeout=0.0).watchdog_timeout)"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert shown == ["120.0", "360.0", "0.0"]
