@@ -77,6 +77,7 @@ def test_sample_and_limit_are_seeded_by_position():
     assert manifest.fingerprint(table) != manifest.fingerprint(table.slice(1))
 
 
+@pytest.mark.slow  # a whole Ray scan: moved out of the default suite to keep it under 10 minutes (--runslow)
 def test_manifest_scan_carries_columns_and_records_missing_files(ray_cluster, tiny_checkpoint, tmp_path):
     paths = write_photos(str(tmp_path / "imgs"), 6)
     manifest = pa.table(
