@@ -159,7 +159,9 @@ def _sample_video(handle: IO[bytes], n: int, *, max_pixels: int, budget_s: float
         stream.codec_context.thread_count = 1
         start = _seconds(stream.start_time, stream.time_base) or 0.0
         wanted = targets(start, clip.duration_s or 0.0, n) if clip.duration_s else [start]
-        distinct = _decode_targets(container, stream, wanted, clip, deadline=time.monotonic() + budget_s)
+        distinct = _decode_targets(
+            container, stream, wanted, clip, deadline=time.monotonic() + budget_s, max_pixels=max_pixels
+        )
     return _settled(clip, distinct)
 
 
@@ -229,10 +231,12 @@ class _Cursor:
                 continue
 
 
-def _decode_targets(container: Any, stream: Any, wanted: list[float], clip: Clip, *, deadline: float) -> int:
-    """Decode the first frame at or after each wanted time into ``clip.frames``; a target whose decode fails
-    or runs out of data is skipped. Returns how many distinct frames were wanted (two targets inside one
-    frame's span of a short clip want the same frame)."""
+def _decode_targets(
+    container: Any, stream: Any, wanted: list[float], clip: Clip, *, deadline: float, max_pixels: int
+) -> int:
+    """Decode the frame shown at each wanted time into ``clip.frames``; a target whose decode fails, runs out
+    of data or gives a frame over ``max_pixels`` (a stream whose header said no size) is skipped. Returns how
+    many distinct frames were wanted (two targets inside one frame's span of a short clip want the same one)."""
     cursor = _Cursor(container, stream, 1.0 / clip.fps if clip.fps else 0.0)
     repeats = 0
     for target in wanted:
@@ -242,7 +246,7 @@ def _decode_targets(container: Any, stream: Any, wanted: list[float], clip: Clip
             frame = cursor.frame_at(target, deadline)
         except Exception:  # noqa: BLE001 - a corrupt packet costs its target; the next seek may recover
             cursor.frames, frame = None, None
-        if frame is None:
+        if frame is None or frame.width * frame.height > max_pixels:
             continue
         t = _time(frame)
         if t == cursor.last:
