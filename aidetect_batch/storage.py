@@ -68,6 +68,8 @@ def check_filesystem(uri: str) -> None:
     except ImportError as exc:
         hint = _INSTALL_HINTS.get(protocol, str(exc))
         raise ConfigError(f"{uri}: reading {protocol}:// needs a package that is not installed: {hint}") from None
+    except ValueError:
+        raise ConfigError(f"{uri}: no filesystem reads {protocol}:// (a typo in the scheme?)") from None
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -51,6 +51,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _shared_ray = {"gcs_address": None}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _scans_decode_in_their_task():
+    """Scans here decode in their Ray task unless a test sets ``--decode-timeout``: the watchdog's forkserver
+    costs a few seconds once per Ray worker process (BENCHMARKS.md), which is nothing in a real scan but adds
+    about 5 s to each of this suite's forty short scans. tests/test_watchdog.py runs the watchdog itself, on
+    its own and inside a Ray scan; the default of 120 s is checked there too."""
+    from aidetect_batch.scan import config
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config, "DEFAULT_DECODE_TIMEOUT_S", 0.0)
+        patch.setattr(config, "WATERMARK_DECODE_TIMEOUT_S", 0.0)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_ray_unless_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A test that starts Ray in this process without the ``ray`` mark fails, so ``-m 'not ray'`` stays fast."""

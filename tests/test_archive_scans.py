@@ -51,7 +51,7 @@ def picture(index: int, side: int = 160) -> Image.Image:
 
 def write_shard(path, samples: dict[str, bytes]) -> None:
     """A WebDataset shard as img2dataset writes one: ``key.jpg``, ``key.txt`` and ``key.json`` side by side."""
-    with tarfile.open(path, "w") as tar:
+    with tarfile.open(path, "w:gz" if str(path).endswith(".gz") else "w") as tar:
         for key, data in samples.items():
             meta = json.dumps({"url": f"https://example.com/{key}.jpg", "key": key}).encode()
             for name, payload in (
@@ -79,7 +79,7 @@ def listed_members(root: str) -> set[str]:
             if name.endswith(".zip"):
                 with zipfile.ZipFile(path) as archive:
                     expected |= {f"zip://{n}::{path}" for n in archive.namelist() if n.lower().endswith(IMAGES)}
-            elif name.endswith(".tar"):
+            elif name.endswith((".tar", ".tar.gz")):
                 with tarfile.open(path) as tar:
                     expected |= {f"tar://{n}::{path}" for n in tar.getnames() if n.lower().endswith(IMAGES)}
             elif name.lower().endswith(IMAGES):
@@ -92,6 +92,11 @@ class Corpus:
     root: str
     family: list[str]  # one photograph re-encoded three times: a tar member, a zip member, a loose file
     copies: list[tuple[str, str]]  # identical bytes: (tar member, zip member), (zip member, loose file)
+
+
+def shard_name(s: int) -> str:
+    """Shards 0 and 1 are plain tars; shard 2 is gzipped, so a compressed tar is streamed end to end too."""
+    return f"{s:05d}.tar.gz" if s == 2 else f"{s:05d}.tar"
 
 
 def write_corpus(root, *, shards: int, per_shard: int, side: int = 160) -> Corpus:
@@ -107,7 +112,7 @@ def write_corpus(root, *, shards: int, per_shard: int, side: int = 160) -> Corpu
             samples[f"{s:05d}{per_shard:04d}"] = jpeg(base, 50)
         if s == 1 % shards:
             samples[f"{s:05d}{per_shard + 1:04d}"] = copy
-        write_shard(root / "shards" / f"{s:05d}.tar", samples)
+        write_shard(root / "shards" / shard_name(s), samples)
     export = {"media/posts/202401/repost.jpg": jpeg(base, 95), "media/stories/same.jpg": copy}
     export["media/posts/202402/other.png"] = encode(picture(1, side), "PNG")
     write_zip(root / "export.zip", export)
@@ -177,7 +182,8 @@ def test_every_member_has_exactly_one_row_after_a_resume(scanned):
     assert resumed.run["attempts"][-1]["rows_kept"] + resumed.run["attempts"][-1]["rows_scored"] == len(expected)
     assert all(r[schema.STATUS] in ("ok", "duplicate") for r in rows)
     assert set(first.run["identity"][runner.CONTAINER_STAMPS]) == {
-        os.path.join(corpus.root, n) for n in ("export.zip", "whatsapp.zip", *(f"shards/{s:05d}.tar" for s in range(3)))
+        os.path.join(corpus.root, n)
+        for n in ("export.zip", "whatsapp.zip", *(f"shards/{shard_name(s)}" for s in range(3)))
     }, "every archive stamped, no loose file"
 
 
@@ -229,7 +235,7 @@ def test_the_report_counts_every_archive_by_status_and_label(scanned):
         "loose",
         "shards/00000.tar",
         "shards/00001.tar",
-        "shards/00002.tar",
+        "shards/00002.tar.gz",
     }
     with open(os.path.join(cfg.out, schema.REPORT_DIR, schema.SUMMARY_FILE)) as handle:
         assert {p["prefix"] for p in json.load(handle)["prefixes"]} == set(want)

@@ -11,7 +11,6 @@ import tarfile
 import zipfile
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from helpers import encode, photo
 
@@ -19,7 +18,7 @@ from aidetect_batch import schema
 from aidetect_batch.inputs import item
 from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
-from aidetect_batch.scan.runner import list_inputs, run_scan
+from aidetect_batch.scan.runner import list_inputs
 
 CONTAINERS = ScanConfig(sources=("x",), out="o", checkpoint="c").containers
 
@@ -195,7 +194,7 @@ def test_members_beyond_max_members_are_counted_on_the_archives_row(tmp_path):
     one = item.ContainerOptions(CONTAINERS.extensions, max_members=2)
     refused = scan_rows(huge, options=PrepareOptions(policy="resize", max_pixels=10**8, containers=one))
     assert [(r[schema.PATH], r[schema.STATUS]) for r in refused] == [(huge, "too_large")]
-    assert "central directory lists 25 entries" in refused[0][schema.ERROR], "never parsed past 10 x --max-members"
+    assert "central directory holds 25 entries" in refused[0][schema.ERROR], "never parsed past 10 x --max-members"
 
 
 def test_non_utf8_member_names_are_escaped_like_file_names(tmp_path):
@@ -236,32 +235,6 @@ def test_a_zip_and_a_tar_on_s3(s3_server, tmp_path):
     assert rows[3][schema.CONTAINER] == "s3://archives/x.tgz"
     for row in rows:
         assert item.read_path(row[schema.PATH], item.ReadOptions()) == ZIPPED[row[schema.MEMBER]]
-
-
-@pytest.fixture(scope="module")
-def archive_scan(ray_cluster, tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("archives")
-    (root / "loose.jpg").write_bytes(jpeg(20))
-    zipped = write_zip(root / "x.zip", ZIPPED)
-    tarred = write_tar(root / "y.tar.gz", ZIPPED, "w:gz")
-    expected = {str(root / "loose.jpg"): jpeg(20)}
-    for kind, archive in (("zip", zipped), ("tar", tarred)):
-        expected.update({f"{kind}://{n}::{archive}": ZIPPED[n] for n in ("a.jpg", "sub/b.png", "c.JPG")})
-    cfg = ScanConfig(
-        sources=(str(root),), out=str(tmp_path_factory.mktemp("archive_scan") / "out"), checkpoint=tiny_checkpoint
-    )
-    return run_scan(cfg), cfg, expected
-
-
-def test_a_scan_writes_every_member_exactly_once(archive_scan):
-    result, cfg, expected = archive_scan
-    rows = pq.read_table(os.path.join(cfg.out, schema.SCORES_DIR)).to_pylist()
-    paths = [r[schema.PATH] for r in rows]
-    assert len(paths) == len(set(paths)) and set(paths) == set(expected)
-    assert result.run["inputs"] == 3 and result.summary.total == 7
-    for row in rows:
-        assert row[schema.STATUS] == "ok" and 0.0 <= row[schema.SCORE] <= 1.0
-        assert item.read_path(row[schema.PATH], item.ReadOptions()) == expected[row[schema.PATH]]
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar"])
@@ -405,3 +378,28 @@ def test_a_manifest_row_naming_an_archive_is_expanded(tmp_path):
     rows = prepare_batch(listing, PrepareOptions(policy="resize", max_pixels=10**8, containers=cfg.containers))
     assert rows.column(schema.MEMBER).to_pylist() == ["a.jpg", "sub/b.png", "c.JPG"]
     assert rows.column("case").to_pylist() == [7, 7, 7], "the manifest's columns repeat on every member"
+
+
+def test_rows_of_a_tar_leave_as_it_streams_even_when_every_member_shares_one_key(tmp_path, monkeypatch):
+    """``frame.0001.jpg``, ``frame.0002.jpg``, ... all have the sample key ``frame``: each row must still leave
+    before the next member is read, or one key would hold the whole archive."""
+    from aidetect_batch.inputs import archives, tars
+
+    archive = write_tar(tmp_path / "frames.tar", {f"frame.{i:04d}.jpg": jpeg(i) for i in range(4)})
+    events: list[str] = []
+    reading = archives.read_capped
+    monkeypatch.setattr(archives, "read_capped", lambda *a, **k: events.append("read") or reading(*a, **k))
+    for _ in tars.Tar().read_all(item.Item(archive), item.ReadOptions(containers=CONTAINERS)):
+        events.append("row")
+    assert events == ["read", "row"] * 4
+
+
+def test_nested_members_digest_under_the_listed_unit_and_empty_inputs_are_empty(tmp_path):
+    assert item.unit_path("zip://a.jpg::tar://inner.zip::/d/outer.tar") == "/d/outer.tar"
+    assert item.unit_path("tar://x.jpg::/d/outer.tar") == "/d/outer.tar" and item.unit_path("/d/a.jpg") == "/d/a.jpg"
+    (tmp_path / "none.zip").write_bytes(b"")
+    (tmp_path / "none.tar").write_bytes(b"")
+    rows = scan_rows(str(tmp_path / "none.zip"), str(tmp_path / "none.tar"))
+    assert [r[schema.STATUS] for r in rows] == ["empty", "empty"], "a zero-byte archive is empty, as a file is"
+    nothing = pa.table({schema.PATH: pa.array([], pa.string()), schema.SOURCE: pa.array([], pa.string())})
+    assert prepare_batch(nothing, PrepareOptions(policy="resize", max_pixels=10**8)).num_rows == 0

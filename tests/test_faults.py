@@ -138,6 +138,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
 
+@pytest.mark.slow  # a whole Ray scan: moved out of the default suite to keep it under 10 minutes (--runslow)
 def test_transient_s3_errors_are_retried_and_a_missing_object_is_a_row(
     ray_with_state_api, s3_server, tiny_checkpoint, tmp_path
 ):

@@ -186,6 +186,12 @@ def test_files_that_are_not_image_datasets_are_one_row_each(tmp_path):
     rows = scan_rows(metadata, str(fake))
     assert [(r[schema.PATH], r[schema.STATUS]) for r in rows] == [(metadata, "unsupported"), (str(fake), "unreadable")]
     assert "binary columns: none" in rows[0][schema.ERROR] and rows[1][item.UNIT_ROWS] == 1
+    dataset = write_hf(tmp_path / "train.parquet")
+    carried = item.carried_fields(listing_of(metadata, str(fake), dataset), item.ReadOptions())
+    assert carried and "caption" in [f.name for f in carried], "a metadata file listed first is passed over"
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    assert [r[schema.STATUS] for r in scan_rows(str(empty))] == ["empty"]
 
 
 def test_a_later_file_with_other_columns_gets_nulls_and_one_warning(tmp_path, caplog):

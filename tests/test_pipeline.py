@@ -223,6 +223,7 @@ def test_block_size_divides_or_multiplies_the_classifier_batch():
     assert block_size(300, 2, batch_size=20) == 10
 
 
+@pytest.mark.slow  # a whole Ray scan: moved out of the default suite to keep it under 10 minutes (--runslow)
 def test_classifier_actors_run_whole_batches(ray_cluster, tmp_path):
     """Rows scored in one forward pass share its per-image time, so equal ``t_infer_ms`` values count
     a batch's rows. 300 files on 2 CPUs made 18-row blocks before, run as batches of 16 + 2."""
@@ -268,6 +269,7 @@ def test_each_finished_block_reaches_the_driver_before_the_next_is_done(ray_clus
         assert finished <= received < next_finished
 
 
+@pytest.mark.slow  # a whole Ray scan: moved out of the default suite to keep it under 10 minutes (--runslow)
 def test_checkpoint_metadata_sets_policy_threshold_and_normalisation(ray_cluster, corpus, tmp_path):
     from helpers import tiny_model
 

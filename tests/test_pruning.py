@@ -61,6 +61,7 @@ def test_structured_checkpoint_is_smaller_and_scans_as_is(ray_cluster, corpus, t
     assert all(0.0 <= r[schema.SCORE] <= 1.0 for r in rows if r[schema.STATUS] == "ok")
 
 
+@pytest.mark.slow  # a whole Ray scan: moved out of the default suite to keep it under 10 minutes (--runslow)
 def test_zero_pruning_scores_equal_the_original(ray_cluster, corpus, tmp_path):
     net = tiny_model()
     original = save(tmp_path / "o.pt", net, "resnet_tiny")

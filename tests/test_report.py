@@ -42,13 +42,14 @@ def test_prefix_of():
 
 def test_an_archive_is_a_prefix_of_its_own():
     member = "zip://data/tweets_media/a.jpg::/dump/exports/2024/x.zip"
-    assert prefix_of(member, "/dump", 1, "/dump/exports/2024/x.zip", "data/tweets_media/a.jpg") == "exports/2024/x.zip"
-    assert prefix_of(member, "/dump", 3, "/dump/exports/2024/x.zip", "data/tweets_media/a.jpg") == (
-        "exports/2024/x.zip/data/tweets_media"
-    )
-    assert prefix_of("tar://k.jpg::s3://b/s/0.tar", "s3://b/s", 2, "s3://b/s/0.tar", "k.jpg") == "0.tar"
-    assert prefix_of("zip://a.jpg::s3://o/x.zip", "/dump", 1, "s3://o/x.zip", "a.jpg") == "s3://o/x.zip", "not below"
-    assert prefix_of(member, "/dump", 0, "/dump/exports/2024/x.zip", "data/tweets_media/a.jpg") == "(root)"
+    inside = {"container": "/dump/exports/2024/x.zip", "member": "data/tweets_media/a.jpg"}
+    assert prefix_of(member, "/dump", 1, **inside) == "exports/2024/x.zip"
+    assert prefix_of(member, "/dump", 3, **inside) == "exports/2024/x.zip/data/tweets_media"
+    shard = {"container": "s3://b/s/0.tar", "member": "k.jpg"}
+    assert prefix_of("tar://k.jpg::s3://b/s/0.tar", "s3://b/s", 2, **shard) == "0.tar"
+    elsewhere = {"container": "s3://o/x.zip", "member": "a.jpg"}
+    assert prefix_of("zip://a.jpg::s3://o/x.zip", "/dump", 1, **elsewhere) == "s3://o/x.zip", "not below"
+    assert prefix_of(member, "/dump", 0, **inside) == "(root)"
 
 
 def test_the_report_counts_each_archive_by_status_and_label(tmp_path):
@@ -160,8 +161,8 @@ def _reference_summary(rows: list[dict], depth: int) -> dict:
         statuses[r[schema.STATUS]] += 1
         labels[r[schema.LABEL] or "none"] += 1
         formats[r[schema.FORMAT] or "unknown"] += 1
-        where = (r[schema.PATH], r[schema.SOURCE], depth, r.get(schema.CONTAINER), r.get(schema.MEMBER))
-        p = prefixes.setdefault(prefix_of(*where), Counter())
+        inside = {"container": r.get(schema.CONTAINER), "member": r.get(schema.MEMBER)}
+        p = prefixes.setdefault(prefix_of(r[schema.PATH], r[schema.SOURCE], depth, **inside), Counter())
         p["files"] += 1
         if r[schema.STATUS] == "ok":
             p["ok"] += 1

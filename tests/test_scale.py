@@ -77,6 +77,7 @@ def test_sample_and_limit_are_seeded_by_position():
     assert manifest.fingerprint(table) != manifest.fingerprint(table.slice(1))
 
 
+@pytest.mark.slow  # a whole Ray scan: moved out of the default suite to keep it under 10 minutes (--runslow)
 def test_manifest_scan_carries_columns_and_records_missing_files(ray_cluster, tiny_checkpoint, tmp_path):
     paths = write_photos(str(tmp_path / "imgs"), 6)
     manifest = pa.table(
@@ -148,6 +149,8 @@ def test_resume_refuses_other_settings_and_skips_finished_work(ray_cluster, tiny
         run_scan(replace(cfg, resume=True, out=str(tmp_path / "none")))
 
 
+@pytest.mark.slow  # two whole scans (25 s); test_gpu_fallback scans the GPU plan on CPU, and the batched
+# decode test below checks the --gpu-decode path's statuses and scores without Ray.
 def test_gpu_decode_falls_back_to_the_cpu_path_without_cuda(ray_cluster, corpus, tiny_checkpoint, tmp_path):
     # --gpu-decode decodes one image per row, so it leaves videos unsupported and animations their first frame:
     # both paths are compared on that footing.

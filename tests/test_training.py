@@ -100,6 +100,7 @@ def test_the_model_sees_only_pixels_and_the_label(ray_cluster):
     assert nothing.num_rows == 0 and nothing.column_names == [schema.IMAGE, "target"]
 
 
+@pytest.mark.slow  # a whole Ray scan: moved out of the default suite to keep it under 10 minutes (--runslow)
 def test_scan_of_the_checkpoint_gives_the_scores_evaluation_measured(trained, tmp_path):
     cfg, result = trained
     evaluated = run_evaluate(

@@ -133,13 +133,22 @@ def open_unit(
     if is_remote(unit.uri):
         fs, inner = filesystem(unit.uri, options.storage_options)
         with fs.open(inner, "rb", **remote) as handle:
+            _check_not_empty(unit, getattr(handle, "size", None))
             yield handle
         return
     path: Any = unit.raw_path or filesystem(unit.uri)[1]
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    found = os.stat(path)
+    if not stat.S_ISREG(found.st_mode):
         raise sources.NotRegularFile(f"{unit.uri} is not a regular file")
+    _check_not_empty(unit, found.st_size)
     with open(path, "rb") as handle:
         yield handle
+
+
+def _check_not_empty(unit: item.Item, size: int | None) -> None:
+    """A zero-byte archive or Parquet file is ``empty``, as a zero-byte loose file is."""
+    if size == 0:
+        raise item.NoItems(f"{unit.uri} has zero bytes")
 
 
 def nth(members: Iterator[tuple[str, Any]], found: item.Item) -> Any:

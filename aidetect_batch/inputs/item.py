@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +35,8 @@ from aidetect_batch.inputs import sources
 UNIT_ROWS = "_unit_rows"
 
 _logger = logging.getLogger(__name__)
+# Listed units of a kind whose footers are read on the driver to find the columns they carry.
+COLUMN_PROBES = 8
 
 _MEMBER_PATH = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*?)(?::([0-9]+))?::(.+)$", re.DOTALL)
 
@@ -297,8 +300,12 @@ def leaf(uri: str) -> str:
 
 
 def unit_path(path: str, kinds: Sequence[Kind] | None = None) -> str:
-    """The listed unit a row's ``path`` comes from (itself for a loose file): what resume digests."""
-    return parse(path, kinds).uri
+    """The listed unit a row's ``path`` comes from (itself for a loose file; the outer archive for a member
+    of an archive inside it): what resume digests."""
+    found = parse(path, kinds)
+    while found.member is not None:
+        found = parse(found.uri, kinds)
+    return found.uri
 
 
 def read(item: Item, options: ReadOptions, kinds: Sequence[Kind] | None = None) -> bytes | list[bytes]:
@@ -316,25 +323,31 @@ def carried_fields(
     listing: pa.Table, options: ReadOptions, kinds: Sequence[Kind] | None = None
 ) -> tuple[pa.Field, ...] | None:
     """The output fields of the columns the listed units' rows carry through (a Parquet dataset's own), read
-    on the driver from the first listed unit of each kind that has ``columns``: one footer per kind.
+    on the driver from the first listed unit of each kind that has ``columns`` and carries any (a Parquet
+    file without an image column, such as img2dataset's metadata, is passed over): a few footers per kind.
 
     ``None`` when not known: no such unit is listed, or its columns cannot be read (its own row will say why).
     """
     kinds = kinds or registered()
     fields: list[pa.Field] | None = None
     for kind in kinds:
-        unit = _first_unit(listing, kind, kinds) if callable(getattr(kind, "columns", None)) else None
-        if unit is None:
+        if not callable(getattr(kind, "columns", None)):
             continue
-        try:
-            fields = [*(fields or []), *kind.columns(unit, options)]  # type: ignore[attr-defined]
-        except (OSError, ValueError) as exc:
-            _logger.warning("%s: its columns cannot be read (%s); no %s columns are carried", unit.uri, exc, kind.name)
+        for unit in itertools.islice(_units_of_kind(listing, kind, kinds), COLUMN_PROBES):
+            try:
+                found = kind.columns(unit, options)  # type: ignore[attr-defined]
+            except (OSError, ValueError) as exc:
+                _logger.warning("%s: its columns cannot be read (%s)", unit.uri, exc)
+                continue
+            fields = [*(fields or []), *found]
+            if found:
+                break
     return None if fields is None else tuple(fields)
 
 
-def _first_unit(listing: pa.Table, kind: Kind, kinds: Sequence[Kind]) -> Item | None:
-    """The first listed unit ``kind`` expands; its extensions narrow the search without a loop over every row."""
+def _units_of_kind(listing: pa.Table, kind: Kind, kinds: Sequence[Kind]) -> Iterator[Item]:
+    """The listed units ``kind`` expands, in order; its extensions narrow the search without a loop over every
+    row."""
     paths = listing.column(schema.PATH)
     candidates: Any = range(len(paths))
     if kind.extensions:
@@ -344,9 +357,8 @@ def _first_unit(listing: pa.Table, kind: Kind, kinds: Sequence[Kind]) -> Item | 
     raw = listing.column(schema.RAW_PATH) if schema.RAW_PATH in listing.column_names else None
     for i in candidates:
         unit = Item(paths[i].as_py(), raw_path=None if raw is None else raw[i].as_py())
-        if kind_of(unit, kinds) is kind:
-            return unit
-    return None
+        if kind_of(unit, kinds).name == kind.name:
+            yield unit
 
 
 def units_of(batch: pa.Table) -> list[Item]:

@@ -170,14 +170,14 @@ def fingerprint(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def shard_digest(paths: list[str], stamps: list[str | None] | None = None) -> str:
+def shard_digest(paths: list[str], found: list[str | None] | None = None) -> str:
     """An order-independent digest of one shard's paths (sum of 64-bit BLAKE2b hashes), so the sink can
     record it from rows that arrive in any order and a resumed listing can check the shard is the same.
 
-    With ``stamps`` (:mod:`aidetect_batch.inputs.stamps`, ``None`` for a loose file), a shard holding an
-    archive adds ``~`` and the digest of its archives' stamps, so a rewritten archive shows too."""
+    With the units' stamps ``found`` (:mod:`aidetect_batch.inputs.stamps`, ``None`` for a loose file), a shard
+    holding an archive adds ``~`` and the digest of its archives' stamps, so a rewritten archive shows too."""
     digest = f"{_hash_sum(paths):016x}-{len(paths)}"
-    stamped = [f"{p}\0{s}" for p, s in zip(paths, stamps or (), strict=False) if s is not None]
+    stamped = [f"{p}\0{s}" for p, s in zip(paths, found or (), strict=False) if s is not None]
     return f"{digest}~{_hash_sum(stamped):016x}" if stamped else digest
 
 
@@ -293,10 +293,10 @@ class _Sharder:
         self.stamps: list[str | None] = []
         self.changed: str | None = None
 
-    def add(self, paths: list[str], roots: list[str], stamps: list[str | None]) -> Iterator[pa.Table]:
+    def add(self, paths: list[str], roots: list[str], found: list[str | None]) -> Iterator[pa.Table]:
         self.paths += paths
         self.roots += roots
-        self.stamps += stamps
+        self.stamps += found
         while len(self.paths) >= self.shard_rows and not self.changed:
             table = self._cut(self.shard_rows)
             if table is not None:

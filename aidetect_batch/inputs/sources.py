@@ -362,6 +362,18 @@ class FileTooLarge(OSError):
         super().__init__(f"file is {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB cap (--max-file-mb)")
         self.size = size
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt from its message and size, whatever its (or a subclass's) ``__init__`` takes: it crosses the
+        decode watchdog's pipe when an archive member is over a cap."""
+        return _too_large, (type(self), str(self), self.size)
+
+
+def _too_large(cls: type[FileTooLarge], message: str, size: int | None) -> FileTooLarge:
+    exc = cls.__new__(cls, message)
+    OSError.__init__(exc, message)
+    exc.size = size
+    return exc
+
 
 PERMANENT_ERRORS = (
     FileNotFoundError,

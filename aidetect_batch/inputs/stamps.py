@@ -38,8 +38,9 @@ NAMED = 5
 
 
 def of_info(info: Mapping[str, Any]) -> str:
-    """The stamp of an fsspec ``info`` or an S3 listing entry: its ETag when it has one, else size and mtime."""
-    etag = info.get("ETag") or info.get("etag")
+    """The stamp of an fsspec ``info`` or an S3 listing entry: its ETag (a hub file's blob id or LFS hash) when
+    it has one, else size and mtime."""
+    etag = info.get("ETag") or info.get("etag") or info.get("blob_id") or (info.get("lfs") or {}).get("sha256")
     if etag:
         return "etag:" + str(etag).strip('"')
     size = info.get("size", info.get("Size"))
@@ -48,7 +49,8 @@ def of_info(info: Mapping[str, Any]) -> str:
 
 def stamp(unit: item.Item, storage_options: dict[str, Any] | None = None) -> str:
     """The unit's stamp now: size and nanosecond mtime of a local file, :func:`of_info` of a remote one.
-    A unit that is gone is ``missing``, so it differs from any stamp it had and matches a unit gone before."""
+    A unit that is gone is ``missing``, so it differs from any stamp it had and matches a unit gone before; one
+    that cannot be looked at (a 403) is stamped with why, and its own row will say so when it is read."""
     try:
         if not is_remote(unit.uri):
             found = os.stat(unit.raw_path or filesystem(unit.uri)[1])
@@ -57,6 +59,8 @@ def stamp(unit: item.Item, storage_options: dict[str, Any] | None = None) -> str
         return of_info(fs.info(inner))
     except FileNotFoundError:
         return MISSING
+    except OSError as exc:
+        return f"unavailable:{type(exc).__name__}"
 
 
 def _extensions(kinds: Sequence[item.Kind]) -> list[str]:

@@ -67,9 +67,19 @@ class _Sample:
                 self.columns[schema.WDS_URL] = str(found["url"]).encode("utf-8", "replace").decode("utf-8")
 
     def flush(self) -> Iterator[item.Read]:
+        """The rows held so far, with the sample's columns as they stand; the sample keeps its columns."""
         shared = {**self.columns, schema.WDS_KEY: self.key} if self.siblings else {}
-        for read in self.rows:
+        rows, self.rows = self.rows, []
+        for read in rows:
             yield item.Read(read.item, read.data, read.failure, {**read.columns, **shared})
+
+
+def _stream(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """A streamed tar's members; tarfile keeps every header it passes, so each is dropped once passed and
+    memory does not grow with the member count."""
+    for member in tar:
+        yield member
+        tar.members = []
 
 
 class Tar(archives.ArchiveKind):
@@ -83,7 +93,7 @@ class Tar(archives.ArchiveKind):
 
     def read(self, found: item.Item, options: item.ReadOptions) -> bytes:
         with archives.open_unit(found, options) as handle, self._open(handle) as tar:
-            regular = ((archives.member_name(m.name), m) for m in tar if m.isreg())
+            regular = ((archives.member_name(m.name), m) for m in _stream(tar) if m.isreg())
             return archives.read_capped(tar.extractfile(archives.nth(regular, found)), options)
 
     def read_all(self, unit: item.Item, options: item.ReadOptions, *, data: bytes | None = None) -> Iterator[item.Read]:
@@ -95,13 +105,13 @@ class Tar(archives.ArchiveKind):
             counted = _Counting(handle)
             try:
                 with self._open(counted) as tar:
-                    for member in tar:
+                    for member in _stream(tar):
                         key = sample_key(archives.member_name(member.name))[0]
                         if key != sample.key:
                             yield from sample.flush()
                             sample = _Sample(key)
                         self._check_ratio(member, counted, options)
-                        self._take(tar, member, sample=sample, tally=tally, options=options)
+                        yield from self._take(tar, member, sample=sample, tally=tally, options=options)
             except STREAM_ERRORS:
                 yield from sample.flush()
                 raise
@@ -116,17 +126,20 @@ class Tar(archives.ArchiveKind):
         sample: _Sample,
         tally: archives.Tally,
         options: item.ReadOptions,
-    ) -> None:
-        """Read one member into its sample: an admitted image as a row, a caption or metadata as columns."""
+    ) -> Iterator[item.Read]:
+        """Read one member into its sample: an admitted image as a row, a caption or metadata as columns.
+        Rows leave as soon as they can: a sample's earlier image rows when another image of its key arrives
+        (``frame.0001.jpg``, ``frame.0002.jpg`` share the key ``frame``), an inner archive's rows at once."""
         extension = sample_key(member.name)[1]
         if not member.isreg():
             tally.skipped["directory" if member.isdir() else "link or special file"] += 1
         elif archives.admitted(member.name, options.containers):
             if tally.take():
+                yield from sample.flush()
                 found = tally.name(self.name, archives.member_name(member.name))
                 if archives.is_archive(member.name):
                     stream = tar.extractfile(member)
-                    sample.rows += archives.expand(found, lambda: archives.read_capped(stream, options), options)
+                    yield from archives.expand(found, lambda: archives.read_capped(stream, options), options)
                 else:
                     sample.rows.append(self._member(tar, member, found, options))
         elif extension in ("txt", "json") and member.size <= SIDECAR_BYTES:

@@ -16,6 +16,8 @@ from aidetect_batch.inputs import archives, item
 # Entries a central directory may list, as a multiple of --max-members, before it is parsed at all: zipfile
 # holds every entry in memory (hundreds of bytes each), so a directory of ten million entries is refused.
 DIRECTORY_FACTOR = 10
+# Bytes of one central-directory entry with a typical name: a directory's size over this counts as entries.
+DIRECTORY_ENTRY_BYTES = 128
 
 
 def check_directory(handle: IO[bytes], options: item.ReadOptions) -> None:
@@ -24,7 +26,10 @@ def check_directory(handle: IO[bytes], options: item.ReadOptions) -> None:
     end = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
     if end is None:
         return
-    entries, cap = end[zipfile._ECD_ENTRIES_TOTAL], DIRECTORY_FACTOR * options.containers.max_members  # type: ignore[attr-defined]
+    cap = DIRECTORY_FACTOR * options.containers.max_members
+    entries = end[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
+    # zipfile reads as many bytes as the record says the directory holds, whatever count it gives.
+    entries = max(entries, end[zipfile._ECD_SIZE] // DIRECTORY_ENTRY_BYTES)  # type: ignore[attr-defined]
     if entries > cap:
         raise HugeDirectory(entries, cap)
 
@@ -33,7 +38,7 @@ class HugeDirectory(archives.TooManyMembers):
     """A central directory too large to parse: the zip's one row is ``too_large`` and no member is read."""
 
     def __init__(self, entries: int, cap: int) -> None:
-        OSError.__init__(self, f"central directory lists {entries} entries, over {cap} (10 x --max-members): not read")
+        OSError.__init__(self, f"central directory holds {entries} entries, over {cap} (10 x --max-members): not read")
         self.size = None
 
 

@@ -31,7 +31,7 @@ _NO_PROVENANCE = "none"
 
 
 def prefix_of(
-    path: str, source: str | None, depth: int, container: str | None = None, member: str | None = None
+    path: str, source: str | None, depth: int, *, container: str | None = None, member: str | None = None
 ) -> str:
     """First ``depth`` folder components of ``path`` below ``source``.
 

@@ -205,7 +205,8 @@ class Entry:
 
 def prepare_batch(batch: pa.Table, options: PrepareOptions, registry: Any = None) -> pa.Table:
     """:func:`prepare_stream`'s rows as one table: for callers that hold a batch anyway (Serve, training, tests)."""
-    return pa.concat_tables(list(prepare_stream(batch, options, registry)))
+    tables = list(prepare_stream(batch, options, registry))
+    return pa.concat_tables(tables) if tables else prepare_entries(batch, [], options, registry)
 
 
 def prepare_stream(batch: pa.Table, options: PrepareOptions, registry: Any = None) -> Iterator[pa.Table]:
@@ -272,7 +273,7 @@ def expand_unit(unit: item.Item, u: int, options: PrepareOptions) -> Iterator[En
     held: Entry | None = None
     count = 0
     try:
-        for read in item.read_all(kind, unit, options.read_options):
+        for read in _reads(kind, unit, options):
             if held is not None:
                 yield held
             held, count = Entry(read.item, kind, u, 0, read.failure, read.data, _columns(read, kind)), count + 1
@@ -284,6 +285,28 @@ def expand_unit(unit: item.Item, u: int, options: PrepareOptions) -> Iterator[En
         note = f"the rest of the unit, after {count} items: " if count else ""
         held, count = Entry(unit, kind, u, 0, exc, columns=_columns(item.Read(unit), kind), note=note), count + 1
     yield dataclasses.replace(held, unit_rows=count)
+
+
+def _reads(kind: item.Kind, unit: item.Item, options: PrepareOptions) -> Iterator[item.Read]:
+    """The unit's rows as its kind reads them. A container's (zlib inflating archive members, Arrow decoding
+    Parquet row groups) are read in the expansion watchdog's child when ``decode_timeout`` is set: a row that
+    takes longer, or a reader that dies, ends the unit there with a ``timeout`` or ``crashed`` row for the rest."""
+    if not options.decode_timeout or item.is_loose(kind):
+        return item.read_all(kind, unit, options.read_options)
+    settings = (kind, options.read_options)
+    rows = _EXPANDER.stream(read_rows, settings, unit, timeout=options.decode_timeout)
+    return (dataclasses.replace(read, data=data) for read, data in rows)
+
+
+def read_rows(
+    unit: item.Item, settings: tuple[item.Kind, item.ReadOptions]
+) -> Iterator[tuple[item.Read, bytes | None]]:
+    """What the expansion watchdog's child runs per unit: each row apart from its bytes (which travel out of band),
+    its failure made able to cross the pipe."""
+    kind, read_options = settings
+    for read in item.read_all(kind, unit, read_options):
+        failure = None if read.failure is None else watchdog.portable(read.failure)
+        yield dataclasses.replace(read, data=None, failure=failure), read.data
 
 
 def _columns(read: item.Read, kind: item.Kind) -> Mapping[str, Any]:
@@ -335,6 +358,8 @@ def read_failure(exc: BaseException) -> tuple[schema.Status, int | None]:
         return schema.Status.EMPTY, None
     if isinstance(exc, item.NotExpanded):
         return schema.Status.UNSUPPORTED, None
+    if isinstance(exc, watchdog.Stopped):
+        return exc.failure.status, None
     return schema.Status.UNREADABLE, None
 
 
@@ -353,6 +378,8 @@ def _claim_duplicates(
 
 # One per Ray worker process, kept for every batch it runs; its child starts with the first watched file.
 _WATCHDOG = watchdog.Watchdog(preload=(__name__,))
+# Containers are read in a child of their own: a unit's rows are read while the chunks before them decode.
+_EXPANDER = watchdog.Watchdog(preload=(__name__,))
 
 
 def inspect_and_decode(

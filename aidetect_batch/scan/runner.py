@@ -419,7 +419,18 @@ def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
         identity["provenance_checks"] = {"c2pa": cfg.c2pa, "watermark": cfg.watermark}
     for field in policies.get(detector.policy).framing_fields:
         identity[field] = getattr(cfg.framing, field)
+    expansion = _expansion(cfg)
+    if expansion:
+        identity["expansion"] = expansion
     return identity
+
+
+def _expansion(cfg: ScanConfig) -> dict[str, Any]:
+    """The settings that decide which rows a unit expands into, where they differ from the defaults (so a scan
+    stopped before they existed still resumes): a resume with others would mix two expansions."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ScanConfig)}
+    names = ("archives", "max_members", "max_ratio", "archive_depth", "image_column")
+    return {name: getattr(cfg, name) for name in names if getattr(cfg, name) != defaults[name]}
 
 
 def _log_plan(cfg: ScanConfig, plan: ClassifierPlan) -> None:
@@ -532,6 +543,11 @@ def _score_and_report(
             f"invariant broken: {total} inputs but rows of {run.done_units} kept + {writer.units_written} new "
             "inputs written"
         )
+    return _report(cfg, detector=detector, writer=writer, timing=timing, run=run)
+
+
+def _report(cfg: ScanConfig, *, detector: _Detector, writer: ScoreWriter, timing: _Timing, run: _Run) -> ScanResult:
+    """Write the report over every committed file and record the finished run in ``_run.json``."""
     facts = schema.RunFacts(
         wall_seconds=timing.wall,
         images_per_s=writer.rows_written / timing.wall if timing.wall > 0 else None,

@@ -18,11 +18,16 @@ for every batch it runs. A child exits when its pipe closes (the worker is gone)
 item it also carries its own alarm, a little past the deadline, whose default action the kernel carries
 out even in native code that never returns to Python: a child stuck in a loop cannot outlive a worker
 that died before it could kill it.
+
+:meth:`Watchdog.stream` does the same for work that yields rows (reading an archive's members, a Parquet
+file's row groups): each row must arrive within the deadline, and a stall or a crash ends the stream with
+:class:`TimedOut` or :class:`Crashed` after the rows already given.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import pickle
 import resource
@@ -30,7 +35,7 @@ import signal
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -40,6 +45,8 @@ from ray import cloudpickle
 from aidetect_batch import schema
 
 _READY = "ready"
+# Longest a child may take to start (a fork of the forkserver, which imports the decoders once) or load a job.
+START_TIMEOUT_S = 120.0
 # The child's own alarm fires this long after its item's deadline: the parent, when alive, kills it first.
 _GRACE_S = 1.0
 
@@ -59,12 +66,45 @@ class Failure:
     elapsed_ms: float
 
 
+class Stopped(Exception):
+    """A :meth:`Watchdog.stream` the watchdog ended: the next row did not come in time, or its process died."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.error)
+        self.failure = failure
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.failure,)
+
+
+class TimedOut(Stopped):
+    """The next row took longer than the deadline; the child was killed."""
+
+
+class Crashed(Stopped):
+    """The child died (or could not start) before the next row."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
-    """The work function and its settings, pickled once per call of :meth:`Watchdog.map`, and the deadline."""
+    """The work function and its settings, pickled once per call of :meth:`Watchdog.map` or
+    :meth:`Watchdog.stream`, the deadline, and whether the work yields rows (a stream) or returns one result."""
 
     blob: bytes
     timeout: float
+    stream: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _End:
+    """A stream's work has yielded its last row."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Raised:
+    """A stream's work raised ``error`` (after the rows already sent)."""
+
+    error: BaseException
 
 
 @dataclasses.dataclass
@@ -97,6 +137,32 @@ class Watchdog:
         with self._lock:
             return [self._one(job, it, timeout) for it in items]
 
+    def stream(
+        self, work: Callable[[Any, Any], Iterator[Any]], settings: Any, it: Any, *, timeout: float
+    ) -> Iterator[Any]:
+        """The rows ``work(it, settings)`` yields, produced in a child process: each has ``timeout`` seconds.
+
+        For work that reads a whole container (zlib inflating an archive's members, Arrow decoding a
+        Parquet row group): a row that does not come in time raises :class:`TimedOut`, a child that dies
+        :class:`Crashed`, after the rows already yielded. An exception ``work`` raises is raised here, as it
+        would be in process. A row's bytes (a top-level ``bytes`` in a tuple) travel out of band. The child
+        waits for each row to be taken, so only one row is in flight however fast it reads.
+        """
+        job = _Job(cloudpickle.dumps((work, settings)), timeout, stream=True)
+        with self._lock:
+            finished = False
+            try:
+                child = self._started(job, it, "container reader")
+                while not isinstance(message := self._await(child, timeout, "container reader"), _End):
+                    if isinstance(message, _Raised):
+                        finished = True
+                        raise message.error
+                    yield message
+                finished = True
+            finally:
+                if not finished:
+                    self._stop()
+
     def close(self) -> None:
         """Stop the child (a later :meth:`map` starts another)."""
         with self._lock:
@@ -108,7 +174,21 @@ class Watchdog:
         return None if self._child is None else self._child.process.pid
 
     def _one(self, job: _Job, it: Any, timeout: float) -> Any:
-        child = self._hand_over(job, it)
+        try:
+            return self._await(self._started(job, it, "decoder"), timeout, "decoder")
+        except Stopped as stopped:
+            return stopped.failure
+
+    def _started(self, job: _Job, it: Any, who: str) -> _Child:
+        """The child, holding ``job`` and handed ``it``; one that cannot start raises :class:`Crashed`."""
+        try:
+            return self._hand_over(job, it)
+        except (RuntimeError, OSError) as exc:
+            self._stop()
+            raise Crashed(Failure(schema.Status.CRASHED, f"the {who}'s process could not start: {exc}", 0.0)) from exc
+
+    def _await(self, child: _Child, timeout: float, who: str) -> Any:
+        """The child's next message within ``timeout`` seconds; else it is killed and :class:`Stopped` raised."""
         start = time.monotonic()
         ready = child.conn.poll(timeout)
         elapsed_ms = (time.monotonic() - start) * 1000.0
@@ -120,9 +200,9 @@ class Watchdog:
         else:
             code = self._stop()
         if not ready or code == -signal.SIGALRM:  # SIGALRM: the child's own alarm beat a late parent
-            error = f"decoding took longer than {timeout:g} s (--decode-timeout); its process was killed"
-            return Failure(schema.Status.TIMEOUT, error, elapsed_ms)
-        return Failure(schema.Status.CRASHED, f"the decoder's process died ({_exit_text(code)})", elapsed_ms)
+            error = f"the {who} took longer than {timeout:g} s on one item (--decode-timeout); its process was killed"
+            raise TimedOut(Failure(schema.Status.TIMEOUT, error, elapsed_ms))
+        raise Crashed(Failure(schema.Status.CRASHED, f"the {who}'s process died ({_exit_text(code)})", elapsed_ms))
 
     def _hand_over(self, job: _Job, it: Any) -> _Child:
         """Send the item to a live child that holds the job. A child found dead before it took the item is
@@ -157,7 +237,8 @@ class Watchdog:
 
     def _await_ready(self, what: str) -> None:
         try:
-            ready = _recv(self._child.conn)  # type: ignore[union-attr]
+            answered = self._child.conn.poll(START_TIMEOUT_S)  # type: ignore[union-attr]
+            ready = _recv(self._child.conn) if answered else None  # type: ignore[union-attr]
         except (EOFError, OSError):
             ready = None
         if ready != _READY:
@@ -192,11 +273,11 @@ def _recv(conn: Connection) -> Any:
 
 
 def _out_of_band(it: Any) -> Any:
-    """An item's bytes (or list of bytes) marked to travel out of band."""
+    """An item's bytes (or list or tuple of them, or of other values) marked to travel out of band."""
     if isinstance(it, bytes):
         return pickle.PickleBuffer(it)
-    if isinstance(it, list):
-        return [pickle.PickleBuffer(x) if isinstance(x, bytes) else x for x in it]
+    if isinstance(it, list | tuple):
+        return type(it)(pickle.PickleBuffer(x) if isinstance(x, bytes) else x for x in it)
     return it
 
 
@@ -223,10 +304,43 @@ def _serve(conn: Connection) -> None:
             job, (work, settings) = message, cloudpickle.loads(message.blob)
             _send(conn, _READY)
             continue
+        if job.stream:  # type: ignore[union-attr]
+            _stream_rows(conn, functools.partial(work, message, settings), job.timeout)  # type: ignore[arg-type, union-attr]
+            continue
         signal.setitimer(signal.ITIMER_REAL, job.timeout + _GRACE_S)  # type: ignore[union-attr]
         result = _run(work, message, settings)  # type: ignore[arg-type]
         signal.setitimer(signal.ITIMER_REAL, 0)
         _send(conn, result)
+
+
+def _stream_rows(conn: Connection, produce: Callable[[], Iterator[Any]], timeout: float) -> None:
+    """Send each row as it comes, then :class:`_End`, or :class:`_Raised` with what the work raised. The alarm
+    covers producing a row, not sending it: the parent may take its time to ask for the next one."""
+    try:
+        rows = iter(produce())
+        while True:
+            signal.setitimer(signal.ITIMER_REAL, timeout + _GRACE_S)
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            _send(conn, _out_of_band(row))
+    except Exception as exc:  # noqa: BLE001 - the work's own error is raised in the parent, as in process
+        _send(conn, _Raised(portable(exc)))
+        return
+    _send(conn, _End())
+
+
+def portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives a pickle round trip (to cross the pipe), else a ``RuntimeError`` saying what it was:
+    an exception whose ``__init__`` takes other arguments than its ``args`` cannot be rebuilt."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any failure to rebuild means it cannot travel
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 def _run(work: Callable[[Any, Any], Any], it: Any, settings: Any) -> Any:
