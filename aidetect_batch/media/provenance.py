@@ -141,9 +141,12 @@ VIDEO_TAGS = ("encoder", "handler_name", "comment", "title", "description", "sof
 def video_tag_signals(data: bytes) -> list[Signal]:
     """A video's container and video-stream tags (``encoder``, ``handler_name``, ...) that name a generator or
     an editor, and an XMP packet's declared source anywhere in the file (MP4 keeps it in a ``uuid`` box)."""
-    tags = video.tags_of(data)
-    found = [s for key, value in tags if key in VIDEO_TAGS for s in _software_signal(value, f"video {key}")]
-    return [*found, *xmp_signals(_xmp_of({}, data))]
+    return [*tag_signals(video.tags_of(data)), *xmp_signals(_xmp_of({}, data))]
+
+
+def tag_signals(tags: list[tuple[str, str]]) -> list[Signal]:
+    """The :data:`VIDEO_TAGS` among a video's tags that name a generator or an editor."""
+    return [s for key, value in tags if key in VIDEO_TAGS for s in _software_signal(value, f"video {key}")]
 
 
 def has_c2pa_marker(data: bytes) -> bool:

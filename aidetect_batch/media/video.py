@@ -122,11 +122,12 @@ def is_motion(data: bytes) -> bool:
     return container_of(data) is not None or is_animated(data)
 
 
-def tags_of(data: bytes) -> list[tuple[str, str]]:
-    """A video's container tags, then its first video stream's, as ``(key, value)`` with lower-case keys
-    (``encoder``, ``handler_name``, ``comment``); none when FFmpeg cannot open it."""
+def tags_of(source: bytes | IO[bytes]) -> list[tuple[str, str]]:
+    """A video's (its bytes, or a seekable file) container tags, then its first video stream's, as
+    ``(key, value)`` with lower-case keys (``encoder``, ``handler_name``, ``comment``); none when FFmpeg
+    cannot open it."""
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r") as container:
             streams = container.streams.video[:1]
             found = [*container.metadata.items(), *(kv for s in streams for kv in s.metadata.items())]
     except Exception:  # noqa: BLE001 - FFmpeg raises many error types on malformed containers: no tags

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -326,26 +326,45 @@ def read_into(
     try:
         if entry.failure is not None:
             raise entry.failure
-        data = entry.data if entry.data is not None else entry.kind.read(entry.item, options.read_options)
-        if not isinstance(data, bytes) and not entry.kind.views:
+        data = entry.data if entry.data is not None else _read(entry, options)
+        if isinstance(data, list) and not entry.kind.views:
             raise TypeError(f"input kind {entry.kind.name!r} read several views but does not declare views")
     except Exception as exc:  # noqa: BLE001 - any storage failure is this file's status, never the job's
         status, rows[schema.FILE_SIZE][i] = read_failure(exc)
         rows[schema.STATUS][i] = status.value
         rows[schema.ERROR][i] = f"{entry.note}{type(exc).__name__}: {exc}"[:300]
         return None
+    rows[schema.T_READ_MS][i] = (time.perf_counter() - start) * 1000.0
+    if isinstance(data, sources.Ranged):
+        rows[schema.FILE_SIZE][i] = data.size
+        return data
     if not isinstance(data, bytes) and len(data) == 1:
         data = data[0]
     whole = data if isinstance(data, bytes) else b"".join(data)
-    rows[schema.T_READ_MS][i] = (time.perf_counter() - start) * 1000.0
     rows[schema.FILE_SIZE][i] = len(whole)
     rows[schema.SHA256][i] = hashlib.sha256(whole).hexdigest()
     return data
 
 
-def inspect_into(rows: dict[str, list[Any]], i: int, data: bytes, checks: provenance.Checks) -> None:
-    """Fill file ``i``'s provenance columns from its bytes (before decoding, so a failed decode keeps them)."""
-    found = provenance.inspect(data, checks)
+def _read(entry: Entry, options: PrepareOptions) -> bytes | list[bytes] | sources.Ranged:
+    """The Item's bytes; a loose video over ``--max-file-mb`` is instead :class:`sources.Ranged`, when frames are
+    sampled: a few seeks read it, so the cap, which bounds the memory of a file read whole, need not refuse it."""
+    try:
+        return entry.kind.read(entry.item, options.read_options)
+    except sources.FileTooLarge as exc:
+        if not options.sampled_frames or not item.is_loose(entry.kind) or exc.size is None:
+            raise
+        ranged = sources.Ranged(entry.item.uri, exc.size, options.storage_options, entry.item.raw_path)
+        with sources.open_ranged(ranged) as handle:
+            if video.container_of(handle.read(64)) is None:
+                raise
+        return ranged
+
+
+def inspect_into(rows: dict[str, list[Any]], i: int, data: bytes | sources.Ranged, checks: provenance.Checks) -> None:
+    """Fill file ``i``'s provenance columns from its bytes (before decoding, so a failed decode keeps them). A
+    video read by ranges gives its tags only: C2PA and XMP would need its every byte."""
+    found = _ranged_provenance(data) if isinstance(data, sources.Ranged) else provenance.inspect(data, checks)
     rows[schema.PROVENANCE][i] = found.kind
     rows[schema.PROVENANCE_DETAIL][i] = found.detail
 
@@ -363,11 +382,20 @@ def read_failure(exc: BaseException) -> tuple[schema.Status, int | None]:
     return schema.Status.UNREADABLE, None
 
 
+def _ranged_provenance(ranged: sources.Ranged) -> provenance.Provenance:
+    """The tags of a video read by ranges; none when it cannot be opened (its decode then says why)."""
+    try:
+        with sources.open_ranged(ranged) as handle:
+            return provenance.Provenance.of(provenance.tag_signals(video.tags_of(handle)))
+    except OSError:
+        return provenance.Provenance()
+
+
 def _claim_duplicates(
     rows: dict[str, list[Any]], payload: list[bytes | None], paths: list[str], *, registry: Any
 ) -> None:
     """Ask the registry actor, once per batch, which hashes were seen first elsewhere; those rows become duplicates."""
-    read = [i for i in range(len(paths)) if payload[i] is not None]
+    read = [i for i in range(len(paths)) if payload[i] is not None and rows[schema.SHA256][i] is not None]
     firsts = ray.get(registry.claim.remote([rows[schema.SHA256][i] for i in read], [paths[i] for i in read]))
     for i, first in zip(read, firsts, strict=True):
         if first is not None:
@@ -400,8 +428,8 @@ def inspect_and_decode(
     return images
 
 
-def _first(data: bytes | list[bytes]) -> bytes:
-    return data if isinstance(data, bytes) else data[0]
+def _first(data: bytes | list[bytes] | sources.Ranged) -> bytes | sources.Ranged:
+    return data[0] if isinstance(data, list) else data
 
 
 def _watched(
@@ -475,6 +503,14 @@ def _decode_row(
     """Decode row ``i``'s views or its one image; when rows carry views, a fixed-size view is a one-tile stack."""
     if isinstance(data, list):
         decode_views_into(rows, i, data, images=images, options=options, change=change)
+        return
+    if isinstance(data, sources.Ranged):
+        try:
+            with sources.open_ranged(data) as handle:
+                decode_clip_into(rows, i, handle, images=images, options=options, change=change)
+        except OSError as exc:  # the file went away, or the store failed, between its reads
+            rows[schema.STATUS][i] = schema.Status.UNREADABLE.value
+            rows[schema.ERROR][i] = f"{type(exc).__name__}: {exc}"[:300]
         return
     decode_into(rows, i, data, images=images, options=options, change=change)
     if options.views and options.fixed and images[i] is not None and images[i].ndim == 3:
@@ -562,7 +598,7 @@ def decode_into(
 def decode_clip_into(
     rows: dict[str, list[Any]],
     i: int,
-    data: bytes,
+    data: bytes | IO[bytes],
     *,
     images: np.ndarray | list[np.ndarray | None],
     options: FileOptions,
