@@ -29,7 +29,8 @@ class Status(str, enum.Enum):
     TOO_LARGE = "too_large"
     """The header announces more pixels than ``max_pixels`` (decompression-bomb guard)."""
     UNSUPPORTED = "unsupported"
-    """A recognised media type that this build cannot decode (video, PDF, SVG, odd modes)."""
+    """A recognised media type that this build cannot decode (PDF, SVG, odd modes, a video without a video
+    stream, any video under ``--video-frames 0`` or ``--gpu-decode``)."""
     TIMEOUT = "timeout"
     """Decoding it ran past ``--decode-timeout``; its process was killed so the rest of the batch goes on."""
     CRASHED = "crashed"
@@ -67,6 +68,13 @@ SCORE_MAX = "score_max"
 N_TILES = "n_tiles"
 COVERAGE = "coverage"
 PDQ = "pdq"
+# A video or animation (``--video-frames``): frames scored (each one view, or one stack of tiles), the clip's
+# length and average frame rate, its codec, and the time (seconds) of its most AI-looking frame.
+N_FRAMES = "n_frames"
+DURATION_S = "duration_s"
+FPS = "fps"
+CODEC = "codec"
+FRAME_MAX_T = "frame_max_t"
 PDQ_QUALITY = "pdq_quality"
 PROVENANCE = "provenance"
 PROVENANCE_DETAIL = "provenance_detail"
@@ -108,6 +116,8 @@ DATA = "_data"
 # A local file name's exact bytes when it is not valid UTF-8 (``path`` then holds its %XX-escaped form).
 RAW_PATH = "_raw_path"
 SHARD = "_shard"
+# A video row's sampled frame times (seconds), in the order of its views: the Classifier names the top one.
+FRAME_TIMES = "_frame_times"
 SHARD_ROWS = "_shard_rows"
 
 # Columns of a labelled dataset listing (train/evaluate). They pass through the scan
@@ -134,6 +144,7 @@ SCORES_SCHEMA = pa.schema(
         pa.field(ERROR, pa.string()),
         pa.field(SCORE, pa.float32()),
         pa.field(SCORE_MAX, pa.float32()),
+        pa.field(FRAME_MAX_T, pa.float32()),
         pa.field(LABEL, pa.string()),
         pa.field(PROVENANCE, pa.string()),
         pa.field(PROVENANCE_DETAIL, pa.string()),
@@ -148,6 +159,10 @@ SCORES_SCHEMA = pa.schema(
         pa.field(PREPROCESS, pa.string()),
         pa.field(N_TILES, pa.int32()),
         pa.field(COVERAGE, pa.float32()),
+        pa.field(N_FRAMES, pa.int32()),
+        pa.field(DURATION_S, pa.float32()),
+        pa.field(FPS, pa.float32()),
+        pa.field(CODEC, pa.string()),
         pa.field(MODEL_ID, pa.string()),
         pa.field(T_READ_MS, pa.float32()),
         pa.field(T_DECODE_MS, pa.float32()),
@@ -167,6 +182,10 @@ ITEM_COLUMNS = (CONTAINER, MEMBER, WDS_KEY, WDS_CAPTION, WDS_URL, IMAGE_PATH)
 SCORE_COLUMNS = tuple(SCORES_SCHEMA.names)
 # The columns decoding one file fills in, on the CPU stage or in the Classifier (--gpu-decode).
 DECODED_COLUMNS = (STATUS, ERROR, FORMAT, MODE, WIDTH, HEIGHT, COVERAGE, T_DECODE_MS, PDQ, PDQ_QUALITY)
+# ... and, for a video or animation, the CPU stage alone (``--gpu-decode`` leaves videos ``unsupported``).
+CLIP_COLUMNS = (N_FRAMES, DURATION_S, FPS, CODEC, FRAME_TIMES)
+# Types of the hidden columns a stage hands the next one (never written).
+HIDDEN_TYPES = {FRAME_TIMES: pa.list_(pa.float64())}
 
 # Directory layout of OUT
 SCORES_DIR = "scores"

@@ -152,7 +152,9 @@ def test_resume_refuses_other_settings_and_skips_finished_work(ray_cluster, tiny
 @pytest.mark.slow  # two whole scans (25 s); test_gpu_fallback scans the GPU plan on CPU, and the batched
 # decode test below checks the --gpu-decode path's statuses and scores without Ray.
 def test_gpu_decode_falls_back_to_the_cpu_path_without_cuda(ray_cluster, corpus, tiny_checkpoint, tmp_path):
-    base = ScanConfig(sources=(corpus["root"],), out=str(tmp_path / "cpu"), checkpoint=tiny_checkpoint)
+    # --gpu-decode decodes one image per row, so it leaves videos unsupported and animations their first frame:
+    # both paths are compared on that footing.
+    base = ScanConfig(sources=(corpus["root"],), out=str(tmp_path / "cpu"), checkpoint=tiny_checkpoint, video_frames=0)
     plain = run_scan(base)
     moved = run_scan(replace(base, out=str(tmp_path / "gpu"), gpu_decode=True))
     keys = [schema.STATUS, schema.FORMAT, schema.WIDTH, schema.HEIGHT, schema.ERROR, schema.SCORE]

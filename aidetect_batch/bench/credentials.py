@@ -71,16 +71,21 @@ def _chain() -> tuple[bytes, bytes]:
 
 def sign_jpeg(jpeg: bytes, source_type: str, agent: str = "TestDiffusion 2.1") -> bytes:
     """``jpeg`` with an embedded C2PA manifest whose ``c2pa.created`` action declares ``source_type``."""
+    return sign(jpeg, "image/jpeg", source_type, agent)
 
+
+def sign(data: bytes, mime: str, source_type: str, agent: str = "TestDiffusion 2.1") -> bytes:
+    """``data`` (a ``mime`` file c2pa can embed into: JPEG, PNG, MP4, MOV, ...) with an embedded C2PA manifest
+    whose ``c2pa.created`` action declares ``source_type``, signed under a chain made here."""
     chain, key = _chain()
     signer = c2pa.Signer.from_info(c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, chain, key, None))
     action = {"action": "c2pa.created", "digitalSourceType": IPTC_TYPES + source_type, "softwareAgent": {"name": agent}}
     manifest = {
         "claim_generator_info": [{"name": "aidetect-batch tests", "version": "1"}],
-        "title": "generated.jpg",
+        "title": "generated." + mime.rsplit("/", 1)[-1],
         "assertions": [{"label": "c2pa.actions", "data": {"actions": [action]}}],
     }
     signed = io.BytesIO()
     with c2pa.Builder(manifest) as builder:
-        builder.sign(signer, "image/jpeg", io.BytesIO(jpeg), signed)
+        builder.sign(signer, mime, io.BytesIO(data), signed)
     return signed.getvalue()

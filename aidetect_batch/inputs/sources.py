@@ -26,6 +26,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob as globlib
 import logging
@@ -36,7 +37,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import pyarrow as pa
 from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError
@@ -386,6 +387,34 @@ PERMANENT_ERRORS = (
 
 
 TIMEOUT_ERRORS = (TimeoutError, ConnectTimeoutError, ReadTimeoutError)
+
+
+# Block of a file read by ranges (a video over --max-file-mb): one request per seek, a few per sampled frame.
+RANGED_BLOCK_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranged:
+    """A file over ``--max-file-mb`` that is read by ranges where its reader seeks, never whole (a long video,
+    of which a few frames are sampled): its URI, its size, and how to open it."""
+
+    uri: str
+    size: int
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    raw_path: bytes | None = None
+
+
+@contextlib.contextmanager
+def open_ranged(ranged: Ranged) -> Iterator[IO[bytes]]:
+    """``ranged`` as a seekable binary file: local, or remote through fsspec in blocks of
+    :data:`RANGED_BLOCK_BYTES`, so a seek costs one ranged request and no more than a block is fetched ahead."""
+    if not is_remote(ranged.uri):
+        with open(ranged.raw_path or filesystem(ranged.uri)[1], "rb") as handle:
+            yield handle
+        return
+    fs, inner = filesystem(ranged.uri, ranged.storage_options)
+    with fs.open(inner, "rb", block_size=RANGED_BLOCK_BYTES, cache_type="readahead") as handle:
+        yield handle
 
 
 def read_file(

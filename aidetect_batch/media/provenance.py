@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from aidetect_batch import schema
-from aidetect_batch.media import decode
+from aidetect_batch.media import decode, video
 
 DETAIL_CHARS = 400
 TRAINED = "trainedAlgorithmicMedia"
@@ -44,12 +44,13 @@ _GENERATOR_KEYS = {
 }
 _GENERATORS = re.compile(
     r"\b(midjourney|dall[-·\s]?e|stable\s?diffusion|novelai|firefly|imagen|comfyui|automatic1111|invokeai|"
-    r"fooocus|leonardo\.?ai|nightcafe|dreamstudio|craiyon|ideogram|flux\.\d|bing image creator|chatgpt)\b",
+    r"fooocus|leonardo\.?ai|nightcafe|dreamstudio|craiyon|ideogram|flux\.\d|bing image creator|chatgpt|"
+    r"sora|runway\s?ml|runway gen-?\d|pika\s?labs|kling|veo\s?\d|dream machine|hailuo|synthesia|heygen)\b",
     re.IGNORECASE,
 )
 _EDITORS = re.compile(
     r"\b(photoshop|lightroom|gimp|affinity|pixelmator|paint\.net|canva|snapseed|picsart|facetune|capture one|"
-    r"darktable|luminar)\b",
+    r"darktable|luminar|premiere|final cut|davinci resolve|capcut|imovie|after effects)\b",
     re.IGNORECASE,
 )
 _MIME = (
@@ -60,6 +61,8 @@ _MIME = (
     (b"MM\x00*", "image/tiff"),
 )
 _BMFF_MIME = {b"avif": "image/avif", b"avis": "image/avif", b"heic": "image/heic", b"heix": "image/heic"}
+# Video containers c2pa reads manifests from (WebM and Matroska have no C2PA binding).
+_VIDEO_MIME = {"MP4": "video/mp4", "MOV": "video/quicktime", "AVI": "video/x-msvideo"}
 # Network off: a scan is offline, and a file must not make the worker fetch a remote manifest or OCSP.
 _C2PA_SETTINGS = {"verify": {"remote_manifest_fetch": False, "ocsp_fetch": False}}
 # Messages the Stable Diffusion reference scripts embed with invisible-watermark's dwtDct.
@@ -108,7 +111,8 @@ class Provenance:
 
 def inspect(data: bytes, checks: Checks = Checks()) -> Provenance:
     """Every provenance signal in ``data``, reduced to the provenance columns. Never raises on data."""
-    signals = _metadata_signals(data)
+    container = video.container_of(data)
+    signals = video_tag_signals(data) if container else _metadata_signals(data)
     if checks.c2pa and has_c2pa_marker(data):
         signals.extend(c2pa_signals(data))
     if checks.watermark:
@@ -128,6 +132,21 @@ def _metadata_signals(data: bytes) -> list[Signal]:
         except Exception:  # noqa: BLE001 - unreadable metadata is no evidence, not a failure (PNG's EXIF may need
             pass  # the pixel data, so a truncated PNG keeps the text chunks read before it)
     return [*text_signals(info), *xmp_signals(_xmp_of(info, data)), *exif_signals(exif)]
+
+
+# Container and stream tags of a video that name the software that wrote it (FFmpeg's names for them).
+VIDEO_TAGS = ("encoder", "handler_name", "comment", "title", "description", "software", "encoded_by", "artist")
+
+
+def video_tag_signals(data: bytes) -> list[Signal]:
+    """A video's container and video-stream tags (``encoder``, ``handler_name``, ...) that name a generator or
+    an editor, and an XMP packet's declared source anywhere in the file (MP4 keeps it in a ``uuid`` box)."""
+    return [*tag_signals(video.tags_of(data)), *xmp_signals(_xmp_of({}, data))]
+
+
+def tag_signals(tags: list[tuple[str, str]]) -> list[Signal]:
+    """The :data:`VIDEO_TAGS` among a video's tags that name a generator or an editor."""
+    return [s for key, value in tags if key in VIDEO_TAGS for s in _software_signal(value, f"video {key}")]
 
 
 def has_c2pa_marker(data: bytes) -> bool:
@@ -285,6 +304,9 @@ def _mime_of(data: bytes) -> str:
             return mime
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
+    container = video.container_of(data)
+    if container is not None:
+        return _VIDEO_MIME.get(container, "")
     if head[4:8] == b"ftyp":
         return _BMFF_MIME.get(head[8:12], "image/heif")
     return ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -82,11 +83,19 @@ class ClassifierPlan:
 
 @dataclasses.dataclass(frozen=True)
 class ViewScores:
-    """Per image: P(AI) from the mean of its parts' log-odds, P(AI) of its most AI-looking part, parts."""
+    """Per row: P(AI) from the mean of its groups' log-odds, P(AI) of its most AI-looking group, parts scored,
+    and which group that is. A group is one part (a tile) of a still, and one frame (its view, or its tiles)
+    of a video, whose log-odds are the mean of its parts': what the frame scores as a still.
+
+    Attributes:
+        groups: Per row, P(AI) of each of its groups in order (a video's frames).
+    """
 
     score: np.ndarray
     score_max: np.ndarray
     parts: np.ndarray
+    top: np.ndarray | None = None
+    groups: list[np.ndarray] | None = None
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -191,22 +200,26 @@ class Classifier:
                 else:
                     yield self.model(part)
 
-    def score_views(self, views: list[np.ndarray]) -> ViewScores:
+    def score_views(self, views: list[np.ndarray], frames: Sequence[int | None] | None = None) -> ViewScores:
         """Score ``tiles`` views (``(n, S, S, 3)``: every tile) and ``native`` ones (``(H, W, 3)``: the
-        whole image, or the architecture's native tiles when it is larger than their threshold)."""
+        whole image, or the architecture's native tiles when it is larger than their threshold).
+
+        ``frames``: per row, how many frames its views are (a video's, in equal stacks of tiles); ``None``
+        or 0: a still, each of whose parts is a group of its own.
+        """
         parts: list[np.ndarray] = []
-        owner: list[int] = []
+        spans: list[tuple[int, int, int]] = []
         for row, view in enumerate(views):
             pieces = list(view) if view.ndim == 4 else self._native_parts(view)
+            spans.append((len(parts), len(parts) + len(pieces), (frames[row] if frames else None) or len(pieces)))
             parts += pieces
-            owner += [row] * len(pieces)
         z = self._log_odds(parts)
-        owners = np.asarray(owner, np.int64)
-        counts = np.bincount(owners, minlength=len(views))
-        mean = np.bincount(owners, weights=z, minlength=len(views)) / np.maximum(counts, 1)
-        top = np.full(len(views), -np.inf)
-        np.maximum.at(top, owners, z)
-        return ViewScores(_sigmoid(mean), _sigmoid(top), counts.astype(np.int32))
+        groups = [z[start:stop].reshape(count, -1).mean(axis=1) for start, stop, count in spans]
+        mean = np.array([g.mean() if g.size else 0.0 for g in groups])
+        top = np.array([g.argmax() if g.size else 0 for g in groups], np.int64)
+        best = np.array([g[t] if g.size else -np.inf for g, t in zip(groups, top, strict=True)])
+        counts = np.array([stop - start for start, stop, _ in spans], np.int32)
+        return ViewScores(_sigmoid(mean), _sigmoid(best), counts, top, [_sigmoid(g) for g in groups])
 
     def _native_parts(self, image: np.ndarray) -> list[np.ndarray]:
         """The image, or near-equal pieces of at most the tile side when a side exceeds the threshold."""
@@ -259,14 +272,21 @@ class Classifier:
             batch, images, on_device = self.decoder.decode(batch)
         ok = np.asarray(pc.equal(batch.column(schema.STATUS), schema.Status.OK.value).to_numpy(zero_copy_only=False))
         n = len(ok)
-        scored = ViewScores(np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32), np.zeros(n, np.int32))
+        scored = ViewScores(
+            np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32), np.zeros(n, np.int32), np.zeros(n, np.int64)
+        )
         infer_ms = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
             start = time.perf_counter()
             self._score_rows(batch, ok, out=scored, on_device=on_device, images=images)
             infer_ms[ok] = (time.perf_counter() - start) * 1000.0 / int(ok.sum())
+        frame_max_t = _top_times(batch, ok, scored.top)
         batch = batch.drop_columns(
-            [c for c in (schema.IMAGE, schema.PIXELS, schema.PIXEL_SHAPE) if c in batch.column_names]
+            [
+                c
+                for c in (schema.IMAGE, schema.PIXELS, schema.PIXEL_SHAPE, schema.FRAME_TIMES)
+                if c in batch.column_names
+            ]
         )
         labels = [
             (schema.LABEL_AI if s >= self.threshold else schema.LABEL_REAL) if good else None
@@ -274,6 +294,7 @@ class Classifier:
         ]
         out = batch.append_column(schema.SCORE, pa.array(scored.score, pa.float32()))
         out = out.append_column(schema.SCORE_MAX, pa.array(scored.score_max, pa.float32()))
+        out = out.append_column(schema.FRAME_MAX_T, pa.array(frame_max_t, pa.float32()))
         out = out.append_column(schema.N_TILES, pa.array(scored.parts, pa.int32(), mask=~ok))
         out = out.append_column(schema.LABEL, pa.array(labels, pa.string()))
         out = out.append_column(schema.MODEL_ID, pa.array([self.model_id] * n, pa.string()))
@@ -284,9 +305,11 @@ class Classifier:
     ) -> None:
         """Fill ``out`` for the ``ok`` rows from whichever view the batch carries."""
         if schema.PIXELS in batch.column_names:
-            views = pixels_of(batch)
-            scored = self.score_views([views[i] for i in np.flatnonzero(ok)])
+            views, rows = pixels_of(batch), np.flatnonzero(ok)
+            frames = batch.column(schema.N_FRAMES).to_pylist() if schema.N_FRAMES in batch.column_names else None
+            scored = self.score_views([views[i] for i in rows], frames and [frames[i] for i in rows])
             out.score[ok], out.score_max[ok], out.parts[ok] = scored.score, scored.score_max, scored.parts
+            out.top[ok] = scored.top
             return
         if on_device is not None:
             out.score[ok] = self._predict_mixed(images, ok, on_device)
@@ -294,3 +317,11 @@ class Classifier:
             out.score[ok] = self.predict(batch.column(schema.IMAGE).combine_chunks().to_numpy()[ok])
         out.score_max[ok] = out.score[ok]
         out.parts[ok] = 1
+
+
+def _top_times(batch: pa.Table, ok: np.ndarray, top: np.ndarray) -> list[float | None]:
+    """Each scored video row's time of its most AI-looking frame (``top``); ``None`` for stills and failures."""
+    if schema.FRAME_TIMES not in batch.column_names:
+        return [None] * len(ok)
+    times = batch.column(schema.FRAME_TIMES).to_pylist()
+    return [t[int(k)] if good and t else None for t, k, good in zip(times, top, ok.tolist(), strict=True)]

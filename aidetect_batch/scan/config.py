@@ -34,7 +34,7 @@ from aidetect_batch.detectors.policies import (
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.inputs import archives, item
 from aidetect_batch.inputs.sources import DEFAULT_EXTENSIONS
-from aidetect_batch.media import perturb, provenance
+from aidetect_batch.media import perturb, provenance, video
 from aidetect_batch.report.config import prefix_depth_field
 from aidetect_batch.storage import check_filesystem
 
@@ -184,6 +184,8 @@ class ScanConfig(ScanOptions):
         max_ratio: Decompressed bytes per compressed byte beyond which a member or stream is a bomb (``too_large``).
         archive_depth: Levels of archives inside a listed archive that are expanded; deeper ones are ``unsupported``.
         image_column: The Parquet inputs' column of image bytes; ``None``: the Hugging Face ``Image`` feature.
+        video_frames: Frames sampled from each video or animated image, scored as views of its one row;
+            0 leaves videos ``unsupported`` and scores an animation's first frame, as before.
     """
 
     sources: tuple[str, ...] = option(positional=True, nargs="*", help="folders, files, globs or s3://bucket/prefix")
@@ -256,6 +258,24 @@ class ScanConfig(ScanOptions):
         "(default: the Image feature of a Hugging Face dataset's metadata)",
     )
 
+    video_frames: int = option(
+        video.DEFAULT_FRAMES,
+        help="frames sampled evenly over each video (mp4, mov, webm, mkv, avi, found by content) or animated "
+        "GIF/WebP/APNG, scored as views of its row; 0 leaves videos unsupported (default: %(default)s)",
+    )
+
+    @property
+    def media_extensions(self) -> tuple[str, ...]:
+        """The extensions listed without ``--all-files``: the images', and the videos' unless ``--video-frames 0``."""
+        return (*self.extensions, *video.EXTENSIONS) if self.video_frames else self.extensions
+
+    @property
+    def video_budget_s(self) -> float:
+        """Decode seconds per video before sampling stops with the frames it has: at most half the watchdog's
+        deadline, so a slow clip keeps its frames instead of becoming a ``timeout`` row."""
+        timeout = self.watchdog_timeout
+        return min(video.DEFAULT_BUDGET_S, timeout / 2) if timeout else video.DEFAULT_BUDGET_S
+
     @property
     def checks(self) -> provenance.Checks:
         return provenance.Checks(c2pa=self.c2pa, watermark=self.watermark, max_pixels=self.max_pixels)
@@ -269,7 +289,7 @@ class ScanConfig(ScanOptions):
     @property
     def containers(self) -> item.ContainerOptions:
         """Which archive members are read, the archive limits, and the Parquet inputs' image column."""
-        admitted = None if self.all_files else (*self.extensions, *archives.EXTENSIONS)
+        admitted = None if self.all_files else (*self.media_extensions, *archives.EXTENSIONS)
         return item.ContainerOptions(
             admitted, self.max_members, self.max_ratio, self.archive_depth, image_column=self.image_column
         )
@@ -309,7 +329,9 @@ class ScanConfig(ScanOptions):
         check_at_least(self, ("max_members",))
         if self.max_ratio <= 1.0:
             raise ConfigError(f"--max-ratio must be above 1, not {self.max_ratio}")
-        check_at_least(self, ("prefix_depth", "commit_every_s", "archive_depth", "decode_timeout"), low=0)
+        check_at_least(
+            self, ("prefix_depth", "commit_every_s", "archive_depth", "decode_timeout", "video_frames"), low=0
+        )
         if self.perturbation is not None:
             try:
                 perturb.parse(self.perturbation)

@@ -8,8 +8,9 @@ several. Every Item yields one row, and so does a unit whose expansion fails:
 a failure at any step becomes the row's ``status`` and ``error``, never an
 exception. The size cap is checked before any byte is read, and special files
 are never opened for reading (:func:`aidetect_batch.inputs.sources.read_file`).
-An Item a kind reads as several views (video frames) is one row whose views
-travel to the Classifier like ``tiles``.
+An Item a kind reads as several views, and a video or an animated image
+(``--video-frames``: its sampled frames, :mod:`aidetect_batch.media.video`),
+is one row whose views travel to the Classifier like ``tiles``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +30,7 @@ from ray.data.extensions import ArrowTensorArray
 from aidetect_batch import schema
 from aidetect_batch.detectors import policies
 from aidetect_batch.inputs import item, sources
-from aidetect_batch.media import pdq, perturb, provenance
+from aidetect_batch.media import pdq, perturb, provenance, video
 from aidetect_batch.scan import watchdog
 
 _logger = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ DECODE_COLUMNS = (
     schema.DUPLICATE_OF,
     schema.PROVENANCE,
     schema.PROVENANCE_DETAIL,
+    *schema.CLIP_COLUMNS,
 )
 # What one file's native work fills in: the columns the watchdog's child sends back.
-WATCHED_COLUMNS = (*schema.DECODED_COLUMNS, schema.PROVENANCE, schema.PROVENANCE_DETAIL)
+WATCHED_COLUMNS = (*schema.DECODED_COLUMNS, schema.PROVENANCE, schema.PROVENANCE_DETAIL, *schema.CLIP_COLUMNS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,7 +59,10 @@ class FileOptions:
     the watchdog's child receives: not the input kinds, which may be defined where the child cannot import them.
 
     Attributes:
-        views: Rows carry their views as tiles (an input kind may read an Item as several views).
+        views: Rows carry their views as tiles (an input kind may read an Item as several views, or a file
+            be a video).
+        video_frames: Frames sampled from a video or an animated image; 0 decodes them as stills do.
+        video_budget_s: Decode seconds per video before sampling stops with the frames it has.
     """
 
     policy: str
@@ -69,6 +74,8 @@ class FileOptions:
     phash: bool
     decode_later: bool
     views: bool
+    video_frames: int = 0
+    video_budget_s: float = video.DEFAULT_BUDGET_S
 
     @property
     def fixed(self) -> bool:
@@ -100,6 +107,10 @@ class PrepareOptions:
             it in this process, unwatched.
         per_file: What the watchdog's child runs for each file; ``None``: :func:`prepare_file`. The seam
             through which a test gives it a decoder that hangs or aborts.
+        video_frames: ``--video-frames``: frames sampled from each video or animated image, scored as views
+            of its row; 0 leaves videos ``unsupported`` and an animation its first frame. ``--gpu-decode``
+            decodes one image per row, so it ignores this.
+        video_budget_s: Decode seconds per video before sampling stops with the frames it has.
     """
 
     policy: str
@@ -117,6 +128,8 @@ class PrepareOptions:
     chunk_rows: int = 16
     decode_timeout: float = 0.0
     per_file: Callable[[bytes | list[bytes], FileOptions], FileResult] | None = None
+    video_frames: int = 0
+    video_budget_s: float = video.DEFAULT_BUDGET_S
 
     @property
     def read_options(self) -> item.ReadOptions:
@@ -125,8 +138,14 @@ class PrepareOptions:
 
     @property
     def views(self) -> bool:
-        """An input kind may read an Item as several views: every row then carries its views as tiles."""
-        return any(kind.views for kind in self.kinds)
+        """An input kind may read an Item as several views, or a file be a video: every row then carries its
+        views as tiles."""
+        return any(kind.views for kind in self.kinds) or self.sampled_frames > 0
+
+    @property
+    def sampled_frames(self) -> int:
+        """Frames sampled per video: none under ``--gpu-decode``, whose rows hold one image each."""
+        return 0 if self.decode_later else self.video_frames
 
     @property
     def file_options(self) -> FileOptions:
@@ -141,6 +160,8 @@ class PrepareOptions:
             phash=self.phash,
             decode_later=self.decode_later,
             views=self.views,
+            video_frames=self.sampled_frames,
+            video_budget_s=self.video_budget_s,
         )
 
 
@@ -305,26 +326,45 @@ def read_into(
     try:
         if entry.failure is not None:
             raise entry.failure
-        data = entry.data if entry.data is not None else entry.kind.read(entry.item, options.read_options)
-        if not isinstance(data, bytes) and not entry.kind.views:
+        data = entry.data if entry.data is not None else _read(entry, options)
+        if isinstance(data, list) and not entry.kind.views:
             raise TypeError(f"input kind {entry.kind.name!r} read several views but does not declare views")
     except Exception as exc:  # noqa: BLE001 - any storage failure is this file's status, never the job's
         status, rows[schema.FILE_SIZE][i] = read_failure(exc)
         rows[schema.STATUS][i] = status.value
         rows[schema.ERROR][i] = f"{entry.note}{type(exc).__name__}: {exc}"[:300]
         return None
+    rows[schema.T_READ_MS][i] = (time.perf_counter() - start) * 1000.0
+    if isinstance(data, sources.Ranged):
+        rows[schema.FILE_SIZE][i] = data.size
+        return data
     if not isinstance(data, bytes) and len(data) == 1:
         data = data[0]
     whole = data if isinstance(data, bytes) else b"".join(data)
-    rows[schema.T_READ_MS][i] = (time.perf_counter() - start) * 1000.0
     rows[schema.FILE_SIZE][i] = len(whole)
     rows[schema.SHA256][i] = hashlib.sha256(whole).hexdigest()
     return data
 
 
-def inspect_into(rows: dict[str, list[Any]], i: int, data: bytes, checks: provenance.Checks) -> None:
-    """Fill file ``i``'s provenance columns from its bytes (before decoding, so a failed decode keeps them)."""
-    found = provenance.inspect(data, checks)
+def _read(entry: Entry, options: PrepareOptions) -> bytes | list[bytes] | sources.Ranged:
+    """The Item's bytes; a loose video over ``--max-file-mb`` is instead :class:`sources.Ranged`, when frames are
+    sampled: a few seeks read it, so the cap, which bounds the memory of a file read whole, need not refuse it."""
+    try:
+        return entry.kind.read(entry.item, options.read_options)
+    except sources.FileTooLarge as exc:
+        if not options.sampled_frames or not item.is_loose(entry.kind) or exc.size is None:
+            raise
+        ranged = sources.Ranged(entry.item.uri, exc.size, options.storage_options, entry.item.raw_path)
+        with sources.open_ranged(ranged) as handle:
+            if video.container_of(handle.read(64)) is None:
+                raise
+        return ranged
+
+
+def inspect_into(rows: dict[str, list[Any]], i: int, data: bytes | sources.Ranged, checks: provenance.Checks) -> None:
+    """Fill file ``i``'s provenance columns from its bytes (before decoding, so a failed decode keeps them). A
+    video read by ranges gives its tags only: C2PA and XMP would need its every byte."""
+    found = _ranged_provenance(data) if isinstance(data, sources.Ranged) else provenance.inspect(data, checks)
     rows[schema.PROVENANCE][i] = found.kind
     rows[schema.PROVENANCE_DETAIL][i] = found.detail
 
@@ -342,11 +382,20 @@ def read_failure(exc: BaseException) -> tuple[schema.Status, int | None]:
     return schema.Status.UNREADABLE, None
 
 
+def _ranged_provenance(ranged: sources.Ranged) -> provenance.Provenance:
+    """The tags of a video read by ranges; none when it cannot be opened (its decode then says why)."""
+    try:
+        with sources.open_ranged(ranged) as handle:
+            return provenance.Provenance.of(provenance.tag_signals(video.tags_of(handle)))
+    except OSError:
+        return provenance.Provenance()
+
+
 def _claim_duplicates(
     rows: dict[str, list[Any]], payload: list[bytes | None], paths: list[str], *, registry: Any
 ) -> None:
     """Ask the registry actor, once per batch, which hashes were seen first elsewhere; those rows become duplicates."""
-    read = [i for i in range(len(paths)) if payload[i] is not None]
+    read = [i for i in range(len(paths)) if payload[i] is not None and rows[schema.SHA256][i] is not None]
     firsts = ray.get(registry.claim.remote([rows[schema.SHA256][i] for i in read], [paths[i] for i in read]))
     for i, first in zip(read, firsts, strict=True):
         if first is not None:
@@ -379,8 +428,8 @@ def inspect_and_decode(
     return images
 
 
-def _first(data: bytes | list[bytes]) -> bytes:
-    return data if isinstance(data, bytes) else data[0]
+def _first(data: bytes | list[bytes] | sources.Ranged) -> bytes | sources.Ranged:
+    return data[0] if isinstance(data, list) else data
 
 
 def _watched(
@@ -455,8 +504,16 @@ def _decode_row(
     if isinstance(data, list):
         decode_views_into(rows, i, data, images=images, options=options, change=change)
         return
+    if isinstance(data, sources.Ranged):
+        try:
+            with sources.open_ranged(data) as handle:
+                decode_clip_into(rows, i, handle, images=images, options=options, change=change)
+        except OSError as exc:  # the file went away, or the store failed, between its reads
+            rows[schema.STATUS][i] = schema.Status.UNREADABLE.value
+            rows[schema.ERROR][i] = f"{type(exc).__name__}: {exc}"[:300]
+        return
     decode_into(rows, i, data, images=images, options=options, change=change)
-    if options.views and options.fixed and images[i] is not None:
+    if options.views and options.fixed and images[i] is not None and images[i].ndim == 3:
         images[i] = images[i][None]
 
 
@@ -476,8 +533,9 @@ def decode_views_into(
     """
     scratch: dict[str, list[Any]] = {c: [None] * len(views) for c in schema.DECODED_COLUMNS}
     pixels: list[np.ndarray | None] = [None] * len(views)
+    stills = dataclasses.replace(options, video_frames=0)  # a view is one image: a video in it is not sampled
     for j, data in enumerate(views):
-        decode_into(scratch, j, data, images=pixels, options=options, change=change)
+        decode_into(scratch, j, data, images=pixels, options=stills, change=change)
     failed = [j for j, status in enumerate(scratch[schema.STATUS]) if status != schema.Status.OK.value]
     pick = failed[0] if failed else 0
     for column in schema.DECODED_COLUMNS:
@@ -515,7 +573,11 @@ def decode_into(
     """Decode and preprocess file ``i`` on the CPU, filling its decode columns and ``images[i]``.
 
     The one per-file path of both the decode stage and ``--gpu-decode``'s fallback, so statuses agree.
+    A video or an animated image (``options.video_frames``) is sampled instead (:func:`decode_clip_into`).
     """
+    if options.video_frames and video.is_motion(data):
+        decode_clip_into(rows, i, data, images=images, options=options, change=change)
+        return
     start = time.perf_counter()
     result, view = policies.decode_and_preprocess(
         data, options.policy, options.max_pixels, size=options.size, change=change, framing=options.framing
@@ -531,6 +593,49 @@ def decode_into(
     if options.phash and result.image is not None:
         hashed = pdq.pdq_of(result.image)
         rows[schema.PDQ][i], rows[schema.PDQ_QUALITY][i] = hashed.hash, hashed.quality
+
+
+def decode_clip_into(
+    rows: dict[str, list[Any]],
+    i: int,
+    data: bytes | IO[bytes],
+    *,
+    images: np.ndarray | list[np.ndarray | None],
+    options: FileOptions,
+    change: Any,
+) -> None:
+    """Sample a video's or an animation's frames and frame each exactly as a still of its pixels would be
+    (the perturbation, then the policy): one stack of views in ``images[i]``, with the clip's columns and
+    each frame's time. Under ``--phash`` the clip's PDQ is its middle sampled frame's, so reposts of a clip
+    group together: a simplification of Meta's vPDQ, which hashes one frame per second."""
+    start = time.perf_counter()
+    clip = video.sample(data, options.video_frames, max_pixels=options.max_pixels, budget_s=options.video_budget_s)
+    for column in (
+        schema.FORMAT,
+        schema.MODE,
+        schema.WIDTH,
+        schema.HEIGHT,
+        schema.CODEC,
+        schema.DURATION_S,
+        schema.FPS,
+    ):
+        rows[column][i] = getattr(clip, column)
+    rows[schema.STATUS][i], rows[schema.ERROR][i] = clip.status.value, clip.error
+    views = [
+        policies.view_of(
+            change.apply(frame.image) if change else frame.image, options.policy, options.size, options.framing
+        )
+        for frame in clip.frames
+    ]
+    if views:
+        images[i] = np.concatenate([v.pixels if v.pixels.ndim == 4 else v.pixels[None] for v in views])
+        rows[schema.COVERAGE][i] = views[0].coverage
+        rows[schema.N_FRAMES][i] = len(views)
+        rows[schema.FRAME_TIMES][i] = [frame.t for frame in clip.frames]
+    if options.phash and clip.frames:
+        hashed = pdq.pdq_of(clip.frames[len(clip.frames) // 2].image)
+        rows[schema.PDQ][i], rows[schema.PDQ_QUALITY][i] = hashed.hash, hashed.quality
+    rows[schema.T_DECODE_MS][i] = (time.perf_counter() - start) * 1000.0
 
 
 def _to_table(
@@ -552,7 +657,7 @@ def _to_table(
         schema.PREPROCESS: pa.array([policy] * n, pa.string()),
     }
     for name, values in rows.items():
-        columns[name] = pa.array(values, schema.SCORES_SCHEMA.field(name).type)
+        columns[name] = pa.array(values, schema.HIDDEN_TYPES.get(name) or schema.SCORES_SCHEMA.field(name).type)
     for name in schema.ITEM_COLUMNS:
         columns[name] = pa.array([e.columns.get(name) for e in entries], pa.string())
     for field in carried:

@@ -176,7 +176,8 @@ def _streamed_identity(cfg: ScanConfig, units: list[tuple[str, bool]]) -> dict[s
     """What fixes a streamed listing's rows before it has run: the sources and the selection."""
     return {
         "sources": [uri for uri, _ in units],
-        # Without the built-in archive kinds, so that a scan stopped before they existed still resumes.
+        # Without the built-in archive kinds and the video extensions, so that a scan stopped before they existed
+        # still resumes (the shards' path digests still catch a listing that differs).
         "extensions": list(item.listed_extensions(cfg.extensions, item.registered(built_in=False))),
         "all_files": cfg.all_files,
         "sample": cfg.sample,
@@ -192,7 +193,7 @@ def list_inputs(cfg: ScanConfig) -> pa.Table:
     else:
         table = sources.list_sources(
             cfg.sources,
-            item.listed_extensions(cfg.extensions, cfg.input_kinds),
+            item.listed_extensions(cfg.media_extensions, cfg.input_kinds),
             all_files=cfg.all_files,
             storage_options=cfg.storage_options,
         )
@@ -658,7 +659,7 @@ def streamed_inputs(
         num_cpus=0,
         fn_kwargs={
             "units": units,
-            "extensions": item.listed_extensions(cfg.extensions, cfg.input_kinds),
+            "extensions": item.listed_extensions(cfg.media_extensions, cfg.input_kinds),
             "all_files": cfg.all_files,
             "storage_options": cfg.storage_options,
             "shard_rows": shard_rows,
@@ -727,6 +728,8 @@ def _score(
         containers=dataclasses.replace(cfg.containers, carried=carried),
         chunk_rows=decode_rows,
         decode_timeout=cfg.watchdog_timeout,
+        video_frames=cfg.video_frames,
+        video_budget_s=cfg.video_budget_s,
     )
     ds = ds.map_batches(
         cpu_stage.prepare_stream,
