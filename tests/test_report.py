@@ -138,7 +138,8 @@ def test_report_aggregates(tmp_path):
     ]
     line = closing_line(summary)
     assert line == "scanned 6 files: ok 3, failed 3 (empty 1, truncated 2), flagged 2 as ai, 12.5 img/s"
-    assert "Stills, videos and animations" not in open(os.path.join(out, schema.REPORT_DIR, "index.html")).read()
+    with open(os.path.join(out, schema.REPORT_DIR, "index.html"), encoding="utf-8") as handle:
+        assert "Stills, videos and animations" not in handle.read(), "a scan of stills shows no media table"
 
 
 def test_videos_and_animations_are_counted_apart_from_stills(tmp_path):
