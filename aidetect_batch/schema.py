@@ -187,6 +187,13 @@ CLIP_COLUMNS = (N_FRAMES, DURATION_S, FPS, CODEC, FRAME_TIMES)
 # Types of the hidden columns a stage hands the next one (never written).
 HIDDEN_TYPES = {FRAME_TIMES: pa.list_(pa.float64())}
 
+# What a row is in the report's counts: a video (its format is a video container), an animated GIF/WebP/APNG
+# (frames sampled, not a container) or a still (everything else, videos under ``--video-frames 0`` included).
+MEDIA_STILL = "still"
+MEDIA_VIDEO = "video"
+MEDIA_ANIMATION = "animation"
+MEDIA_KINDS = (MEDIA_STILL, MEDIA_VIDEO, MEDIA_ANIMATION)
+
 # Directory layout of OUT
 SCORES_DIR = "scores"
 # Key of a scores file's Parquet metadata listing the input shards it holds in full (resume).
@@ -233,7 +240,9 @@ class Summary:
 
     ``histogram`` is columnar (``bin_start``, ``bin_end``, ``all``, ``ai``, ``real``); ``prefixes``,
     ``errors`` and ``provenance`` are the rows of ``prefixes.parquet``, ``errors.parquet`` and
-    ``provenance.parquet`` (files per provenance kind, strongest first, and how many the model labelled ai/real).
+    ``provenance.parquet`` (files per provenance kind, strongest first, and how many the model labelled ai/real);
+    ``media`` those of ``media.parquet``: one per :data:`MEDIA_KINDS`, with the prefixes' counts and the frames
+    scored, so flagged videos are counted apart from flagged stills.
     """
 
     total: int
@@ -248,6 +257,7 @@ class Summary:
     errors: list[dict[str, Any]]
     stage_images_per_s: dict[str, float | None]
     provenance: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    media: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     facts: RunFacts = RunFacts()
 
     def to_json(self, *, prefixes: int, errors: int) -> dict[str, Any]:

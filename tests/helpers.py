@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 
+import av
 import numpy as np
 from PIL import Image
 
@@ -89,6 +90,36 @@ def animated(fmt: str) -> bytes:
     if fmt == "GIF":
         frames = [f.convert("P") for f in frames]
     return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def encode_clip(
+    path: str,
+    codec: str,
+    fmt: str,
+    *,
+    frames: int = 24,
+    fps: int = 8,
+    size: tuple[int, int] = (96, 64),
+    gop: int = 6,
+    step: int = 10,
+) -> bytes:
+    """A clip of noisy frames of one colour each at ``fps``: frame ``i``'s red channel is ``step * i``, so the
+    frame a decoder returns can be read back from its pixels. MP4s keep their index at the front (faststart), as
+    web MP4s do, so a truncated one still opens."""
+    width, height = size
+    options = {"movflags": "faststart"} if fmt == "mp4" else {}
+    with av.open(path, "w", format=fmt, options=options) as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = gop
+        rng = np.random.default_rng(0)
+        for i in range(frames):
+            noise = rng.integers(-16, 17, (height, width, 3))
+            pixels = np.clip(np.array([step * i, 255 - step * i, 128]) + noise, 0, 255).astype(np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        out.mux(stream.encode())
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def truncated_png() -> bytes:

@@ -6,11 +6,12 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from aidetect_batch import schema
 from aidetect_batch.config import redact
-from aidetect_batch.report.aggregate import RunFacts, closing_line, prefix_of, summarise, write_report
+from aidetect_batch.report.aggregate import RunFacts, closing_line, media_of, prefix_of, summarise, write_report
 from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.sink import ScoreWriter
 
@@ -130,8 +131,73 @@ def test_report_aggregates(tmp_path):
         document = json.load(handle)
     assert document["images_per_s"] == 12.5 and document["threshold"] == 0.5, "summary.json stays one flat document"
     assert document["errors"][0] == top and document["prefixes"] == summary.prefixes
+    assert [(m["media"], m["files"], m["ai"]) for m in summary.media] == [
+        ("still", 6, 2),
+        ("video", 0, 0),
+        ("animation", 0, 0),
+    ]
     line = closing_line(summary)
     assert line == "scanned 6 files: ok 3, failed 3 (empty 1, truncated 2), flagged 2 as ai, 12.5 img/s"
+    with open(os.path.join(out, schema.REPORT_DIR, "index.html"), encoding="utf-8") as handle:
+        assert "Stills, videos and animations" not in handle.read(), "a scan of stills shows no media table"
+
+
+def test_videos_and_animations_are_counted_apart_from_stills(tmp_path):
+    """A video container is a video even when no frame decoded; a GIF is an animation only when frames were
+    sampled from it; the frames scored are summed over the ok rows."""
+    table = make_rows(
+        [
+            ("/dump/a/s1.jpg", "ok", 0.9, None),
+            ("/dump/a/s2.jpg", "ok", 0.2, None),
+            ("/dump/a/v1.mp4", "ok", 0.95, None),
+            ("/dump/b/v2.mov", "ok", 0.1, None),
+            ("/dump/b/v3.mp4", "undecodable", None, "none of 8 sampled frames decoded"),
+            ("/dump/b/g1.gif", "ok", 0.8, None),
+            ("/dump/b/g2.gif", "ok", 0.3, None),
+            ("/dump/b/s3.jpg", "duplicate", None, None),
+        ]
+    )
+    formats = ["JPEG", "JPEG", "MP4", "MOV", "MP4", "GIF", "GIF", None]
+    frames = [None, None, 8, 5, None, 3, None, None]
+    table = table.set_column(table.schema.get_field_index(schema.FORMAT), schema.FORMAT, pa.array(formats))
+    table = table.set_column(
+        table.schema.get_field_index(schema.N_FRAMES), schema.N_FRAMES, pa.array(frames, pa.int32())
+    )
+    writer = ScoreWriter(os.path.join(str(tmp_path), schema.SCORES_DIR))
+    writer.write(table)
+    writer.close()
+    summary = write_report(str(tmp_path), facts=RunFacts(threshold=0.5))
+    by_media = {m["media"]: m for m in summary.media}
+    assert [m["media"] for m in summary.media] == ["still", "video", "animation"]
+    counted = ("files", "ok", "failed", "duplicates", "ai", "real", "frames")
+    assert {k: by_media["still"][k] for k in counted} == dict(zip(counted, (4, 3, 0, 1, 1, 2, 0), strict=True))
+    assert {k: by_media["video"][k] for k in counted} == dict(zip(counted, (3, 2, 1, 0, 1, 1, 13), strict=True))
+    assert {k: by_media["animation"][k] for k in counted} == dict(zip(counted, (1, 1, 0, 0, 1, 0, 3), strict=True))
+    assert by_media["video"]["ai_rate"] == 0.5 and by_media["video"]["mean_score"] == pytest.approx(0.525)
+    assert summary.label_counts["ai"] == 3
+    report = os.path.join(str(tmp_path), schema.REPORT_DIR)
+    assert pq.read_table(os.path.join(report, "media.parquet")).to_pylist() == summary.media
+    with open(os.path.join(report, schema.SUMMARY_FILE)) as handle:
+        assert json.load(handle)["media"] == summary.media
+    assert closing_line(summary) == (
+        "scanned 8 files: ok 6, failed 1 (undecodable 1, duplicate 1), flagged 3 as ai (of which 1 video, 1 animation)"
+    )
+    with open(os.path.join(report, "index.html"), encoding="utf-8") as handle:
+        page = handle.read()
+    assert "flagged videos <b>1</b>" in page and "flagged animations <b>1</b>" in page
+    assert '<table id="media">' in page and '<td data-v="13">13</td>' in page, "the frames scored by videos"
+
+
+def test_media_of_each_row():
+    formats = pa.array(["MP4", "MOV", "WEBM", "MKV", "AVI", "GIF", "WEBP", "PNG", "JPEG", None, "MP4"])
+    frames = pa.array([8, 8, 8, 8, 8, 3, 3, 2, None, None, None], pa.int32())
+    assert media_of(formats, frames).to_pylist() == [
+        *["video"] * 5,
+        *["animation"] * 3,
+        "still",
+        "still",
+        "video",
+    ]
 
 
 def test_secrets_are_redacted_in_the_written_config():
@@ -157,7 +223,14 @@ def test_secrets_are_redacted_in_the_written_config():
 def _reference_summary(rows: list[dict], depth: int) -> dict:
     """The aggregates counted one row at a time in plain Python: the reference for the vectorised report."""
     statuses, labels, formats, prefixes, errors = Counter(), Counter(), Counter(), {}, {}
+    media = {kind: Counter() for kind in schema.MEDIA_KINDS}
     for r in rows:
+        kind = "video" if r[schema.FORMAT] == "MP4" else "animation" if r[schema.N_FRAMES] else "still"
+        media[kind]["files"] += 1
+        if r[schema.STATUS] == "ok":
+            media[kind]["ok"] += 1
+            media[kind][r[schema.LABEL]] += 1
+            media[kind]["frames"] += r[schema.N_FRAMES] or 0
         statuses[r[schema.STATUS]] += 1
         labels[r[schema.LABEL] or "none"] += 1
         formats[r[schema.FORMAT] or "unknown"] += 1
@@ -174,7 +247,14 @@ def _reference_summary(rows: list[dict], depth: int) -> dict:
             p["failed"] += 1
             key = (r[schema.STATUS], re.sub(r"\d+", "#", r[schema.ERROR] or ""))
             errors.setdefault(key, [0, r[schema.PATH]])[0] += 1
-    return {"status": statuses, "label": labels, "format": formats, "prefixes": prefixes, "errors": errors}
+    return {
+        "status": statuses,
+        "label": labels,
+        "format": formats,
+        "prefixes": prefixes,
+        "errors": errors,
+        "media": media,
+    }
 
 
 def test_vectorised_aggregates_match_a_row_by_row_count(tmp_path):
@@ -204,7 +284,8 @@ def test_vectorised_aggregates_match_a_row_by_row_count(tmp_path):
                 schema.ERROR: None if status in ("ok", "duplicate") else f"OSError: errno {i % 3} at {i}",
                 schema.SCORE: score,
                 schema.LABEL: ("ai" if score >= 0.5 else "real") if status == "ok" else None,
-                schema.FORMAT: ("JPEG", "PNG", None)[i % 3],
+                schema.FORMAT: ("JPEG", "PNG", None, "MP4", "GIF")[i % 5],
+                schema.N_FRAMES: 1 + i % 8 if i % 5 >= 3 and i % 2 else None,
             }
         )
     full = [{name: None for name in schema.SCORE_COLUMNS} | row for row in rows]
@@ -224,3 +305,7 @@ def test_vectorised_aggregates_match_a_row_by_row_count(tmp_path):
             }
             assert p["mean_score"] == pytest.approx(ref["score_sum"] / ref["ok"] if ref["ok"] else None)
         assert {(e["status"], e["error"]): [e["count"], e["example_path"]] for e in got.errors} == want["errors"]
+        counted = ("files", "ok", "ai", "real", "frames")
+        assert {m["media"]: {k: m[k] for k in counted} for m in got.media} == {
+            kind: {k: ref[k] for k in counted} for kind, ref in want["media"].items()
+        }

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import animated, encode, heic_like, photo
+from helpers import animated, encode, encode_clip, heic_like, photo
 from PIL import Image
 
 from aidetect_batch import schema
@@ -34,24 +34,7 @@ FPS = 8
 FRAMES = 24  # 3 seconds
 WIDTH, HEIGHT = 96, 64
 STEP = 10  # red channel per frame index
-
-
-def encode_clip(path: str, codec: str, fmt: str, *, frames: int = FRAMES, gop: int = 6) -> bytes:
-    """A clip of noisy frames of one colour each (red = ``STEP * i``) at ``FPS``; MP4s keep their index at the
-    front (faststart), as web MP4s do, so a truncated one still opens."""
-    options = {"movflags": "faststart"} if fmt == "mp4" else {}
-    with av.open(path, "w", format=fmt, options=options) as out:
-        stream = out.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.codec_context.gop_size = gop
-        rng = np.random.default_rng(0)
-        for i in range(frames):
-            noise = rng.integers(-16, 17, (HEIGHT, WIDTH, 3))
-            pixels = np.clip(np.array([STEP * i, 255 - STEP * i, 128]) + noise, 0, 255).astype(np.uint8)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        out.mux(stream.encode())
-    with open(path, "rb") as handle:
-        return handle.read()
+CLIP = {"frames": FRAMES, "fps": FPS, "size": (WIDTH, HEIGHT), "step": STEP}
 
 
 def encode_audio_only(path: str) -> bytes:
@@ -81,10 +64,10 @@ def expected_times(n: int, frames: int = FRAMES) -> list[float]:
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> dict[str, bytes]:
     root = tmp_path_factory.mktemp("clips")
-    mp4 = encode_clip(str(root / "a.mp4"), "libx264", "mp4")
+    mp4 = encode_clip(str(root / "a.mp4"), "libx264", "mp4", **CLIP)
     return {
         "mp4": mp4,
-        "webm": encode_clip(str(root / "a.webm"), "libvpx-vp9", "webm"),
+        "webm": encode_clip(str(root / "a.webm"), "libvpx-vp9", "webm", **CLIP),
         "audio": encode_audio_only(str(root / "a.m4a")),
         "gif": animated("GIF"),
         "webp": animated("WEBP"),

@@ -35,6 +35,8 @@ from aidetect_batch.schema import Status
 DEFAULT_FRAMES = 8
 # Extensions a folder walk lists as videos (content decides what a file is read as, whatever its name).
 EXTENSIONS = ("mp4", "mov", "m4v", "webm", "mkv", "avi")
+# The containers :func:`container_of` names: a row of one of these formats is a video, decoded or not.
+CONTAINERS = ("MP4", "MOV", "WEBM", "MKV", "AVI")
 # Seconds of decoding one clip may take before sampling stops with what it has.
 DEFAULT_BUDGET_S = 60.0
 # Frame duration browsers give a GIF frame that declares 0 ms.

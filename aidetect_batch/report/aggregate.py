@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from aidetect_batch import schema
+from aidetect_batch.media import video
 from aidetect_batch.report import page
 from aidetect_batch.schema import RunFacts, Summary
 from aidetect_batch.storage import filesystem, join, read_json, write_json, write_parquet
@@ -60,12 +61,24 @@ _COLUMNS = [
     schema.PROVENANCE,
     schema.CONTAINER,
     schema.MEMBER,
+    schema.N_FRAMES,
     schema.T_READ_MS,
     schema.T_DECODE_MS,
     schema.T_INFER_MS,
 ]
 _STAGES = (("read", schema.T_READ_MS), ("decode", schema.T_DECODE_MS), ("infer", schema.T_INFER_MS))
 _PREFIX_SUMS = ("files", "ok", "failed", "duplicates", "ai", "real", "score_sum")
+_MEDIA_SUMS = (*_PREFIX_SUMS, "frames")
+_VIDEO_FORMATS = pa.array(video.CONTAINERS, pa.string())
+_MEDIA_SCHEMA = pa.schema(
+    [
+        ("media", pa.string()),
+        *((name, pa.int64()) for name in ("files", "ok", "failed", "duplicates", "ai", "real")),
+        ("ai_rate", pa.float64()),
+        ("mean_score", pa.float64()),
+        ("frames", pa.int64()),
+    ]
+)
 
 
 class _Aggregates:
@@ -86,6 +99,7 @@ class _Aggregates:
         self.stage_rows = dict.fromkeys((s for s, _ in _STAGES), 0)
         self.counts: dict[str, pa.Table | None] = {"status": None, "label": None, "format": None}
         self.prefixes: pa.Table | None = None
+        self.media: pa.Table | None = None
         self.errors: pa.Table | None = None
         self.provenance: pa.Table | None = None
 
@@ -101,7 +115,9 @@ class _Aggregates:
             values = table.column(column) if missing is None else pc.fill_null(table.column(column), missing)
             ones = pa.array(np.ones(len(values), np.int64))
             self.counts[key] = _merge(self.counts[key], pa.table({"key": values, "n": ones}), ["key"], {"n": "sum"})
-        self._add_prefixes(table)
+        outcomes = _outcomes(table)
+        self._add_prefixes(table, outcomes)
+        self._add_media(table, outcomes)
         self._add_errors(table)
         self._add_provenance(table)
 
@@ -120,30 +136,28 @@ class _Aggregates:
             self.stage_ms[stage] += float(pc.sum(values).as_py() or 0.0)
             self.stage_rows[stage] += len(values)
 
-    def _add_prefixes(self, table: pa.Table) -> None:
-        status = table.column(schema.STATUS)
-        ok = pc.equal(status, schema.Status.OK.value)
-        duplicate = pc.equal(status, schema.Status.DUPLICATE.value)
-        label = table.column(schema.LABEL)
-        flags = pa.table(
+    def _add_prefixes(self, table: pa.Table, outcomes: dict[str, pa.Array]) -> None:
+        prefix = prefixes_of(
+            table.column(schema.PATH),
+            table.column(schema.SOURCE),
+            self.depth,
+            containers=table.column(schema.CONTAINER),
+            members=table.column(schema.MEMBER),
+        )
+        rows = pa.table({"prefix": prefix, **outcomes})
+        self.prefixes = _merge(self.prefixes, rows, ["prefix"], dict.fromkeys(_PREFIX_SUMS, "sum"))
+
+    def _add_media(self, table: pa.Table, outcomes: dict[str, pa.Array]) -> None:
+        ok = pc.equal(table.column(schema.STATUS), schema.Status.OK.value)
+        frames = pc.if_else(ok, pc.fill_null(pc.cast(table.column(schema.N_FRAMES), pa.int64()), 0), 0)
+        rows = pa.table(
             {
-                "prefix": prefixes_of(
-                    table.column(schema.PATH),
-                    table.column(schema.SOURCE),
-                    self.depth,
-                    containers=table.column(schema.CONTAINER),
-                    members=table.column(schema.MEMBER),
-                ),
-                "files": pa.array(np.ones(table.num_rows, np.int64)),
-                "ok": pc.cast(ok, pa.int64()),
-                "duplicates": pc.cast(duplicate, pa.int64()),
-                "failed": pc.cast(pc.invert(pc.or_(ok, duplicate)), pa.int64()),
-                "ai": pc.cast(pc.fill_null(pc.and_(ok, pc.equal(label, schema.LABEL_AI)), False), pa.int64()),
-                "real": pc.cast(pc.fill_null(pc.and_(ok, pc.equal(label, schema.LABEL_REAL)), False), pa.int64()),
-                "score_sum": pc.if_else(ok, pc.cast(table.column(schema.SCORE), pa.float64()), 0.0),
+                "media": media_of(table.column(schema.FORMAT), table.column(schema.N_FRAMES)),
+                **outcomes,
+                "frames": frames,
             }
         )
-        self.prefixes = _merge(self.prefixes, flags, ["prefix"], dict.fromkeys(_PREFIX_SUMS, "sum"))
+        self.media = _merge(self.media, rows, ["media"], dict.fromkeys(_MEDIA_SUMS, "sum"))
 
     def _add_errors(self, table: pa.Table) -> None:
         status = table.column(schema.STATUS)
@@ -206,6 +220,7 @@ class _Aggregates:
             prefixes=self._prefix_rows(),
             errors=self._error_rows(),
             provenance=self._provenance_rows(),
+            media=self._media_rows(),
             stage_images_per_s={
                 stage: (self.stage_rows[stage] * 1000.0 / ms) if ms > 0 else None for stage, ms in self.stage_ms.items()
             },
@@ -213,14 +228,15 @@ class _Aggregates:
 
     def _prefix_rows(self) -> list[dict[str, Any]]:
         rows = [] if self.prefixes is None else self.prefixes.sort_by("prefix").to_pylist()
+        return [{"prefix": r["prefix"], **_rates(r)} for r in rows]
+
+    def _media_rows(self) -> list[dict[str, Any]]:
+        """One row per media kind, each kind present even at zero, so the table has the same rows in every scan."""
+        found = {} if self.media is None else {r["media"]: r for r in self.media.to_pylist()}
+        sums = [found.get(kind, dict.fromkeys(_MEDIA_SUMS, 0)) for kind in schema.MEDIA_KINDS]
         return [
-            {
-                "prefix": r["prefix"],
-                **{k: int(r[k]) for k in ("files", "ok", "failed", "duplicates", "ai", "real")},
-                "ai_rate": r["ai"] / r["ok"] if r["ok"] else None,
-                "mean_score": r["score_sum"] / r["ok"] if r["ok"] else None,
-            }
-            for r in rows
+            {"media": kind, **_rates(s), "frames": int(s["frames"])}
+            for kind, s in zip(schema.MEDIA_KINDS, sums, strict=True)
         ]
 
     def _error_rows(self) -> list[dict[str, Any]]:
@@ -228,6 +244,43 @@ class _Aggregates:
             return []
         rows = self.errors.select(["status", "error", "count", "example_path", "example_error"]).to_pylist()
         return sorted(rows, key=lambda e: (-e["count"], e["status"], e["error"]))
+
+
+def _outcomes(table: pa.Table) -> dict[str, pa.Array]:
+    """Per row, 0/1 for each outcome a breakdown counts (files, ok, failed, duplicates, ai, real), and its score
+    when ok: the prefix and media tables sum these by their keys."""
+    status = table.column(schema.STATUS)
+    ok = pc.equal(status, schema.Status.OK.value)
+    duplicate = pc.equal(status, schema.Status.DUPLICATE.value)
+    label = table.column(schema.LABEL)
+    return {
+        "files": pa.array(np.ones(table.num_rows, np.int64)),
+        "ok": pc.cast(ok, pa.int64()),
+        "duplicates": pc.cast(duplicate, pa.int64()),
+        "failed": pc.cast(pc.invert(pc.or_(ok, duplicate)), pa.int64()),
+        "ai": pc.cast(pc.fill_null(pc.and_(ok, pc.equal(label, schema.LABEL_AI)), False), pa.int64()),
+        "real": pc.cast(pc.fill_null(pc.and_(ok, pc.equal(label, schema.LABEL_REAL)), False), pa.int64()),
+        "score_sum": pc.if_else(ok, pc.cast(table.column(schema.SCORE), pa.float64()), 0.0),
+    }
+
+
+def _rates(sums: dict[str, Any]) -> dict[str, Any]:
+    """A breakdown row's counts, with the share of its ok files labelled ai and their mean score."""
+    ok = sums["ok"]
+    return {
+        **{k: int(sums[k]) for k in ("files", "ok", "failed", "duplicates", "ai", "real")},
+        "ai_rate": sums["ai"] / ok if ok else None,
+        "mean_score": sums["score_sum"] / ok if ok else None,
+    }
+
+
+def media_of(formats: pa.ChunkedArray | pa.Array, n_frames: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Each row's :data:`schema.MEDIA_KINDS`: a video container is a video whether or not a frame decoded (its
+    format is set by sampling); other rows with frames are animations; the rest are stills."""
+    is_video = pc.fill_null(pc.is_in(_whole(formats), _VIDEO_FORMATS), False)
+    has_frames = pc.is_valid(_whole(n_frames))
+    motion = pc.if_else(has_frames, schema.MEDIA_ANIMATION, schema.MEDIA_STILL)
+    return pc.if_else(is_video, schema.MEDIA_VIDEO, motion)
 
 
 def _merge(running: pa.Table | None, new: pa.Table, keys: list[str], how: dict[str, str]) -> pa.Table:
@@ -351,6 +404,8 @@ def write_report(
     write_parquet(join(report_dir, "errors.parquet"), summary.errors or no_errors, storage_options)
     no_provenance = {"provenance": pa.array([], pa.string()), "files": pa.array([], pa.int64())}
     write_parquet(join(report_dir, "provenance.parquet"), summary.provenance or no_provenance, storage_options)
+    media = pa.Table.from_pylist(summary.media, schema=_MEDIA_SCHEMA)
+    write_parquet(join(report_dir, "media.parquet"), media, storage_options)
     write_json(join(report_dir, schema.SUMMARY_FILE), summary.to_json(prefixes=100, errors=TOP_ERRORS), storage_options)
     png = _plot_histogram(summary)
     with fs.open(f"{root}/histogram.png", "wb") as handle:
@@ -442,5 +497,14 @@ def closing_line(summary: Summary) -> str:
     rate_text = f", {rate:.1f} img/s" if rate is not None else ""
     return (
         f"scanned {summary.total} files: ok {summary.ok}, failed {summary.failed}{why}, "
-        f"flagged {summary.label_counts[schema.LABEL_AI]} as ai{rate_text}"
+        f"flagged {summary.label_counts[schema.LABEL_AI]} as ai{_flagged_motion(summary)}{rate_text}"
     )
+
+
+def _flagged_motion(summary: Summary) -> str:
+    """`` (of which 2 videos, 1 animation)`` after the flagged count when a scan holds videos or animations, so
+    clips are not read as stills; empty for a scan of stills."""
+    motion = [m for m in summary.media if m["media"] != schema.MEDIA_STILL]
+    if not any(m["files"] for m in motion):
+        return ""
+    return " (of which " + ", ".join(f"{m['ai']} {m['media']}{'' if m['ai'] == 1 else 's'}" for m in motion) + ")"

@@ -4,9 +4,9 @@ Everything is inline (plots and thumbnails as base64 data URIs, a few lines of
 script to sort the prefix table), so the file can be mailed or opened offline.
 It shows totals and statuses, the score histogram with the threshold, the
 per-prefix table, formats and top errors, provenance counts and the files whose
-own bytes state AI origin, two thumbnail grids (the images
-most likely AI, and those nearest the threshold, which a person should look
-at), and an evaluation's plots when present.
+own bytes state AI origin, stills, videos and animations counted apart, two
+thumbnail grids (the images most likely AI, and those nearest the threshold,
+which a person should look at), and an evaluation's plots when present.
 
 The grids are chosen in one streaming pass over the scores that keeps at most
 a few hundred candidate rows, so memory does not grow with the scan.
@@ -14,12 +14,16 @@ Thumbnails are read back from the scanned inputs (local or S3) by each row's
 ``path`` through the input kinds (:func:`aidetect_batch.inputs.item.read_path`,
 so an archive member reopens its member), decoded with the scan's bomb guard
 and capped in pixels and bytes; an input that cannot be read any more shows as
-a placeholder.
+a placeholder. A video or an animation shows as a strip of its frames, sampled
+again from its bytes with the count the scan scored (:func:`frame_strip`), the
+most AI-looking one (``frame_max_t``) outlined with its time, so a person sees
+where in the clip the model looked.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import logging
@@ -31,10 +35,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from PIL import Image
 
 from aidetect_batch import schema
+from aidetect_batch.config import DEFAULT_MAX_FILE_MB
 from aidetect_batch.inputs import item
-from aidetect_batch.media import decode
+from aidetect_batch.media import decode, video
 from aidetect_batch.schema import Summary
 from aidetect_batch.storage import filesystem, join
 
@@ -44,6 +50,10 @@ THUMBNAILS = 24
 THUMB_PX = 160
 THUMB_MAX_SOURCE_BYTES = 64 << 20
 THUMB_MAX_PIXELS = 50_000_000
+FRAME_PX = 96
+# A video is read whole, as the scan read it under the default --max-file-mb, and sampled for at most this long.
+THUMB_MAX_VIDEO_BYTES = DEFAULT_MAX_FILE_MB << 20
+THUMB_VIDEO_BUDGET_S = 10.0
 PROVENANCE_ROWS = 200
 REPOST_GROUPS = 10
 _DEFINITE = pa.array(schema.DEFINITE_AI, pa.string())
@@ -55,7 +65,16 @@ def pick_rows(scores_dir: str, n: int, threshold: float, *, storage_options: dic
     the first ``PROVENANCE_ROWS`` files (by path) whose own bytes state AI origin, whatever their status."""
     fs, root = filesystem(scores_dir, storage_options)
     dataset = pads.dataset(root, filesystem=fs, format="parquet", schema=schema.SCORES_SCHEMA)
-    columns = [schema.PATH, schema.SCORE, schema.LABEL]
+    columns = [
+        schema.PATH,
+        schema.SCORE,
+        schema.LABEL,
+        schema.FORMAT,
+        schema.N_FRAMES,
+        schema.DURATION_S,
+        schema.SCORE_MAX,
+        schema.FRAME_MAX_T,
+    ]
     evidence = [*columns, schema.STATUS, schema.PROVENANCE, schema.PROVENANCE_DETAIL]
     top = pa.schema([schema.SCORES_SCHEMA.field(c) for c in columns]).empty_table()
     near = top
@@ -91,20 +110,47 @@ def thumbnail(path: str, storage_options: dict[str, Any] | None = None) -> str |
     """A JPEG data URI of at most ``THUMB_PX`` pixels a side, or ``None`` when the input is unusable now.
 
     ``path`` is a row's identity; an Item read as several views shows its first."""
-    from PIL import Image
-
     try:
         data = item.read_path(path, item.ReadOptions(storage_options or {}, THUMB_MAX_SOURCE_BYTES))
         result = decode.decode_image(data if isinstance(data, bytes) else data[0], THUMB_MAX_PIXELS, THUMB_PX)
     except Exception as exc:  # noqa: BLE001 - a file gone since the scan is a placeholder, not a failed report
         _logger.info("no thumbnail for %s: %s", path, exc)
         return None
-    if result.image is None:
+    return None if result.image is None else _jpeg_uri(result.image, THUMB_PX)
+
+
+@dataclasses.dataclass(frozen=True)
+class StripFrame:
+    """One frame of a video's strip: its time in seconds, and a JPEG data URI."""
+
+    t: float
+    uri: str
+
+
+def frame_strip(path: str, n_frames: int, storage_options: dict[str, Any] | None = None) -> list[StripFrame] | None:
+    """The frames of the video or animation whose row is ``path``, sampled again from its bytes with the count
+    the scan scored (the same times when every target the scan asked for decoded), each at most ``FRAME_PX`` a
+    side; ``None`` when the input is unusable now."""
+    try:
+        data = item.read_path(path, item.ReadOptions(storage_options or {}, THUMB_MAX_VIDEO_BYTES))
+        clip = video.sample(
+            data if isinstance(data, bytes) else data[0],
+            n_frames,
+            max_pixels=THUMB_MAX_PIXELS,
+            budget_s=THUMB_VIDEO_BUDGET_S,
+        )
+    except Exception as exc:  # noqa: BLE001 - a file gone since the scan is a placeholder, not a failed report
+        _logger.info("no frames for %s: %s", path, exc)
         return None
-    image = result.image.copy()
-    image.thumbnail((THUMB_PX, THUMB_PX), Image.BILINEAR)
+    return [StripFrame(f.t, _jpeg_uri(f.image, FRAME_PX)) for f in clip.frames] or None
+
+
+def _jpeg_uri(image: Image.Image, side: int) -> str:
+    """A JPEG data URI of ``image`` shrunk to at most ``side`` pixels a side."""
+    small = image.copy()
+    small.thumbnail((side, side), Image.BILINEAR)
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "JPEG", quality=80)
+    small.convert("RGB").save(buffer, "JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -127,21 +173,61 @@ def _table(rows: list[dict[str, Any]], columns: list[str], table_id: str = "", *
     return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+_MISSING = '<div class="thumb missing">not readable</div>'
+
+
 def _grid(rows: list[dict[str, Any]], storage_options: dict[str, Any] | None) -> str:
     if not rows:
         return "<p>No scored images.</p>"
-    cards = []
-    for row in rows:
-        uri = thumbnail(row[schema.PATH], storage_options)
-        name = html.escape(row[schema.PATH])
-        picture = (
-            f'<img class="thumb" src="{uri}" alt="{name}">' if uri else '<div class="thumb missing">not readable</div>'
-        )
-        cards.append(
-            f"<figure>{picture}<figcaption><b>{row[schema.SCORE]:.3f}</b> {html.escape(row[schema.LABEL] or '')}"
-            f'<br><span title="{name}">{name}</span></figcaption></figure>'
-        )
+    cards = [_clip_card(r, storage_options) if r.get(schema.N_FRAMES) else _card(r, storage_options) for r in rows]
     return '<div class="grid">' + "".join(cards) + "</div>"
+
+
+def _card(row: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
+    uri = thumbnail(row[schema.PATH], storage_options)
+    name = html.escape(row[schema.PATH])
+    picture = f'<img class="thumb" src="{uri}" alt="{name}">' if uri else _MISSING
+    return f"<figure>{picture}<figcaption>{_caption(row)}</figcaption></figure>"
+
+
+def _clip_card(row: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
+    """A video or an animation: its frames in a strip, the most AI-looking one outlined with its time."""
+    frames = frame_strip(row[schema.PATH], row[schema.N_FRAMES], storage_options)
+    top_t = row.get(schema.FRAME_MAX_T)
+    top = None if not frames or top_t is None else int(np.argmin([abs(f.t - top_t) for f in frames]))
+    picture = _MISSING
+    if frames:
+        picture = "".join(_strip_frame(f, top=i == top) for i, f in enumerate(frames))
+        picture = f'<div class="strip">{picture}</div>'
+    caption = _caption(row, _clip_facts(row, outlined=top is not None))
+    return f'<figure class="clip">{picture}<figcaption>{caption}</figcaption></figure>'
+
+
+def _clip_facts(row: dict[str, Any], *, outlined: bool) -> str:
+    """``MP4, 8 frames of 3.00 s; most AI-looking frame (0.990) at 1.25 s, outlined``."""
+    duration, top_t, top_score = row.get(schema.DURATION_S), row.get(schema.FRAME_MAX_T), row.get(schema.SCORE_MAX)
+    facts = f"{html.escape(row.get(schema.FORMAT) or 'clip')}, {row[schema.N_FRAMES]} frames"
+    facts += f" of {duration:.2f} s" if duration is not None else ""
+    if top_t is not None and top_score is not None:
+        facts += f"; most AI-looking frame ({top_score:.3f}) at {top_t:.2f} s" + (", outlined" if outlined else "")
+    return facts
+
+
+def _strip_frame(frame: StripFrame, *, top: bool) -> str:
+    when = f"{frame.t:.2f} s"
+    return (
+        f'<div class="frame{" top" if top else ""}" data-t="{frame.t:.6g}">'
+        f'<img src="{frame.uri}" alt="frame at {when}" title="{when}"><span>{when}</span></div>'
+    )
+
+
+def _caption(row: dict[str, Any], about: str = "") -> str:
+    name = html.escape(row[schema.PATH])
+    return (
+        f"<b>{row[schema.SCORE]:.3f}</b> {html.escape(row[schema.LABEL] or '')}"
+        + (f"<br>{about}" if about else "")
+        + f'<br><span title="{name}">{name}</span>'
+    )
 
 
 def _provenance_section(summary: Summary, rows: list[dict[str, Any]]) -> list[str]:
@@ -160,6 +246,24 @@ def _provenance_section(summary: Summary, rows: list[dict[str, Any]]) -> list[st
         _table(summary.provenance, ["provenance", "files", "ai", "real", "definite_ai"]),
         f"<h3>Files with definite AI provenance ({total:,}; {shown})</h3>",
         listing if rows else "<p>None.</p>",
+    ]
+
+
+def _motion(summary: Summary) -> list[dict[str, Any]]:
+    """The media rows of videos and animations, or none when the scan holds stills only."""
+    rows = [m for m in summary.media if m["media"] != schema.MEDIA_STILL]
+    return rows if any(m["files"] for m in rows) else []
+
+
+def _media_section(summary: Summary) -> list[str]:
+    """Stills, videos and animations counted apart (``media.parquet``); nothing for a scan of stills."""
+    if not _motion(summary):
+        return []
+    columns = ["media", "files", "ok", "failed", "duplicates", "ai", "real", "ai_rate", "mean_score", "frames"]
+    return [
+        "<h2>Stills, videos and animations</h2><p>A video or an animated GIF/WebP/APNG is one file whose sampled "
+        "frames are scored together; <i>frames</i> counts the frames scored.</p>",
+        _table(summary.media, columns, "media"),
     ]
 
 
@@ -212,6 +316,9 @@ table.sortable th{cursor:pointer} table.sortable th:after{content:" \\2195";colo
 figure{margin:0;width:170px;font-size:12px;word-break:break-all}
 .thumb{max-width:160px;max-height:160px;display:block}
 .missing{width:160px;height:100px;background:#eee;color:#888;display:flex;align-items:center;justify-content:center}
+figure.clip{width:auto;max-width:100%} .strip{display:flex;flex-wrap:wrap;gap:4px}
+.frame{padding:3px;text-align:center;font-size:11px;color:#666} .frame img{display:block;max-width:96px;max-height:96px}
+.frame.top{outline:3px solid #d62728;color:#d62728;font-weight:bold}
 """
 
 _SCRIPT = """
@@ -259,11 +366,14 @@ def render(
         "<p class='warn'>UNTRAINED MODEL: these scores mean nothing.</p>" if facts.untrained_model else "",
         "<div class='totals'>"
         + "".join(f"<span>{k} <b>{getattr(summary, k):,}</b></span>" for k in ("total", "ok", "failed", "duplicates"))
-        + f"<span>flagged ai <b>{summary.label_counts.get(schema.LABEL_AI, 0):,}</b></span></div>",
+        + f"<span>flagged ai <b>{summary.label_counts.get(schema.LABEL_AI, 0):,}</b></span>"
+        + "".join(f"<span>flagged {m['media']}s <b>{m['ai']:,}</b></span>" for m in _motion(summary))
+        + "</div>",
         "<h2>Scores</h2>",
         f'<img id="histogram" src="{_png_uri(histogram_png)}" alt="score histogram">',
         "<h2>Statuses</h2>",
         _table(statuses, ["status", "files"]),
+        *_media_section(summary),
         "<h2>By prefix</h2><p>Click a column to sort.</p>",
         _table(
             summary.prefixes,
