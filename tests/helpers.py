@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 
+import av
 import numpy as np
 from PIL import Image
 
@@ -89,6 +90,33 @@ def animated(fmt: str) -> bytes:
     if fmt == "GIF":
         frames = [f.convert("P") for f in frames]
     return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+# Clips made by encode_clip: frame ``i`` is one colour whose red channel is ``CLIP_STEP * i``, at ``CLIP_FPS``.
+CLIP_FPS = 8
+CLIP_STEP = 10
+
+
+def encode_clip(
+    path: str, codec: str, fmt: str, *, frames: int = 24, size: tuple[int, int] = (96, 64), gop: int = 6, seed: int = 0
+) -> bytes:
+    """A clip of noisy frames of one colour each (red = ``CLIP_STEP * i``) at ``CLIP_FPS``, ``size`` = (width,
+    height); ``seed`` varies the noise, so clips of one recipe differ in bytes. MP4s keep their index at the front
+    (faststart), as web MP4s do, so a truncated one still opens."""
+    width, height = size
+    options = {"movflags": "faststart"} if fmt == "mp4" else {}
+    with av.open(path, "w", format=fmt, options=options) as out:
+        stream = out.add_stream(codec, rate=CLIP_FPS)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = gop
+        rng = np.random.default_rng(seed)
+        for i in range(frames):
+            noise = rng.integers(-16, 17, (height, width, 3))
+            pixels = np.clip(np.array([CLIP_STEP * i, 255 - CLIP_STEP * i, 128]) + noise, 0, 255).astype(np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        out.mux(stream.encode())
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def truncated_png() -> bytes:

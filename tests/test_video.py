@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import animated, encode, heic_like, photo
+from helpers import CLIP_FPS, CLIP_STEP, animated, encode, encode_clip, heic_like, photo
 from PIL import Image
 
 from aidetect_batch import schema
@@ -30,28 +30,10 @@ from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.scan.runner import run_scan
 
-FPS = 8
+FPS = CLIP_FPS
 FRAMES = 24  # 3 seconds
-WIDTH, HEIGHT = 96, 64
-STEP = 10  # red channel per frame index
-
-
-def encode_clip(path: str, codec: str, fmt: str, *, frames: int = FRAMES, gop: int = 6) -> bytes:
-    """A clip of noisy frames of one colour each (red = ``STEP * i``) at ``FPS``; MP4s keep their index at the
-    front (faststart), as web MP4s do, so a truncated one still opens."""
-    options = {"movflags": "faststart"} if fmt == "mp4" else {}
-    with av.open(path, "w", format=fmt, options=options) as out:
-        stream = out.add_stream(codec, rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        stream.codec_context.gop_size = gop
-        rng = np.random.default_rng(0)
-        for i in range(frames):
-            noise = rng.integers(-16, 17, (HEIGHT, WIDTH, 3))
-            pixels = np.clip(np.array([STEP * i, 255 - STEP * i, 128]) + noise, 0, 255).astype(np.uint8)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
-        out.mux(stream.encode())
-    with open(path, "rb") as handle:
-        return handle.read()
+WIDTH, HEIGHT = 96, 64  # encode_clip's default size
+STEP = CLIP_STEP  # red channel per frame index
 
 
 def encode_audio_only(path: str) -> bytes:
