@@ -92,27 +92,34 @@ def animated(fmt: str) -> bytes:
     return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
 
 
+# Clips made by encode_clip: frame ``i`` is one colour whose red channel is ``CLIP_STEP * i``, at ``CLIP_FPS``.
+CLIP_FPS = 8
+CLIP_STEP = 10
+
+
 def encode_clip(
     path: str,
     codec: str,
     fmt: str,
     *,
     frames: int = 24,
-    fps: int = 8,
+    fps: int = CLIP_FPS,
     size: tuple[int, int] = (96, 64),
     gop: int = 6,
-    step: int = 10,
+    step: int = CLIP_STEP,
+    seed: int = 0,
 ) -> bytes:
     """A clip of noisy frames of one colour each at ``fps``: frame ``i``'s red channel is ``step * i``, so the
-    frame a decoder returns can be read back from its pixels. MP4s keep their index at the front (faststart), as
-    web MP4s do, so a truncated one still opens."""
+    frame a decoder returns can be read back from its pixels; ``seed`` varies the noise, so clips of one recipe
+    differ in bytes. MP4s keep their index at the front (faststart), as web MP4s do, so a truncated one still
+    opens."""
     width, height = size
     options = {"movflags": "faststart"} if fmt == "mp4" else {}
     with av.open(path, "w", format=fmt, options=options) as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = gop
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         for i in range(frames):
             noise = rng.integers(-16, 17, (height, width, 3))
             pixels = np.clip(np.array([step * i, 255 - step * i, 128]) + noise, 0, 255).astype(np.uint8)

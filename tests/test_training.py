@@ -18,7 +18,7 @@ from aidetect_batch.scan.runner import run_scan
 from aidetect_batch.train.config import EvalConfig, TrainConfig
 from aidetect_batch.train.evaluation import run_evaluate
 from aidetect_batch.train.trainer import run_train, select_split_batch
-from aidetect_batch.train.worker import STATE_FILE, build_augment
+from aidetect_batch.train.worker import FILE_COLUMN, STATE_FILE, build_augment, file_id
 
 FAST = dict(
     arch="cifake_cnn",
@@ -93,11 +93,13 @@ def test_the_model_sees_only_pixels_and_the_label(ray_cluster):
         }
     )
     out = select_split_batch(
-        batch, "train", {"/data/real/cat_real_001.png": "train", "/data/ai/cat_fake_002.png": "val"}
+        batch, "train", {"/data/real/cat_real_001.png": "train", "/data/ai/cat_fake_002.png": "val"}, side=2
     )
-    assert out.column_names == [schema.IMAGE, "target"] and out.column("target").to_pylist() == [0.0]
-    nothing = select_split_batch(batch, "test", {})
-    assert nothing.num_rows == 0 and nothing.column_names == [schema.IMAGE, "target"]
+    # The file column is an opaque id, by which validation groups a video's frames; the model's input is the image.
+    assert out.column_names == [schema.IMAGE, "target", FILE_COLUMN] and out.column("target").to_pylist() == [0.0]
+    assert out.column(FILE_COLUMN).to_pylist() == [file_id("/data/real/cat_real_001.png")]
+    nothing = select_split_batch(batch, "test", {}, side=2)
+    assert nothing.num_rows == 0 and nothing.column_names == [schema.IMAGE, "target", FILE_COLUMN]
 
 
 @pytest.mark.slow  # a whole Ray scan: moved out of the default suite to keep it under 10 minutes (--runslow)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import animated, encode, encode_clip, heic_like, photo
+from helpers import CLIP_FPS, CLIP_STEP, animated, encode, encode_clip, heic_like, photo
 from PIL import Image
 
 from aidetect_batch import schema
@@ -30,10 +30,10 @@ from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.scan.runner import run_scan
 
-FPS = 8
+FPS = CLIP_FPS
 FRAMES = 24  # 3 seconds
-WIDTH, HEIGHT = 96, 64
-STEP = 10  # red channel per frame index
+WIDTH, HEIGHT = 96, 64  # encode_clip's default size
+STEP = CLIP_STEP  # red channel per frame index
 CLIP = {"frames": FRAMES, "fps": FPS, "size": (WIDTH, HEIGHT), "step": STEP}
 
 

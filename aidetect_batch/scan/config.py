@@ -74,6 +74,12 @@ def check_model_choices(threshold: float | None, ai_class_index: int | None) -> 
         raise ConfigError("--ai-class-index must be 0 or 1")
 
 
+def media_extensions(extensions: tuple[str, ...], video_frames: int) -> tuple[str, ...]:
+    """The extensions a folder walk lists without ``--all-files``: ``extensions`` (the images'), and the videos'
+    unless ``--video-frames 0``. Labelled datasets are listed so too: training and evaluation see the scan's files."""
+    return (*extensions, *video.EXTENSIONS) if video_frames else extensions
+
+
 def arch_field(default: str | None = None, help: str = "architecture of a plain state dict") -> Any:
     """``--arch``, with the registry's names as choices."""
     return option(default, choices=lambda: tuple(registry.REGISTRY), help=help)
@@ -94,7 +100,7 @@ def max_tiles_field() -> Any:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScanOptions(JsonConfig):
-    """The scan settings that ``evaluate`` passes through to its scans: speed, framing and provenance.
+    """The scan settings that ``evaluate`` passes through to its scans: speed, framing, provenance and video sampling.
 
     Attributes:
         batch_size: Images per Classifier forward pass.
@@ -103,6 +109,8 @@ class ScanOptions(JsonConfig):
         max_tiles: ``tiles``: at most this many tiles per image, spread evenly over it.
         c2pa: Read and validate a C2PA manifest wherever the bytes carry its marker.
         watermark: Also look for the Stable Diffusion invisible watermark (costly; needs the ``watermark`` extra).
+        video_frames: Frames sampled from each video or animated image, scored as views of its one row;
+            0 leaves videos ``unsupported`` and scores an animation's first frame, as before.
     """
 
     batch_size: int = option(64, help="images per model forward pass")
@@ -115,6 +123,11 @@ class ScanOptions(JsonConfig):
     watermark: bool = option(
         False,
         help="also decode the Stable Diffusion invisible watermark (costly; pip install 'aidetect-batch[watermark]')",
+    )
+    video_frames: int = option(
+        video.DEFAULT_FRAMES,
+        help="frames sampled evenly over each video (mp4, mov, webm, mkv, avi, found by content) or animated "
+        "GIF/WebP/APNG, scored as views of its row; 0 leaves videos unsupported (default: %(default)s)",
     )
 
     def __post_init__(self) -> None:
@@ -133,6 +146,7 @@ class ScanOptions(JsonConfig):
         if self.watermark:
             check_watermark()
         check_at_least(self, ("batch_size", "native_max_pixels", "max_tiles"))
+        check_at_least(self, ("video_frames",), low=0)
         if self.actors is not None:
             lo, hi = self.actors
             if lo < 1 or hi < lo:
@@ -184,8 +198,6 @@ class ScanConfig(ScanOptions):
         max_ratio: Decompressed bytes per compressed byte beyond which a member or stream is a bomb (``too_large``).
         archive_depth: Levels of archives inside a listed archive that are expanded; deeper ones are ``unsupported``.
         image_column: The Parquet inputs' column of image bytes; ``None``: the Hugging Face ``Image`` feature.
-        video_frames: Frames sampled from each video or animated image, scored as views of its one row;
-            0 leaves videos ``unsupported`` and scores an animation's first frame, as before.
     """
 
     sources: tuple[str, ...] = option(positional=True, nargs="*", help="folders, files, globs or s3://bucket/prefix")
@@ -258,16 +270,10 @@ class ScanConfig(ScanOptions):
         "(default: the Image feature of a Hugging Face dataset's metadata)",
     )
 
-    video_frames: int = option(
-        video.DEFAULT_FRAMES,
-        help="frames sampled evenly over each video (mp4, mov, webm, mkv, avi, found by content) or animated "
-        "GIF/WebP/APNG, scored as views of its row; 0 leaves videos unsupported (default: %(default)s)",
-    )
-
     @property
     def media_extensions(self) -> tuple[str, ...]:
         """The extensions listed without ``--all-files``: the images', and the videos' unless ``--video-frames 0``."""
-        return (*self.extensions, *video.EXTENSIONS) if self.video_frames else self.extensions
+        return media_extensions(self.extensions, self.video_frames)
 
     @property
     def video_budget_s(self) -> float:
@@ -329,9 +335,7 @@ class ScanConfig(ScanOptions):
         check_at_least(self, ("max_members",))
         if self.max_ratio <= 1.0:
             raise ConfigError(f"--max-ratio must be above 1, not {self.max_ratio}")
-        check_at_least(
-            self, ("prefix_depth", "commit_every_s", "archive_depth", "decode_timeout", "video_frames"), low=0
-        )
+        check_at_least(self, ("prefix_depth", "commit_every_s", "archive_depth", "decode_timeout"), low=0)
         if self.perturbation is not None:
             try:
                 perturb.parse(self.perturbation)

@@ -27,8 +27,9 @@ from aidetect_batch.config import (
 from aidetect_batch.detectors import registry
 from aidetect_batch.detectors.policies import DEFAULT_TRAIN_POLICY, POLICIES
 from aidetect_batch.errors import ConfigError
-from aidetect_batch.media import perturb
-from aidetect_batch.scan.config import ScanOptions, arch_field, check_detector
+from aidetect_batch.inputs.sources import DEFAULT_EXTENSIONS
+from aidetect_batch.media import perturb, video
+from aidetect_batch.scan.config import ScanOptions, arch_field, check_detector, media_extensions
 
 AUGMENTATIONS = ("flip", "rotate", "color", "translate", "jpeg", "blur")
 # Flip moves pixels without resampling them; rotation and sub-pixel translation resample every image,
@@ -145,6 +146,8 @@ class TrainConfig(TrainOptions):
         resume: Continue a stopped run in ``out`` from its last epoch.
         overwrite: Replace a previous run in ``out``.
         near_duplicates: Keep every near-duplicate group (PDQ) in one split, not only identical bytes.
+        video_frames: Frames sampled from each video or animated image (``--video-frames``), each a training
+            example labelled as its file; 0 leaves videos out and reads an animation's first frame.
         crash_after_epoch: Fault injection for tests: fail the first attempt after this epoch.
         validate_first: Measure the initial model on validation as epoch 0 (pruning's "before").
         keep_zeros: Keep weights that start at zero at zero (fine-tuning an unstructured-pruned model).
@@ -206,6 +209,11 @@ class TrainConfig(TrainOptions):
         DEFAULT_MAX_FILE_MB, help="files larger than this are never read (default: %(default)s)"
     )
     all_files: bool = option(False, help="use every file, not only image extensions")
+    video_frames: int = option(
+        video.DEFAULT_FRAMES,
+        help="frames sampled evenly over each video or animated GIF/WebP/APNG, each a training example with the "
+        "file's label (the file stays in one split); 0 leaves videos out (default: %(default)s)",
+    )
     storage_options: dict[str, Any] = storage_options_field()
     resume: bool = option(False, help="continue the stopped run in --out")
     overwrite: bool = option(False, help="replace a previous run in --out")
@@ -217,6 +225,11 @@ class TrainConfig(TrainOptions):
     @property
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * 2**20)
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        """The extensions the dataset's folders are listed with: the images', and the videos' as the scan's."""
+        return media_extensions(DEFAULT_EXTENSIONS, self.video_frames)
 
     @property
     def resolved_init(self) -> str:
@@ -261,6 +274,7 @@ class TrainConfig(TrainOptions):
         if (self.lr is not None and not self.lr > 0) or self.weight_decay < 0:
             raise ConfigError("--lr must be above 0 and --weight-decay at least 0")
         check_at_least(self, ("epochs", "batch_size", "patience", "cpus_per_worker", "max_pixels"))
+        check_at_least(self, ("video_frames",), low=0)
         if self.input_size is not None and self.input_size < 16:
             raise ConfigError("--input-size must be at least 16")
         if self.max_failures < -1:
@@ -296,7 +310,7 @@ class EvalConfig(JsonConfig):
         target_fpr: False-positive rate on real images for the FPR-targeted threshold.
         perturb: Robustness sweep specs (``jpeg:95,75 blur:1,2 downscale:0.5``).
         preprocess: Override the checkpoint's preprocess policy.
-        scan_options: The scans' batch size, actors, framing and provenance checks.
+        scan_options: The scans' batch size, actors, framing, provenance checks and video frames.
     """
 
     dataset: str = option(
@@ -317,6 +331,11 @@ class EvalConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        """The extensions the dataset's folders are listed with: the images', and the videos' as the scan's."""
+        return media_extensions(DEFAULT_EXTENSIONS, self.scan_options.video_frames)
 
     def validate(self) -> None:
         """Check names and ranges; raises :class:`ConfigError`."""

@@ -14,6 +14,9 @@ Folder layouts (class folder names match case-insensitively):
 - the dataset's own split folders anywhere above the class
   (``train/``, ``val/``/``valid/``/``validation/``, ``test/``).
 
+A video or an animated image is one file of the listing like a still: it is split as one unit of content,
+and only training expands it into its sampled frames, after the split, so no clip straddles two splits.
+
 A manifest (``.csv``, ``.tsv`` or ``.parquet``) has ``path`` and ``label``
 (or ``true_label``: ``real``/``ai``/``fake``/``0``/``1``) and optionally
 ``group`` and ``split``; relative paths are resolved against the manifest's
@@ -81,7 +84,9 @@ class SplitCounts:
 class Description:
     """A labelled dataset once split: its listing, the split decisions, balance and content fingerprint.
 
-    ``split`` is the record of :func:`assign_splits`; :meth:`to_json` is ``dataset.json``.
+    ``split`` is the record of :func:`assign_splits`; :meth:`to_json` is ``dataset.json``. ``balance`` counts
+    files; ``examples`` counts what the model trains on, a still once and a video once per sampled frame
+    (:func:`balance` weighted by ``n_frames``), and is what the loss weights and the training loop size by.
     """
 
     listing: Listing
@@ -90,9 +95,14 @@ class Description:
     fingerprint: str
     statuses: dict[str, int]
     not_used: int
+    examples: dict[str, SplitCounts] = dataclasses.field(default_factory=dict)
 
     def counts(self, split: str) -> SplitCounts:
         return self.balance.get(split, SplitCounts())
+
+    def examples_in(self, split: str) -> SplitCounts:
+        """Training examples of ``split`` by label; its files where no frame counts were recorded."""
+        return self.examples.get(split) or self.counts(split)
 
     def balance_json(self) -> dict[str, Any]:
         return {name: counts.to_json() for name, counts in self.balance.items()}
@@ -102,6 +112,7 @@ class Description:
         return {
             "fingerprint": self.fingerprint,
             "balance": self.balance_json(),
+            "examples": {name: counts.to_json() for name, counts in self.examples.items()},
             "split": self.split,
             "statuses": self.statuses,
             "not_used": self.not_used,
@@ -421,19 +432,26 @@ def _stratified(
     return np.array([split_of[h] for h in hashes], dtype=object)
 
 
-def balance(table: pa.Table) -> dict[str, SplitCounts]:
-    """Counts per split and label (and group): the class balance the training log reports."""
+def balance(table: pa.Table, *, per_frame: bool = False) -> dict[str, SplitCounts]:
+    """Counts per split and label (and group): the class balance the training log reports.
+
+    ``per_frame`` counts training examples instead of files: a row with ``n_frames`` (a video or an
+    animation) counts its sampled frames, any other row once.
+    """
     counts: dict[str, dict[str, Any]] = {}
     splits = table.column(schema.SPLIT).to_pylist()
     labels = table.column(schema.TRUE_LABEL).to_pylist()
     groups = table.column(schema.GROUP).to_pylist()
-    for split, label, group in zip(splits, labels, groups, strict=True):
+    weights = [1] * table.num_rows
+    if per_frame and schema.N_FRAMES in table.column_names:
+        weights = [n or 1 for n in table.column(schema.N_FRAMES).to_pylist()]
+    for split, label, group, weight in zip(splits, labels, groups, weights, strict=True):
         if split is None:
             continue
         entry = counts.setdefault(split, {"real": 0, "ai": 0, "groups": {}})
-        entry[label] += 1
+        entry[label] += weight
         if group is not None:
-            entry["groups"].setdefault(group, {"real": 0, "ai": 0})[label] += 1
+            entry["groups"].setdefault(group, {"real": 0, "ai": 0})[label] += weight
     return {split: SplitCounts(**entry) for split, entry in counts.items()}
 
 

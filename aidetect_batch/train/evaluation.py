@@ -5,7 +5,9 @@
 
 What is evaluated is exactly what is deployed: the same decode, preprocess
 policy, Classifier and threshold as ``scan``. Only rows with status ``ok``
-are measured; failed files are counted in ``metrics.json``.
+are measured; failed files are counted in ``metrics.json``. A video or an
+animated image (``--video-frames``) is one row with the scan's per-file score,
+so every metric counts it once, not once per frame.
 
 Thresholds reported side by side:
 
@@ -117,7 +119,7 @@ def _labelled_scores(scores_dir: str, storage_options: dict[str, Any]) -> pa.Tab
 
     fs, root = filesystem(scores_dir, storage_options)
     columns = [schema.PATH, schema.STATUS, schema.SCORE, schema.LABEL, schema.TRUE_LABEL, schema.GROUP]
-    columns.append(schema.PROVENANCE)
+    columns += [schema.PROVENANCE, schema.N_FRAMES]
     return pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=columns)
 
 
@@ -163,6 +165,14 @@ def measure(
             )
         nested[scope] = entry
     return nested, rows
+
+
+def video_counts(table: pa.Table) -> dict[str, int]:
+    """How many of the scored files are videos or animations, and their frames: each is measured once, by the
+    score the scan gives its row (the sigmoid of its frames' mean log-odds), never frame by frame."""
+    ok = table.filter(pc.equal(table.column(schema.STATUS), schema.Status.OK.value))
+    frames = ok.column(schema.N_FRAMES).drop_null()
+    return {"files": len(frames), "frames": int(pc.sum(frames).as_py() or 0)}
 
 
 def provenance_metrics(table: pa.Table) -> dict[str, Any]:
@@ -214,7 +224,9 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
 
     check_eval_output(cfg)
     ckpt = checkpoints.parse_checkpoint(checkpoints.read_checkpoint_bytes(cfg.checkpoint, cfg.storage_options))
-    listing, listed = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
+    listing, listed = datasets.list_labelled(
+        cfg.dataset, cfg.extensions, cfg.all_files, storage_options=cfg.storage_options
+    )
     listing, split = choose_split(listing, cfg.split)
     sweep = perturb.parse_sweep(cfg.perturb)
     _logger.info("evaluating %s on %d files of %s (split %s)", cfg.checkpoint, listing.num_rows, cfg.dataset, split)
@@ -252,6 +264,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         "failed": listing.num_rows - len(y),
         "status_counts": statuses,
         "labels": {"real": int(np.sum(y == 0)), "ai": int(np.sum(y == 1))},
+        "videos": video_counts(scored),
         "thresholds": thresholds,
         "target_fpr": cfg.target_fpr,
         "overall": nested["overall"],

@@ -9,6 +9,12 @@ uses (:func:`aidetect_batch.scan.cpu_stage.prepare_batch`), at the checkpoint's
 input size and preprocess policy, so training, evaluation and deployment see
 identical pixels. Augmentations run on each worker, after that stage.
 
+A video or an animated image (``--video-frames N``) is one file of the split,
+like a still; after the split each of its sampled frames becomes a training
+example with its label, and validation scores the file as the scan does (the
+sigmoid of its frames' mean log-odds), so the checkpoint's threshold is chosen
+on per-file scores.
+
 The workers' loop is :mod:`aidetect_batch.train.worker`. Every epoch rank 0
 reports a Ray Train checkpoint; Ray Train keeps the one with the lowest
 validation loss (it becomes ``model.pt``) and the latest. A worker failure
@@ -34,15 +40,15 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 import torch
+from ray.data.extensions import ArrowTensorArray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from aidetect_batch import runtime, schema
 from aidetect_batch.detectors import checkpoints, policies, registry
 from aidetect_batch.errors import ConfigError
-from aidetect_batch.inputs import item
 from aidetect_batch.inputs.manifest import block_size
-from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
+from aidetect_batch.scan.cpu_stage import PrepareOptions, pixels_of, prepare_batch
 from aidetect_batch.storage import (
     claim_output,
     filesystem,
@@ -90,20 +96,42 @@ class TrainResult:
     use_gpu: bool
 
 
-def select_split_batch(batch: pa.Table, split: str, assignment: Any, window: int | None = None) -> pa.Table:
-    """Keep the decoded rows assigned to ``split``, as ``image``, float ``target`` (1 = AI) and, for a
-    ``window``-side native-pixel view, where the image's pixels sit in it (:func:`worker.window_boxes`)."""
+def select_split_batch(batch: pa.Table, split: str, assignment: Any, *, side: int, boxes: bool = False) -> pa.Table:
+    """The training examples of the decoded rows assigned to ``split``: each view of a row (a still's one, each
+    sampled frame of a video) is an ``image`` (``side``×``side``) with the row's float ``target`` (1 = AI) and
+    its file's id (:func:`worker.file_id`), by which validation scores a video as the scan does; with ``boxes``
+    (a native-pixel window), where the image's pixels sit in it (:func:`worker.window_boxes`).
+
+    Frames are expanded only here, after each file's split was chosen, so a video's frames share its split.
+    """
     if not isinstance(assignment, dict):
         assignment = ray.get(assignment)
     paths = batch.column(schema.PATH).to_pylist()
     keep = [i for i, p in enumerate(paths) if assignment.get(p) == split]
     rows = batch.take(pa.array(keep, pa.int64()))
-    target = pc.cast(pc.equal(rows.column(schema.TRUE_LABEL), schema.LABEL_AI), pa.float32())
-    columns = {schema.IMAGE: rows.column(schema.IMAGE), "target": target}
-    if window is not None:
-        boxes = window_boxes(rows.column(schema.HEIGHT).to_pylist(), rows.column(schema.WIDTH).to_pylist(), window)
-        columns.update({name: pa.array(values, pa.int32()) for name, values in boxes.items()})
+    images, owner = _views(rows, side)
+    index = pa.array(owner, pa.int64())
+    labels, files = (rows.column(name).take(index) for name in (schema.TRUE_LABEL, schema.PATH))
+    columns = {
+        schema.IMAGE: images,
+        "target": pc.cast(pc.equal(labels, schema.LABEL_AI), pa.float32()),
+        worker.FILE_COLUMN: pa.array([worker.file_id(f) for f in files.to_pylist()], pa.int64()),
+    }
+    if boxes:
+        heights, widths = (rows.column(name).take(index).to_pylist() for name in (schema.HEIGHT, schema.WIDTH))
+        columns.update({name: pa.array(v, pa.int32()) for name, v in window_boxes(heights, widths, side).items()})
     return pa.table(columns)
+
+
+def _views(rows: pa.Table, side: int) -> tuple[Any, np.ndarray]:
+    """Every view of ``rows`` as one image column, and the row each view belongs to. Rows hold one ``image``
+    each, or (when the CPU stage carried views: ``--video-frames``) a stack of them in ``_pixels``."""
+    if schema.IMAGE in rows.column_names:
+        return rows.column(schema.IMAGE), np.arange(rows.num_rows)
+    stacks = [p if p.ndim == 4 else p[None] for p in pixels_of(rows)]
+    owner = np.repeat(np.arange(len(stacks)), [len(p) for p in stacks])
+    pixels = np.concatenate(stacks) if stacks else np.zeros((0, side, side, 3), np.uint8)
+    return ArrowTensorArray.from_numpy(pixels), owner
 
 
 def check_train_output(cfg: TrainConfig) -> None:
@@ -170,25 +198,22 @@ def prepare_splits(cfg: TrainConfig, size: int, table: pa.Table, *, listing: dat
     assignment = ray.put(
         dict(zip(used.column(schema.PATH).to_pylist(), used.column(schema.SPLIT).to_pylist(), strict=True))
     )
+    window = train_window(cfg.preprocess, size)
     parts = {}
     for name in ("train", "val"):
         parts[name] = decoded.map_batches(
             select_split_batch,
             batch_format="pyarrow",
-            fn_kwargs={"split": name, "assignment": assignment, "window": _window_or_none(cfg, size)},
+            fn_kwargs={"split": name, "assignment": assignment, "side": window, "boxes": window > size},
         ).materialize()
     del decoded
     return Prepared(parts["train"], parts["val"], meta.table, described)
 
 
-def _window_or_none(cfg: TrainConfig, size: int) -> int | None:
-    window = train_window(cfg.preprocess, size)
-    return window if window > size else None
-
-
 def _decode_labelled(cfg: TrainConfig, size: int, table: pa.Table) -> Any:
     """The labelled files read, decoded and preprocessed by the CPU stage, materialised once: the scan's
-    ``resize`` view, or for the native-pixel policies the central window training crops are drawn from."""
+    ``resize`` view, or for the native-pixel policies the central window training crops are drawn from. A video
+    or an animated image is one row holding its sampled frames, each framed as a still of its pixels would be."""
     rows = block_size(table.num_rows, int(ray.cluster_resources().get("CPU", 1)))
     blocks = [table.slice(i, rows) for i in range(0, table.num_rows, rows)]
     options = PrepareOptions(
@@ -198,9 +223,7 @@ def _decode_labelled(cfg: TrainConfig, size: int, table: pa.Table) -> Any:
         max_file_bytes=cfg.max_file_bytes,
         storage_options=cfg.storage_options,
         phash=cfg.near_duplicates,
-        # Training reads one fixed-size view per file; a kind whose Items have several views (video frames)
-        # is left to the loose-file reader, which records such a file as a failed row.
-        kinds=tuple(k for k in item.registered() if not k.views),
+        video_frames=cfg.video_frames,
     )
     return (
         ray.data.from_arrow(blocks)
@@ -218,7 +241,7 @@ class _SplitTable:
 def _split_table(cfg: TrainConfig, decoded: Any, *, listing: datasets.Listing) -> _SplitTable:
     """One row per labelled file with its split, or a note saying why it is not used."""
     keep = [schema.PATH, schema.SOURCE, schema.TRUE_LABEL, schema.GROUP, schema.SPLIT, schema.SHA256]
-    keep += [schema.STATUS, schema.ERROR, schema.WIDTH, schema.HEIGHT, schema.PDQ, schema.PDQ_QUALITY]
+    keep += [schema.STATUS, schema.ERROR, schema.WIDTH, schema.HEIGHT, schema.N_FRAMES, schema.PDQ, schema.PDQ_QUALITY]
     meta = pa.concat_tables(ray.get(decoded.select_columns(keep).to_arrow_refs())).sort_by(schema.PATH)
     split, record = datasets.assign_splits(meta, cfg.fractions, cfg.seed)
     meta = meta.set_column(meta.schema.get_field_index(schema.SPLIT), schema.SPLIT, split)
@@ -246,6 +269,7 @@ def _describe(meta: pa.Table, *, listing: datasets.Listing, record: dict[str, An
         fingerprint=datasets.fingerprint(used),
         statuses=datasets.counts(meta.column(schema.STATUS)),
         not_used=meta.num_rows - used.num_rows,
+        examples=datasets.balance(used, per_frame=True),
     )
     for name in ("train", "val"):
         if described.counts(name).images == 0:
@@ -256,6 +280,11 @@ def _describe(meta: pa.Table, *, listing: datasets.Listing, record: dict[str, An
 def _log_balance(described: datasets.Description) -> None:
     for name, entry in described.balance.items():
         _logger.info("%s: %d real, %d ai (%.1f%% ai)", name, entry.real, entry.ai, 100 * (entry.ai_fraction or 0))
+        examples = described.examples_in(name)
+        if examples.images != entry.images:
+            _logger.info(
+                "%s: %d real, %d ai examples with the videos' sampled frames", name, examples.real, examples.ai
+            )
     if described.not_used:
         _logger.warning("%d file(s) not used for training; see the note column of splits.parquet", described.not_used)
 
@@ -264,7 +293,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     """List and decode ``cfg.dataset`` and split it once; reusable by several runs (hyperparameter trials)."""
 
     size = cfg.input_size or checkpoints.default_input_size(cfg.arch)
-    table, listing = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
+    table, listing = datasets.list_labelled(
+        cfg.dataset, cfg.extensions, cfg.all_files, storage_options=cfg.storage_options
+    )
     runtime.start_ray()
     return prepare_splits(cfg, size, table, listing=listing)
 
@@ -292,7 +323,7 @@ def run_train(cfg: TrainConfig, callbacks: list[Any] | None = None, prepared: Pr
     )
     listed = None
     if prepared is None:
-        listed = datasets.list_labelled(cfg.dataset, (), cfg.all_files, storage_options=cfg.storage_options)
+        listed = datasets.list_labelled(cfg.dataset, cfg.extensions, cfg.all_files, storage_options=cfg.storage_options)
     resources = runtime.start_ray()
     if listed is not None:
         prepared = prepare_splits(cfg, size, listed[0], listing=listed[1])
@@ -427,8 +458,8 @@ def _write_dataset_files(cfg: TrainConfig, prepared: Prepared) -> None:
 
 
 def _pos_weight(cfg: TrainConfig, described: datasets.Description) -> float | None:
-    """``--class-weights``: the loss weight of the AI class, real over AI training images."""
-    train = described.counts("train")
+    """``--class-weights``: the loss weight of the AI class, real over AI training examples (frames of videos)."""
+    train = described.examples_in("train")
     return train.real / max(train.ai, 1) if cfg.class_weights else None
 
 
@@ -447,7 +478,7 @@ def _loop_config(
         window=train_window(cfg.preprocess, size),
         initial_weights=ray.put(initial.state_dict()),
         pos_weight=pos_weight,
-        n_train=described.counts("train").images,
+        n_train=described.examples_in("train").images,
     )
     return {worker.SETTINGS_KEY: settings}
 

@@ -1,7 +1,8 @@
 """The Ray Train worker loop of ``aidetect-batch train``: one data-parallel worker's epochs.
 
 Every epoch each worker trains on its shard, the workers validate together
-(scores gathered, so ROC-AUC covers the whole validation set), and rank 0
+(logits gathered, so ROC-AUC covers the whole validation set, scored per
+file: a video's frames as one score, as the scan gives it), and rank 0
 reports a Ray Train checkpoint holding the weights, optimiser, scheduler,
 history, early-stopping state and that epoch's validation scores. Ray Train
 keeps the lowest-validation-loss checkpoint and the latest one
@@ -12,6 +13,7 @@ resumes a run, the best becomes ``model.pt``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -44,6 +46,26 @@ SCORE_ATTRIBUTE = "val_loss"
 # The native-pixel window a training crop is drawn from; see train_window.
 BOX_COLUMNS = ("_box_top", "_box_left", "_box_height", "_box_width")
 FULL_RESOLUTION = ("blur", "jpeg")
+# Each example's file (file_id): validation scores the frames of one video together, as the scan does.
+FILE_COLUMN = "_file"
+
+
+def file_id(path: str) -> int:
+    """A file's id among the examples, from its path: the same on every worker, and an integer, which a
+    torch batch can carry where a string cannot."""
+    return int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def file_scores(files: list[int], logits: list[float], targets: list[int]) -> tuple[list[float], list[int]]:
+    """Each file's P(AI) and target from its examples' logits, as the scan scores a row: the sigmoid of the
+    mean log-odds of its frames (a still's is its one view's own score). Files come in order of first example."""
+    if not files:
+        return [], []
+    _, first, which = np.unique(np.asarray(files, np.int64), return_index=True, return_inverse=True)
+    mean = np.bincount(which, weights=np.asarray(logits, np.float64)) / np.bincount(which)
+    order = np.argsort(first)
+    scores = torch.sigmoid(torch.from_numpy(mean[order]).float()).tolist()
+    return scores, [int(targets[i]) for i in first[order]]
 
 
 def train_window(policy: str, size: int) -> int:
@@ -158,7 +180,7 @@ class LoopSettings:
         window: Side of the native-pixel window training crops are drawn from (:func:`train_window`).
         initial_weights: A Ray ObjectRef to the starting state dict.
         pos_weight: The positive class's loss weight (``--class-weights``), else ``None``.
-        n_train: Training images, for the progress lines and the shuffle buffer.
+        n_train: Training examples (a video's sampled frames each), for the progress lines and the shuffle buffer.
     """
 
     train: TrainConfig
@@ -291,10 +313,12 @@ class WorkerLoop:
         return native_crop(image, box, size=self.size, window=self.window, train=train, full_res=self.full_res)
 
     def validate(self) -> tuple[list[float], list[int], float]:
-        """Scores and targets of the whole validation set (gathered from every worker) and its mean loss."""
+        """Per-file scores and targets of the whole validation set (examples gathered from every worker, a
+        video's frames scored together: :func:`file_scores`) and its mean loss per example."""
         self.net.eval()
-        scores: list[float] = []
+        logits_seen: list[float] = []
         targets: list[int] = []
+        files: list[int] = []
         loss_sum = 0.0
         with torch.inference_mode():
             batches = self.val_shard.iter_torch_batches(batch_size=max(self.config.train.batch_size, 64), device="cpu")
@@ -302,11 +326,14 @@ class WorkerLoop:
                 logits = self.plain(self.to_input(batch, train=False))[:, 0]
                 y = batch["target"].to(self.device)
                 loss_sum += float(self.loss_fn(logits, y)) * len(y)
-                scores += torch.sigmoid(logits.float()).cpu().tolist()
+                logits_seen += logits.float().cpu().tolist()
                 targets += batch["target"].int().tolist()
-        scores, targets = _gather(scores, self.world), _gather(targets, self.world)
+                files += batch[FILE_COLUMN].tolist()
+        logits_seen, targets = _gather(logits_seen, self.world), _gather(targets, self.world)
+        files = _gather(files, self.world)
         (loss_sum,) = _sum([loss_sum], self.world)
-        return scores, targets, loss_sum / max(len(targets), 1)
+        scores, file_targets = file_scores(files, logits_seen, targets)
+        return scores, file_targets, loss_sum / max(len(targets), 1)
 
     def report_before_training(self) -> None:
         """Epoch 0: the starting model validated and checkpointed, so it can win if training makes it worse."""
