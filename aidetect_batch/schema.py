@@ -118,6 +118,8 @@ RAW_PATH = "_raw_path"
 SHARD = "_shard"
 # A video row's sampled frame times (seconds), in the order of its views: the Classifier names the top one.
 FRAME_TIMES = "_frame_times"
+# ... and each of those frames' P(AI), from the Classifier: the sink writes both to OUT/frames/ with the row's shard.
+FRAME_SCORES = "_frame_scores"
 SHARD_ROWS = "_shard_rows"
 
 # Columns of a labelled dataset listing (train/evaluate). They pass through the scan
@@ -185,7 +187,21 @@ DECODED_COLUMNS = (STATUS, ERROR, FORMAT, MODE, WIDTH, HEIGHT, COVERAGE, T_DECOD
 # ... and, for a video or animation, the CPU stage alone (``--gpu-decode`` leaves videos ``unsupported``).
 CLIP_COLUMNS = (N_FRAMES, DURATION_S, FPS, CODEC, FRAME_TIMES)
 # Types of the hidden columns a stage hands the next one (never written).
-HIDDEN_TYPES = {FRAME_TIMES: pa.list_(pa.float64())}
+HIDDEN_TYPES = {FRAME_TIMES: pa.list_(pa.float64()), FRAME_SCORES: pa.list_(pa.float32())}
+
+# Columns of OUT/frames/*.parquet: one row per sampled frame of each scored video or animation (where in the clip
+# it looks generated). ``path`` is the row's in the scores; ``frame_index`` counts its scored frames from 0 in time
+# order; ``t`` and ``score`` are as ``frame_max_t`` and ``score_max`` are for its top frame.
+FRAME_INDEX = "frame_index"
+FRAME_T = "t"
+FRAMES_SCHEMA = pa.schema(
+    [
+        pa.field(PATH, pa.string(), nullable=False),
+        pa.field(FRAME_INDEX, pa.int32(), nullable=False),
+        pa.field(FRAME_T, pa.float32()),
+        pa.field(SCORE, pa.float32()),
+    ]
+)
 
 # What a row is in the report's counts: a video (its format is a video container), an animated GIF/WebP/APNG
 # (frames sampled, not a container) or a still (everything else, videos under ``--video-frames 0`` included).
@@ -196,6 +212,8 @@ MEDIA_KINDS = (MEDIA_STILL, MEDIA_VIDEO, MEDIA_ANIMATION)
 
 # Directory layout of OUT
 SCORES_DIR = "scores"
+# Each scores file's frame rows, under the same file name, committed just before it (none for stills only).
+FRAMES_DIR = "frames"
 # Key of a scores file's Parquet metadata listing the input shards it holds in full (resume).
 SHARDS_METADATA_KEY = b"aidetect.shards"
 # ... and each of those shards' order-independent path digest (a resumed streamed listing checks them).

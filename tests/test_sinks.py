@@ -111,3 +111,48 @@ def test_a_shard_digest_covers_the_stamps_of_its_archives(tmp_path):
         0: shard_digest(["/d/x.zip", "/d/loose.jpg"], ["3:1", None]),
         1: shard_digest(["/d/y.zip", "/d/other.jpg"]),
     }
+
+
+def with_frames(table: pa.Table, times: list[list[float] | None], scores: list[list[float] | None]) -> pa.Table:
+    """Result rows as the Classifier hands them on: a scored video's frame times and frame scores, null for a still."""
+    table = table.append_column(schema.FRAME_TIMES, pa.array(times, schema.HIDDEN_TYPES[schema.FRAME_TIMES]))
+    return table.append_column(schema.FRAME_SCORES, pa.array(scores, schema.HIDDEN_TYPES[schema.FRAME_SCORES]))
+
+
+def test_frame_rows_are_committed_with_their_shard_under_the_scores_file_name(tmp_path):
+    scores_dir, frames_dir = str(tmp_path / "scores"), str(tmp_path / "frames")
+    writer = ScoreWriter(scores_dir, rows_per_file=1, run_id="f", shard_rows={0: 3, 1: 1}, frames_directory=frames_dir)
+    writer.write(with_frames(unit_rows(["/d/a.mp4", "/d/still.jpg"], [1, 1]), [[0.5, 1.5], None], [[0.25, 0.75], None]))
+    assert not os.path.exists(frames_dir), "nothing before the shard is whole"
+    writer.write(with_frames(unit_rows(["/d/b.gif"], [1]), [[0.0, 0.25, 2.0]], [[0.5, 0.125, 0.5]]))
+    writer.write(unit_rows(["/d/only_stills.jpg"], [1], shard=1))
+    writer.close()
+    assert len(writer.files) == 2
+    assert os.listdir(frames_dir) == [os.path.basename(writer.files[0])], "a file of stills has no frames file"
+    assert pq.read_table(scores_dir).schema.equals(schema.SCORES_SCHEMA), "the hidden columns are not written"
+    frames = pq.read_table(frames_dir)
+    assert frames.schema.equals(schema.FRAMES_SCHEMA)
+    assert [tuple(r.values()) for r in frames.to_pylist()] == [
+        ("/d/a.mp4", 0, 0.5, 0.25),
+        ("/d/a.mp4", 1, 1.5, 0.75),
+        ("/d/b.gif", 0, 0.0, 0.5),
+        ("/d/b.gif", 1, 0.25, 0.125),
+        ("/d/b.gif", 2, 2.0, 0.5),
+    ]
+
+
+def test_a_resume_deletes_frames_a_stopped_run_left_without_their_scores_file(tmp_path):
+    """A run killed between a frames file and its scores file leaves frame rows of shards not committed: the
+    resume rescores those shards, so their old frame rows must go (and unfinished temporary files too)."""
+    scores_dir, frames_dir = str(tmp_path / "scores"), str(tmp_path / "frames")
+    writer = ScoreWriter(scores_dir, rows_per_file=1, run_id="k", shard_rows={0: 1, 1: 1}, frames_directory=frames_dir)
+    for shard in (0, 1):
+        writer.write(with_frames(unit_rows([f"/d/{shard}.mp4"], [1], shard=shard), [[1.0]], [[0.5]]))
+    writer.close()
+    kept, lost = writer.files
+    os.remove(lost)
+    (tmp_path / "frames" / ".part-k-00002.parquet.tmp").write_bytes(b"half")
+    found = committed_work(scores_dir, frames_directory=frames_dir)
+    assert found.files == [kept] and set(found.shards) == {0}
+    assert os.listdir(frames_dir) == [os.path.basename(kept)]
+    assert pq.read_table(frames_dir).column(schema.PATH).to_pylist() == ["/d/0.mp4"]

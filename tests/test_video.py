@@ -6,10 +6,16 @@ channel is ``10 * i``, so the frame a sample landed on, and so its time, can be 
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import io
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import av
@@ -25,10 +31,12 @@ from aidetect_batch.config import DEFAULT_MAX_PIXELS
 from aidetect_batch.detectors.checkpoints import read_checkpoint_bytes
 from aidetect_batch.errors import ConfigError
 from aidetect_batch.media import video
+from aidetect_batch.scan import runner
 from aidetect_batch.scan.classifier import Classifier
 from aidetect_batch.scan.config import ScanConfig
 from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.scan.runner import run_scan
+from aidetect_batch.scan.sink import committed_work
 
 FPS = CLIP_FPS
 FRAMES = 24  # 3 seconds
@@ -160,6 +168,7 @@ def test_a_video_is_one_row_whose_frames_are_views(dump, tiny_checkpoint, timeou
         assert row[schema.FPS] == FPS and row[schema.DURATION_S] == pytest.approx(3.0, abs=0.2)
         assert row[schema.FRAME_MAX_T] in expected_times(8)
         assert row[schema.SCORE] <= row[schema.SCORE_MAX]
+        assert len(row[schema.FRAME_SCORES]) == 8 and max(row[schema.FRAME_SCORES]) == row[schema.SCORE_MAX]
     assert rows[str(dump / "clip_webm.webm")][schema.CODEC] == "vp9"
     assert rows[str(dump / "really_a_video.jpg")][schema.CODEC] == "h264"
     member = rows[f"zip://inner/clip.mp4::{dump / 'pack.zip'}"]
@@ -172,7 +181,7 @@ def test_a_video_is_one_row_whose_frames_are_views(dump, tiny_checkpoint, timeou
     assert audio[schema.STATUS] == "unsupported" and audio[schema.N_FRAMES] is None
     still = rows[str(dump / "still.png")]
     assert still[schema.STATUS] == "ok" and still[schema.N_FRAMES] is None and still[schema.FRAME_MAX_T] is None
-    assert still[schema.SCORE] == still[schema.SCORE_MAX]
+    assert still[schema.SCORE] == still[schema.SCORE_MAX] and still[schema.FRAME_SCORES] is None
 
 
 def test_no_frames_keeps_videos_unsupported(dump, tiny_checkpoint):
@@ -217,15 +226,117 @@ def test_video_frames_option(tmp_path):
         ScanConfig(**base, video_frames=-1)
 
 
-def test_a_scan_writes_one_row_per_video(ray_cluster, dump, tiny_checkpoint, tmp_path):
-    source = tmp_path / "src"
+@pytest.fixture(scope="module")
+def resumed_scan(ray_cluster, dump, tiny_checkpoint, tmp_path_factory):
+    """A Ray scan of the dump in shards of two files, one committed file holding a video lost while its frames
+    file stays (as when a scan dies between the two commits), then ``--resume``."""
+    root = tmp_path_factory.mktemp("video_scan")
+    source = root / "src"
     shutil.copytree(dump, source)
-    cfg = ScanConfig(sources=(str(source),), out=str(tmp_path / "out"), checkpoint=tiny_checkpoint, video_frames=4)
-    run_scan(cfg)
+    cfg = ScanConfig(
+        sources=(str(source),), out=str(root / "out"), checkpoint=tiny_checkpoint, video_frames=4,
+        rows_per_file=1, commit_every_s=0.0,
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "block_size", lambda total, cpus, batch_size=None: 2)
+        run_scan(cfg)
+    frames_dir = os.path.join(cfg.out, schema.FRAMES_DIR)
+    lost = sorted(os.listdir(frames_dir))[0]
+    lost_rows = pq.read_metadata(os.path.join(cfg.out, schema.SCORES_DIR, lost)).num_rows
+    os.remove(os.path.join(cfg.out, schema.SCORES_DIR, lost))
+    resumed = run_scan(dataclasses.replace(cfg, resume=True))
+    assert resumed.run["attempts"][-1]["rows_scored"] == lost_rows
+    return source, cfg
+
+
+def test_a_scan_writes_one_row_per_video(resumed_scan):
+    source, cfg = resumed_scan
     table = pq.read_table(os.path.join(cfg.out, schema.SCORES_DIR))
     rows = {row[schema.PATH]: row for row in table.to_pylist()}
-    assert len(rows) == 7, "one row per file and the zip's member; an .m4a is not listed without --all-files"
+    assert len(rows) == table.num_rows == 7, "one row per file and the zip's member; no .m4a without --all-files"
     clip = rows[str(source / "clip_webm.webm")]
     assert (clip[schema.STATUS], clip[schema.N_FRAMES], clip[schema.CODEC]) == ("ok", 4, "vp9")
     assert clip[schema.FRAME_MAX_T] in expected_times(4)
     assert rows[str(source / "still.png")][schema.N_FRAMES] is None
+
+
+def test_the_frames_table_holds_every_scored_frame_once(resumed_scan):
+    """``OUT/frames/``: a video's frames at its sampled times, whose top frame and mean log-odds give its row's
+    ``score_max``, ``frame_max_t`` and ``score``; nothing for a still, nothing twice after the resume."""
+    source, cfg = resumed_scan
+    rows = {row[schema.PATH]: row for row in pq.read_table(os.path.join(cfg.out, schema.SCORES_DIR)).to_pylist()}
+    frames = pq.read_table(os.path.join(cfg.out, schema.FRAMES_DIR))
+    assert frames.schema.equals(schema.FRAMES_SCHEMA)
+    by_path: dict[str, list[dict]] = {}
+    for frame in frames.to_pylist():
+        by_path.setdefault(frame[schema.PATH], []).append(frame)
+    assert set(by_path) == {p for p, r in rows.items() if r[schema.N_FRAMES]} and len(by_path) == 6
+    for path, found in by_path.items():
+        row = rows[path]
+        assert [f[schema.FRAME_INDEX] for f in found] == list(range(row[schema.N_FRAMES])), path
+        times = [f[schema.FRAME_T] for f in found]
+        scores = np.array([f[schema.SCORE] for f in found], np.float64)
+        assert max(scores) == row[schema.SCORE_MAX]
+        assert found[times.index(row[schema.FRAME_MAX_T])][schema.SCORE] == row[schema.SCORE_MAX]
+        log_odds = np.log(scores / (1 - scores)).mean()
+        assert row[schema.SCORE] == pytest.approx(1 / (1 + math.exp(-log_odds)), abs=1e-6)
+        if path.endswith(".gif"):
+            assert times == pytest.approx([0.0, 0.05, 0.1])
+        elif "truncated" in path:
+            assert 0 < len(times) < 4 and set(times) <= set(expected_times(4)), "the frames that decoded"
+        else:
+            assert times == expected_times(4), path
+    assert f"zip://inner/clip.mp4::{source / 'pack.zip'}" in by_path, "a member's frames name the member"
+
+
+@pytest.mark.slow
+def test_kill_9_in_the_middle_of_a_video_corpus_then_resume_writes_each_video_and_its_frames_once(
+    ray_cluster, clips, tiny_checkpoint, tmp_path
+):
+    """kill -9 the whole scan (driver and its local Ray) after some shards of videos were committed; --resume
+    then writes every video once in the scores, its frames once in ``frames/``, and keeps committed files."""
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    short = {
+        "mp4": encode_clip(str(tmp_path / "s.mp4"), "libx264", "mp4", frames=12, size=(64, 48)),
+        "webm": encode_clip(str(tmp_path / "s.webm"), "libvpx-vp9", "webm", frames=12, size=(64, 48)),
+        "gif": clips["gif"],
+    }
+    for i in range(48):
+        ext = ("mp4", "webm", "gif")[i % 3]
+        (corpus / f"clip_{i:02d}.{ext}").write_bytes(short[ext])
+    for i in range(8):
+        (corpus / f"still_{i}.png").write_bytes(encode(photo(64, 48, seed=i), "PNG"))
+    expected = {str(p) for p in corpus.iterdir()}
+    out = str(tmp_path / "out")
+    argv = [sys.executable, "-m", "aidetect_batch", "scan", str(corpus), "--out", out, "--checkpoint", tiny_checkpoint]
+    argv += ["--commit-every", "0", "--rows-per-file", "1", "--batch-size", "8", "--video-frames", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(argv, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scores_dir, frames_dir = os.path.join(out, schema.SCORES_DIR), os.path.join(out, schema.FRAMES_DIR)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not glob.glob(f"{scores_dir}/part-*.parquet"):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the scan ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    kept = committed_work(scores_dir)
+    assert 0 < kept.rows < len(expected), "killed part-way"
+    with_videos = [f for f in kept.files if any(pq.read_table(f, columns=[schema.N_FRAMES]).column(0).to_pylist())]
+    kept_frames = [os.path.join(frames_dir, os.path.basename(f)) for f in with_videos]
+    assert kept_frames and all(os.path.exists(f) for f in kept_frames), "a committed file's frames are committed"
+    before = {f: open(f, "rb").read() for f in [*kept.files, *kept_frames]}
+    cfg = ScanConfig(sources=(str(corpus),), out=out, checkpoint=tiny_checkpoint, video_frames=4, resume=True)
+    result = run_scan(cfg)
+    assert result.run["attempts"][-1]["rows_scored"] == len(expected) - kept.rows
+    rows = pq.read_table(scores_dir).to_pylist()
+    assert sorted(r[schema.PATH] for r in rows) == sorted(expected), "every file exactly once"
+    frames = pq.read_table(frames_dir).to_pylist()
+    want = sorted((r[schema.PATH], i) for r in rows if r[schema.N_FRAMES] for i in range(r[schema.N_FRAMES]))
+    assert sorted((f[schema.PATH], f[schema.FRAME_INDEX]) for f in frames) == want, "every frame exactly once"
+    assert {p for p, _ in want} == {p for p in expected if "clip_" in p}
+    assert {f: open(f, "rb").read() for f in before} == before, "committed files are kept as they were"

@@ -9,8 +9,8 @@ import av
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import encode_clip
 from PIL import Image
-from test_video import encode_clip
 
 from aidetect_batch import schema
 from aidetect_batch.bench.credentials import sign

@@ -6,6 +6,8 @@ logical resources in Ray, so an actor granted ``num_gpus=1`` may still land
 on a machine without one. On CUDA the batch goes in channels_last, through
 pinned memory with a non-blocking copy, under bf16/fp16 autocast when asked.
 Rows that failed earlier pass through with a NaN score and a null label.
+A video row's frame scores go on with its frame times, in the hidden
+``_frame_scores`` and ``_frame_times`` columns, to the sink's frames table.
 
 With ``--gpu-decode`` the decode stage only reads bytes, and the actor
 decodes them with :class:`aidetect_batch.scan.device_decode.DeviceDecoder`;
@@ -88,14 +90,15 @@ class ViewScores:
     of a video, whose log-odds are the mean of its parts': what the frame scores as a still.
 
     Attributes:
-        groups: Per row, P(AI) of each of its groups in order (a video's frames).
+        groups: Per row, P(AI) of each of its groups in order (a video's frames); from :class:`Classifier`,
+            a video row's only (``None`` for a still or a failure).
     """
 
     score: np.ndarray
     score_max: np.ndarray
     parts: np.ndarray
     top: np.ndarray | None = None
-    groups: list[np.ndarray] | None = None
+    groups: list[np.ndarray | None] | None = None
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -273,7 +276,11 @@ class Classifier:
         ok = np.asarray(pc.equal(batch.column(schema.STATUS), schema.Status.OK.value).to_numpy(zero_copy_only=False))
         n = len(ok)
         scored = ViewScores(
-            np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32), np.zeros(n, np.int32), np.zeros(n, np.int64)
+            np.full(n, np.nan, np.float32),
+            np.full(n, np.nan, np.float32),
+            np.zeros(n, np.int32),
+            np.zeros(n, np.int64),
+            [None] * n,
         )
         infer_ms = np.full(n, np.nan, dtype=np.float32)
         if ok.any():
@@ -282,11 +289,7 @@ class Classifier:
             infer_ms[ok] = (time.perf_counter() - start) * 1000.0 / int(ok.sum())
         frame_max_t = _top_times(batch, ok, scored.top)
         batch = batch.drop_columns(
-            [
-                c
-                for c in (schema.IMAGE, schema.PIXELS, schema.PIXEL_SHAPE, schema.FRAME_TIMES)
-                if c in batch.column_names
-            ]
+            [c for c in (schema.IMAGE, schema.PIXELS, schema.PIXEL_SHAPE) if c in batch.column_names]
         )
         labels = [
             (schema.LABEL_AI if s >= self.threshold else schema.LABEL_REAL) if good else None
@@ -298,6 +301,7 @@ class Classifier:
         out = out.append_column(schema.N_TILES, pa.array(scored.parts, pa.int32(), mask=~ok))
         out = out.append_column(schema.LABEL, pa.array(labels, pa.string()))
         out = out.append_column(schema.MODEL_ID, pa.array([self.model_id] * n, pa.string()))
+        out = out.append_column(schema.FRAME_SCORES, pa.array(scored.groups, schema.HIDDEN_TYPES[schema.FRAME_SCORES]))
         return out.append_column(schema.T_INFER_MS, pa.array(infer_ms, pa.float32()))
 
     def _score_rows(
@@ -310,6 +314,9 @@ class Classifier:
             scored = self.score_views([views[i] for i in rows], frames and [frames[i] for i in rows])
             out.score[ok], out.score_max[ok], out.parts[ok] = scored.score, scored.score_max, scored.parts
             out.top[ok] = scored.top
+            if frames:
+                for row, group in zip(rows.tolist(), scored.groups, strict=True):
+                    out.groups[row] = group if frames[row] else None
             return
         if on_device is not None:
             out.score[ok] = self._predict_mixed(images, ok, on_device)

@@ -59,7 +59,7 @@ STREAM_BLOCK_BYTES = 64 << 10
 # never raise, so retries only ever see system failures.
 # Listing rows sampled to tell whether a scan is mostly archives (:func:`mostly_containers`).
 CONTAINER_SAMPLE_ROWS = 4096
-_OWN_ENTRIES = (schema.SCORES_DIR, schema.REPORT_DIR, schema.RUN_FILE, schema.REPOSTS_DIR)
+_OWN_ENTRIES = (schema.SCORES_DIR, schema.FRAMES_DIR, schema.REPORT_DIR, schema.RUN_FILE, schema.REPOSTS_DIR)
 # Identity key of the listed archives' stamps (:mod:`aidetect_batch.inputs.stamps`); absent when none is listed.
 CONTAINER_STAMPS = "container_stamps"
 
@@ -459,7 +459,7 @@ def _open_run(
     scores_dir = join(cfg.out, schema.SCORES_DIR)
     if previous is not None:
         shard_rows = int(previous["shard_rows"])
-        kept = committed_work(scores_dir, cfg.storage_options)
+        kept = committed_work(scores_dir, cfg.storage_options, frames_directory=join(cfg.out, schema.FRAMES_DIR))
         done, done_rows, old_files, done_units = kept.shards, kept.rows, kept.files, kept.units
         _logger.info("resuming: %d rows in %d committed file(s) are kept and not rescored", done_rows, len(old_files))
     else:
@@ -518,6 +518,7 @@ def _score_and_report(
         table_schema=pa.schema([*schema.SCORES_SCHEMA, *scan_inputs.extra_fields]),
         shard_rows=expected,
         commit_every_s=cfg.commit_every_s,
+        frames_directory=join(cfg.out, schema.FRAMES_DIR),
     )
     progress = _Progress(scan_inputs.total, skipped=run.done_rows, listing=state)
     units_per_task = 1 if scan_inputs.containers else cfg.decode_batch_size

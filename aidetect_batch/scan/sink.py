@@ -25,6 +25,12 @@ bounds the work a crash can lose.
 
 Writing from the driver rather than with ``Dataset.write_parquet`` also means
 a local OUT lands on the driver's disk, not scattered over worker nodes.
+
+A video's frame scores (the hidden ``_frame_times`` and ``_frame_scores``
+columns) go to a side table, ``OUT/frames/``, one row per frame, in a file of
+the same name as its scores file, committed just before it. The scores file is
+the commit: a resume deletes frames files without one (:func:`committed_work`),
+so each video's frames are there exactly once when its row is.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aidetect_batch import schema
@@ -51,6 +58,8 @@ ROW_GROUP_ROWS = 16_384
 # Key of a scores file's Parquet metadata: how many listed units its rows come from, written only when
 # that differs from its row count (files without it hold one row per unit).
 UNITS_METADATA_KEY = b"aidetect.units"
+# The hidden columns a video row's frame rows are made from, kept with the ready rows until their file is written.
+FRAME_FIELDS = tuple(pa.field(name, schema.HIDDEN_TYPES[name]) for name in (schema.FRAME_TIMES, schema.FRAME_SCORES))
 
 
 def to_scores_table(batch: pa.Table | dict[str, Any], table_schema: pa.Schema = schema.SCORES_SCHEMA) -> pa.Table:
@@ -63,6 +72,28 @@ def to_scores_table(batch: pa.Table | dict[str, Any], table_schema: pa.Schema = 
             column = column.cast(field.type)
         columns.append(column)
     return pa.Table.from_arrays(columns, schema=table_schema)
+
+
+def frame_table(table: pa.Table) -> pa.Table:
+    """The frames side table of result rows: one row per frame of each row with frame scores (a scored video).
+
+    Raises:
+        RuntimeError: a row with a different number of frame times and frame scores.
+    """
+    scored = table.column(schema.FRAME_SCORES).combine_chunks().is_valid()
+    scores = table.column(schema.FRAME_SCORES).filter(scored).combine_chunks()
+    times = table.column(schema.FRAME_TIMES).filter(scored).combine_chunks()
+    counts = pc.list_value_length(scores).to_numpy(zero_copy_only=False)
+    if not np.array_equal(pc.list_value_length(times).fill_null(0).to_numpy(zero_copy_only=False), counts):
+        raise RuntimeError("a video row's frame times and frame scores differ in number")
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    columns = [
+        table.column(schema.PATH).filter(scored).take(pc.list_parent_indices(scores)),
+        pa.array(np.arange(len(first)) - first, pa.int32()),
+        pc.list_flatten(times).cast(pa.float32()),
+        pc.list_flatten(scores),
+    ]
+    return pa.Table.from_arrays(columns, schema=schema.FRAMES_SCHEMA)
 
 
 def _unit_rows(table: pa.Table) -> np.ndarray:
@@ -117,8 +148,33 @@ class Committed:
     files: list[str]
 
 
-def committed_work(directory: str, storage_options: dict[str, Any] | None = None) -> Committed:
-    """What :func:`committed_shards` finds, with the listed units the rows come from."""
+def committed_work(
+    directory: str, storage_options: dict[str, Any] | None = None, *, frames_directory: str | None = None
+) -> Committed:
+    """What :func:`committed_shards` finds, with the listed units the rows come from.
+
+    ``frames_directory``: the scan's frames side table, whose files without a committed scores file of the same
+    name (a run stopped between the two) are deleted, so the resume that rescores their shards writes them once.
+    """
+    found = _committed_scores(directory, storage_options)
+    if frames_directory is not None:
+        kept = {f.rsplit("/", 1)[-1] for f in found.files}
+        _drop_uncommitted(frames_directory, kept, storage_options)
+    return found
+
+
+def _drop_uncommitted(directory: str, kept: set[str], storage_options: dict[str, Any] | None) -> None:
+    fs, root = filesystem(directory, storage_options)
+    if not fs.exists(root):
+        return
+    for info in fs.ls(root, detail=True):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if (name.startswith(".") and name.endswith(".tmp")) or (name.startswith("part-") and name not in kept):
+            fs.rm(info["name"])
+            _logger.info("removed %s/%s, which a stopped run left without its scores file", directory, name)
+
+
+def _committed_scores(directory: str, storage_options: dict[str, Any] | None) -> Committed:
     fs, root = filesystem(directory, storage_options)
     if not fs.exists(root):
         return Committed({}, 0, 0, [])
@@ -161,6 +217,8 @@ class ScoreWriter:
             count from the rows' ``_shard_rows`` column (a streamed listing). ``None``: rows carry no
             shard and are committed purely by size.
         commit_every_s: Commit finished shards at least this often (bounds the work a crash loses).
+        frames_directory: The frames side table, written from the rows' ``_frame_times`` and ``_frame_scores``;
+            ``None``: none is written.
     """
 
     def __init__(
@@ -173,12 +231,15 @@ class ScoreWriter:
         table_schema: pa.Schema = schema.SCORES_SCHEMA,
         shard_rows: dict[int, int] | None = None,
         commit_every_s: float = 60.0,
+        frames_directory: str | None = None,
     ) -> None:
         self.directory = directory
         self.schema = table_schema
+        self._kept_schema = pa.schema([*table_schema, *FRAME_FIELDS]) if frames_directory else table_schema
         self.rows_per_file = rows_per_file
         self.fs, self.root = filesystem(directory, storage_options)
         self.fs.makedirs(self.root, exist_ok=True)
+        self.frames = filesystem(frames_directory, storage_options) if frames_directory else None
         self.remote = is_remote(directory)
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self.files: list[str] = []
@@ -209,7 +270,7 @@ class ScoreWriter:
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
         unit_rows = _unit_rows(table)
         if self.expected is None:
-            self._ready.append(to_scores_table(table, self.schema))
+            self._ready.append(self._kept(table))
             self._ready_rows += table.num_rows
             self.units_written += int(np.count_nonzero(unit_rows))
             while self._ready_rows >= self.rows_per_file:
@@ -224,7 +285,7 @@ class ScoreWriter:
                     raise RuntimeError(f"rows of shard {shard}, which is not one of this scan's inputs")
                 self.expected[shard] = int(counts[mask][0])
             rows = table.filter(pa.array(mask))
-            part = to_scores_table(rows, self.schema)
+            part = self._kept(rows)
             self._partial.setdefault(shard, []).append(part)
             self._count_units(shard, rows, unit_rows[mask])
             if self._shard_done(shard):
@@ -240,6 +301,15 @@ class ScoreWriter:
         due = time.monotonic() - self._last_commit >= self.commit_every_s
         if self._ready_rows >= self.rows_per_file or (due and self._ready_rows):
             self._commit_ready()
+
+    def _kept(self, rows: pa.Table) -> pa.Table:
+        """The rows as written, and the frame columns their frame rows come from (null where a batch has none)."""
+        if self.frames is None:
+            return to_scores_table(rows, self.schema)
+        missing = [f for f in FRAME_FIELDS if f.name not in rows.column_names]
+        for field in missing:
+            rows = rows.append_column(field, pa.nulls(rows.num_rows, field.type))
+        return to_scores_table(rows, self._kept_schema)
 
     def _count_units(self, shard: int, rows: pa.Table, unit_rows: np.ndarray) -> None:
         """Count a shard's rows, and its units from the rows that carry their count (``unit_rows`` > 0), with
@@ -284,9 +354,15 @@ class ScoreWriter:
         self._ready_units = 0
 
     def _write_file(self, table: pa.Table, shards: list[int], *, units: int | None = None) -> None:
+        """Commit ``table`` as the next scores file, after its frame rows (if any) under the same name."""
         name = f"part-{self.run_id}-{len(self.files):05d}.parquet"
-        final = f"{self.root}/{name}"
-        tmp = final if self.remote else f"{self.root}/.{name}.tmp"
+        if self.frames is not None:
+            frames = frame_table(table)
+            table = table.drop_columns([f.name for f in FRAME_FIELDS])
+            if frames.num_rows:
+                fs, root = self.frames
+                fs.makedirs(root, exist_ok=True)
+                self._put(fs, root, name, frames)
         if shards:
             metadata = {
                 schema.SHARDS_METADATA_KEY: encode_shards(shards),
@@ -295,13 +371,20 @@ class ScoreWriter:
             if units is not None and units != table.num_rows:
                 metadata[UNITS_METADATA_KEY] = str(units)
             table = table.replace_schema_metadata(metadata)
-        with self.fs.open(tmp, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-        if tmp != final:
-            self.fs.mv(tmp, final)
+        self._put(self.fs, self.root, name, table)
         self.files.append(join(self.directory, name))
         self.rows_written += table.num_rows
         self._last_commit = time.monotonic()
+
+    def _put(self, fs: Any, root: str, name: str, table: pa.Table) -> None:
+        """Write ``table`` as ``root/name``, which appears only once complete: a hidden name, then a move (an S3
+        object appears when its upload completes)."""
+        final = f"{root}/{name}"
+        tmp = final if self.remote else f"{root}/.{name}.tmp"
+        with fs.open(tmp, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        if tmp != final:
+            fs.mv(tmp, final)
 
     def commit_finished(self) -> None:
         """Commit every finished shard now and drop the rows of unfinished ones (a stopped scan):
