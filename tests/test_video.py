@@ -340,3 +340,11 @@ def test_kill_9_in_the_middle_of_a_video_corpus_then_resume_writes_each_video_an
     assert sorted((f[schema.PATH], f[schema.FRAME_INDEX]) for f in frames) == want, "every frame exactly once"
     assert {p for p, _ in want} == {p for p in expected if "clip_" in p}
     assert {f: open(f, "rb").read() for f in before} == before, "committed files are kept as they were"
+
+
+def test_a_resume_with_other_video_frames_is_refused(tmp_path):
+    base = ScanConfig(sources=(str(tmp_path),), out=str(tmp_path / "out"), checkpoint="x.pt")
+    stopped = {"identity": {"expansion": {"video_frames": 4}}}
+    runner.check_resumable(stopped, {"expansion": runner._expansion(dataclasses.replace(base, video_frames=4))})
+    with pytest.raises(ConfigError, match="video_frames"):
+        runner.check_resumable(stopped, {"expansion": runner._expansion(base)})

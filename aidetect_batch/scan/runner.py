@@ -427,9 +427,10 @@ def _model_identity(cfg: ScanConfig, detector: _Detector) -> dict[str, Any]:
 
 def _expansion(cfg: ScanConfig) -> dict[str, Any]:
     """The settings that decide which rows a unit expands into, where they differ from the defaults (so a scan
-    stopped before they existed still resumes): a resume with others would mix two expansions."""
+    stopped before they existed still resumes): a resume with others would mix two expansions, or videos and
+    frame rows sampled at two ``--video-frames``."""
     defaults = {f.name: f.default for f in dataclasses.fields(ScanConfig)}
-    names = ("archives", "max_members", "max_ratio", "archive_depth", "image_column")
+    names = ("archives", "max_members", "max_ratio", "archive_depth", "image_column", "video_frames")
     return {name: getattr(cfg, name) for name in names if getattr(cfg, name) != defaults[name]}
 
 
