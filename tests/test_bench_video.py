@@ -83,7 +83,8 @@ def test_a_scan_of_the_clips_reports_videos_per_second_against_the_ceiling(clips
     monkeypatch.setattr(bench_video.measure, "model_ceiling", lambda *args, **kwargs: dict(ceiling))
     scan = bench_video.scan_rates(clips, str(tmp_path), (2, 4), copies=2)
     assert scan["videos"] == 4 and scan["ceiling"]["images_per_s"] == 50.0
-    assert [(r["n"], r["videos"], r["ok"], r["frames_scored"]) for r in scan["runs"]] == [(2, 4, 4, 8), (4, 4, 4, 16)]
+    found = [(r["n"], r["batch_videos"], r["videos"], r["ok"], r["frames_scored"]) for r in scan["runs"]]
+    assert found == [(2, 32, 4, 4, 8), (4, 16, 4, 4, 16)], "a batch holds 64 frames' worth of videos"
     for run in scan["runs"]:
         assert run["videos_per_s"] == pytest.approx(4 / run["wall_seconds"])
         assert run["share_of_ceiling"] == pytest.approx(run["frames_per_s"] / (50.0 * scan["ceiling"]["actors"]))

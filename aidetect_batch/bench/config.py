@@ -78,7 +78,7 @@ class BenchmarkConfig(JsonConfig):
     corpora_photos: int = option(96, help="corpora suite: photographs stored as each input kind")
     archive_gb: float = option(2.0, help="corpora suite: GiB of the larger archive whose memory is measured")
     video_seconds: float = option(20.0, help="video suite: seconds of each clip (default: %(default)s)")
-    video_copies: int = option(2, help="video suite: copies of each of its four clips scanned end to end")
+    video_copies: int = option(3, help="video suite: copies of each of its four clips scanned end to end")
     video_frames: tuple[int, ...] = option(
         (8, 32),
         parse=comma_list(int),
