@@ -77,14 +77,30 @@ def test_the_suite_is_registered_with_its_options():
         BenchmarkConfig(suite="video", video_seconds=0.0)
 
 
-@pytest.mark.slow  # two end-to-end scans on Ray: about 20 s here
-def test_a_scan_of_the_clips_reports_videos_per_second_against_the_ceiling(clips, ray_cluster, tmp_path, monkeypatch):
+@pytest.mark.slow  # four end-to-end scans on Ray: about 40 s here
+def test_scans_of_the_clips_report_videos_per_second_against_the_ceiling(clips, ray_cluster, tmp_path, monkeypatch):
     ceiling = {"arch": "resnet_tiny", "device": "cpu", "images_per_s": 50.0}
     monkeypatch.setattr(bench_video.measure, "model_ceiling", lambda *args, **kwargs: dict(ceiling))
     scan = bench_video.scan_rates(clips, str(tmp_path), (2, 4), copies=2)
     assert scan["videos"] == 4 and scan["ceiling"]["images_per_s"] == 50.0
-    found = [(r["n"], r["batch_videos"], r["videos"], r["ok"], r["frames_scored"]) for r in scan["runs"]]
-    assert found == [(2, 32, 4, 4, 8), (4, 16, 4, 4, 16)], "a batch holds 64 frames' worth of videos"
+    found = [(r["n"], r["small_videos"], r["videos"], r["ok"], r["frames_scored"]) for r in scan["runs"]]
+    assert found == [(2, 2, 4, 4, 8), (4, 2, 4, 4, 16)], "one copy and two copies of each clip"
     for run in scan["runs"]:
         assert run["videos_per_s"] == pytest.approx(4 / run["wall_seconds"])
         assert run["share_of_ceiling"] == pytest.approx(run["frames_per_s"] / (50.0 * scan["ceiling"]["actors"]))
+        extra = run["wall_seconds"] - run["small_wall_seconds"]
+        assert run["marginal_videos_per_s"] == (pytest.approx(2 / extra) if extra > 0 else None)
+    lines = bench_video.video_lines(
+        {
+            "clip_seconds": SECONDS,
+            "fps": 30,
+            "keyframe_s": 2.0,
+            "pyav": "x",
+            "libavcodec": "y",
+            "decode": [],
+            "scan": scan,
+        }
+    )
+    assert [line.split(" videos/s")[0] for line in lines[2:]] == [
+        f"video scan N={r['n']:<3} {r['videos_per_s']:5.2f}" for r in scan["runs"]
+    ]
