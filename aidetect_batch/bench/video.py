@@ -40,7 +40,7 @@ from aidetect_batch.scan.runner import plan_classifier, run_scan
 FPS = 30
 KEYFRAME_S = 2.0
 SIZES = ((1280, 720), (1920, 1080))
-# Timings are the best of this many runs: the box is shared, and the best run is the least disturbed one.
+# Timings are the best of this many rounds: other work on the machine only lengthens a run.
 REPEATS = 2
 # The camera pans this many pixels per frame and sways up and down by up to SWAY_PX over SWAY_S seconds.
 PAN_PX = 2
