@@ -47,6 +47,9 @@ class BenchmarkConfig(JsonConfig):
         memory_sizes: Small-image corpus sizes whose peak RSS the scan suite measures.
         corpora_photos: Photographs the corpora suite stores as loose files, tar shards, a zip and Parquet.
         archive_gb: Size of the larger archive whose decode-task memory the corpora suite measures.
+        video_seconds: Length of each clip the video suite makes.
+        video_copies: Copies of each clip in the corpus the video suite scans.
+        video_frames: Frames sampled per clip, each timed by seeking and scanned (``--video-frames``).
         archs: Architectures the training suite trains.
         per_class: Generated images per class of the training suite.
         epochs: Training suite epochs.
@@ -74,6 +77,14 @@ class BenchmarkConfig(JsonConfig):
     )
     corpora_photos: int = option(96, help="corpora suite: photographs stored as each input kind")
     archive_gb: float = option(2.0, help="corpora suite: GiB of the larger archive whose memory is measured")
+    video_seconds: float = option(20.0, help="video suite: seconds of each clip (default: %(default)s)")
+    video_copies: int = option(3, help="video suite: copies of each of its four clips scanned end to end")
+    video_frames: tuple[int, ...] = option(
+        (8, 32),
+        parse=comma_list(int),
+        show=show_comma_list,
+        help="video suite: frames per clip, each N timed by seeking and scanned (the scan's --video-frames N)",
+    )
     archs: tuple[str, ...] = option(
         (registry.SMALL_ARCH, registry.TINY_ARCH, registry.DEFAULT_ARCH),
         parse=comma_list(str),
@@ -101,10 +112,15 @@ class BenchmarkConfig(JsonConfig):
             "per_class",
             "epochs",
             "corpora_photos",
+            "video_copies",
         )
         check_at_least(self, (*sizes, "workers", "batch_size"))
         if self.archive_gb <= 0:
             raise ConfigError(f"--archive-gb must be positive, not {self.archive_gb}")
+        if self.video_seconds <= 0:
+            raise ConfigError(f"--video-seconds must be positive, not {self.video_seconds}")
+        if not self.video_frames or min(self.video_frames) < 1:
+            raise ConfigError(f"--video-frames must be one or more counts of at least 1, not {self.video_frames}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -47,14 +47,18 @@ def write_jpegs(root: str, count: int, sizes: tuple[tuple[int, int], ...], *, se
     paths = []
     for i in range(count):
         width, height = sizes[i % len(sizes)]
-        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-        phase = rng.uniform(0, 6.28, 3)
-        base = np.stack([128 + 90 * np.sin(x / (40 + 9 * c) + y / (70 + 5 * c) + phase[c]) for c in range(3)], -1)
-        pixels = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
         path = os.path.join(root, f"photo_{i:05d}.jpg")
-        Image.fromarray(pixels).save(path, "JPEG", quality=90)
+        Image.fromarray(photo_pixels(width, height, rng)).save(path, "JPEG", quality=90)
         paths.append(path)
     return paths
+
+
+def photo_pixels(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A photo-like ``(height, width, 3)`` uint8 picture: smooth colour fields plus sensor-like noise."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 6.28, 3)
+    base = np.stack([128 + 90 * np.sin(x / (40 + 9 * c) + y / (70 + 5 * c) + phase[c]) for c in range(3)], -1)
+    return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
 
 
 def model_ceiling(

@@ -41,6 +41,9 @@ Suites:
 - ``corpora``: the same photographs as loose files, WebDataset tar shards, a zip and a Parquet image column,
   through the CPU stage on one core and end to end; a decode task's peak RSS on multi-GB archives; the
   decode watchdog's cost per file (:mod:`aidetect_batch.bench.corpora`).
+- ``video``: clips made with PyAV (H.264 and VP9 at 720p and 1080p): frames per second decoding every frame
+  against sampling N by keyframe seeking, and a scan's videos per second at each N as a share of the
+  model's ceiling (:mod:`aidetect_batch.bench.video`).
 - ``gpu``: one GPU's ceiling (eager and compiled), and end-to-end scans with CPU decoding, GPU
   decoding and a compiled model, each long enough for 60 s of steady state
   (:mod:`aidetect_batch.bench.gpu`); refuses to run without CUDA.
@@ -75,7 +78,7 @@ import torch
 from PIL import Image
 
 from aidetect_batch import runtime, schema
-from aidetect_batch.bench import corpora, gpu, measure
+from aidetect_batch.bench import corpora, gpu, measure, video
 from aidetect_batch.bench.config import BenchmarkConfig
 from aidetect_batch.bench.demo import PHOTOS, photo_bytes, run_demo, write_labelled_corpus
 from aidetect_batch.detectors import policies as preprocess
@@ -618,6 +621,10 @@ def _corpora_suite(*, corpora_photos: int, archive_gb: float) -> dict[str, Any]:
     return {"corpora": corpora.run_corpora(corpora_photos, archive_gb)}
 
 
+def _video_suite(*, video_seconds: float, video_copies: int, video_frames: tuple[int, ...]) -> dict[str, Any]:
+    return {"video": video.run_video(video_seconds, video_copies, video_frames)}
+
+
 def _gpu_suite(*, scan_arch: str, precision: str, photos: int) -> dict[str, Any]:
     options = gpu.GpuSuiteOptions(arch=scan_arch, precision=precision, photos=photos)
     return {"gpu": gpu.run_gpu_suite(options)}
@@ -652,6 +659,7 @@ SUITES: dict[str, Suite] = {
     "listing": Suite(_listing_suite, ("listing_prefix", "storage_options"), in_all=False),
     "report": Suite(_report_suite, ("report_rows",), in_all=False),
     "corpora": Suite(_corpora_suite, ("corpora_photos", "archive_gb"), in_all=False),
+    "video": Suite(_video_suite, ("video_seconds", "video_copies", "video_frames"), in_all=False),
     "gpu": Suite(_gpu_suite, ("scan_arch", "precision", "photos"), in_all=False, json="benchmark-gpu.json"),
 }
 
@@ -771,4 +779,5 @@ _LINES: dict[str, Callable[[Any], list[str]]] = {
     "gpu": gpu.gpu_lines,
     "report": report_lines,
     "corpora": corpora.corpora_lines,
+    "video": video.video_lines,
 }
