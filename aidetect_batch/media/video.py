@@ -2,8 +2,8 @@
 
 A clip is sampled, not decoded whole: ``n`` target times sit at the middles of ``n`` equal slices of its
 duration (TSN's segment centres), and each takes the frame shown at that time, reached by seeking to the
-keyframe at or before it and decoding forward. A target nearer the last keyframe decoded than the longest
-run seen between keyframes is decoded to without seeking back.
+keyframe at or before it and decoding forward. A target nearer the frame last decoded than the longest run
+seen between keyframes is decoded to without seeking.
 
 - Containers (MP4, MOV/M4V, WebM, Matroska, AVI) are found by their magic bytes, whatever the file is called,
   and decoded with PyAV, whose wheels bundle FFmpeg (so ``pip install`` needs no system library), on one
@@ -202,8 +202,9 @@ def _header(stream: Any, container: Any, fmt: str | None) -> Clip:
 class _Cursor:
     """Where decoding stands in one stream: the last frame and keyframe decoded, the frames shown at and read
     past the last target, and a lower bound of the distance between keyframes (the longest run decoded forward
-    of one). A target further past the last keyframe than that bound may have a keyframe before it, so it is
-    sought; a nearer one is decoded to."""
+    of one). A target further past the frame last decoded than that bound may have a keyframe between, so it is
+    sought; a nearer one is decoded to: at most one keyframe lies between, and a seek would cost its own restart
+    of the decoder, and might land on the keyframe already passed and decode its run again."""
 
     def __init__(self, container: Any, stream: Any, period: float) -> None:
         self.container, self.stream, self.period = container, stream, period
@@ -212,20 +213,21 @@ class _Cursor:
         self.shown: Any = None  # the frame shown at the last target
         self.last = -float("inf")
         self.last_key: float | None = None
+        self.position = -float("inf")  # the time of the frame last decoded
         self.gap = 0.0
 
     def frame_at(self, target: float, deadline: float) -> Any:
         """The frame shown at ``target``: the last one starting at or before it (the first decoded, when a seek
         lands past it). ``None`` when the data or the budget runs out before it."""
         shown = self.shown
-        if self.frames is None or self.last_key is None or target - self.last_key > self.gap:
+        if self.frames is None or self.last_key is None or target - self.position > self.gap:
             self.container.seek(int(target / self.stream.time_base), stream=self.stream, backward=True)
             self.frames, self.ahead, self.last_key, shown = self._decoded(), None, None, None
         while time.monotonic() <= deadline:
             frame, self.ahead = self.ahead if self.ahead is not None else next(self.frames, None), None
             if frame is None:
                 break
-            t = _time(frame)
+            t = self.position = _time(frame)
             if frame.key_frame or self.last_key is None:
                 self.last_key = t
             self.gap = max(self.gap, t - self.last_key)
