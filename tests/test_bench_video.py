@@ -61,9 +61,25 @@ def test_every_frame_and_each_n_by_seeking_are_timed_and_printed(clips, monkeypa
         "libavcodec": "62",
         "decode": rows,
         "scan": {"videos": 2, "ceiling": {"images_per_s": 10.0, "actors": 1, "decode_cpus": 1.0}, "runs": []},
+        "stills": {
+            "photos": 4,
+            "images": {"cpu_ms": 1.0, "classifier_ms": 2.0},
+            "views": {"cpu_ms": 1.5, "classifier_ms": 2.5},
+        },
     }
     lines = bench_video.video_lines(section)
-    assert len(lines) == 1 + 2 * 3 + 1 and lines[1].startswith("video h264 64x48") and "N=8" in lines[3]
+    assert len(lines) == 1 + 2 * 3 + 2 and lines[1].startswith("video h264 64x48") and "N=8" in lines[3]
+    assert lines[-2] == (
+        "video stills as views: 4 stills, CPU stage 1.50 ms each with --video-frames 8 vs 1.00 with 0; "
+        "Classifier 2.50 vs 2.00 ms"
+    )
+
+
+def test_stills_are_timed_as_images_and_as_views(tmp_path):
+    found = bench_video.stills_as_views(str(tmp_path), photos=4, rounds=1, sizes=((64, 48),))
+    assert found["photos"] == 4
+    for timing in (found["images"], found["views"]):
+        assert timing["cpu_ms"] > 0 and timing["classifier_ms"] > 0
 
 
 def test_the_suite_is_registered_with_its_options():

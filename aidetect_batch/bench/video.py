@@ -6,6 +6,8 @@ fields and noise), 30 fps, a keyframe every 2 s, as H.264 in MP4 and VP9 in WebM
 - Per codec and resolution, on one decode thread and from the clip's bytes in memory: frames per second
   decoding every frame, against :func:`aidetect_batch.media.video.sample` taking N frames by seeking to the
   keyframe before each; the speed-up, and how many frames of decoding one sampled frame costs.
+- What sampling videos costs a scan of stills: with ``--video-frames`` above 0 every row travels as a stack of
+  views, so the CPU stage and the Classifier are timed on stills with it 0 and 8.
 - Videos per second of an end-to-end scan (``--video-frames N``) of copies of the clips with the tiny CNN
   (random weights), and the frames it scores per second as a share of the bare model's ceiling measured on
   the same machine in the same run: how far decoding, not the model, bounds a scan of videos.
@@ -24,6 +26,7 @@ from typing import Any
 
 import av
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -31,10 +34,12 @@ from aidetect_batch import runtime, schema
 from aidetect_batch.bench import measure
 from aidetect_batch.config import DEFAULT_MAX_PIXELS
 from aidetect_batch.detectors import registry
-from aidetect_batch.detectors.checkpoints import build_model, save_checkpoint
+from aidetect_batch.detectors.checkpoints import build_model, read_checkpoint_bytes, save_checkpoint
 from aidetect_batch.media import video
 from aidetect_batch.media.decode import to_rgb
+from aidetect_batch.scan.classifier import Classifier
 from aidetect_batch.scan.config import ScanConfig
+from aidetect_batch.scan.cpu_stage import PrepareOptions, prepare_batch
 from aidetect_batch.scan.runner import plan_classifier, run_scan
 
 FPS = 30
@@ -297,6 +302,33 @@ def _scan_run(cfg: ScanConfig) -> dict[str, Any]:
     }
 
 
+def stills_as_views(
+    root: str, *, photos: int = 64, rounds: int = 3, sizes: tuple[tuple[int, int], ...] = ((1024, 768), (1536, 1024))
+) -> dict[str, Any]:
+    """Ms per still through the CPU stage and the Classifier, in this process, with ``--video-frames 0`` (one
+    ``image`` tensor column) and 8 (every row a stack of views in ``_pixels``, as any row may be a video): what
+    sampling videos costs a scan of stills. Best of ``rounds``, the two settings timed in turn."""
+    paths = measure.write_jpegs(os.path.join(root, "stills"), photos, sizes)
+    checkpoint = os.path.join(root, "stills.pt")
+    save_checkpoint(checkpoint, build_model(registry.TINY_ARCH, 1), registry.TINY_ARCH, info={"purpose": "benchmark"})
+    classifier = Classifier(read_checkpoint_bytes(checkpoint), device="cpu")
+    listing = pa.table({schema.PATH: paths, schema.SOURCE: ["bench"] * len(paths)})
+    best: dict[int, dict[str, float]] = {}
+    for _ in range(rounds):
+        for frames in (0, video.DEFAULT_FRAMES):
+            options = PrepareOptions(policy="resize", max_pixels=DEFAULT_MAX_PIXELS, video_frames=frames)
+            start = time.perf_counter()
+            batches = [prepare_batch(listing.slice(k, 16), options) for k in range(0, photos, 16)]
+            prepared = time.perf_counter()
+            for batch in batches:
+                classifier(batch)
+            timing = {"cpu_ms": prepared - start, "classifier_ms": time.perf_counter() - prepared}
+            timing = {k: v * 1000 / photos for k, v in timing.items()}
+            kept = best.setdefault(frames, timing)
+            best[frames] = {k: min(kept[k], timing[k]) for k in timing}
+    return {"photos": photos, "images": best[0], "views": best[video.DEFAULT_FRAMES]}
+
+
 def run_video(seconds: float, copies: int, frames: tuple[int, ...]) -> dict[str, Any]:
     """The video suite (module docstring): clips of ``seconds``, scans of ``copies`` of each clip."""
     with tempfile.TemporaryDirectory() as root:
@@ -312,6 +344,7 @@ def run_video(seconds: float, copies: int, frames: tuple[int, ...]) -> dict[str,
             "encode_seconds": made,
             "decode": decode_rates(clips, frames),
             "scan": scan_rates(clips, root, frames, copies=copies),
+            "stills": stills_as_views(root),
         }
 
 
@@ -332,6 +365,13 @@ def video_lines(section: dict[str, Any]) -> list[str]:
             "worth of decoding per sampled frame"
             for k in row["seek"]
         ]
+    stills = section["stills"]
+    views, images = stills["views"], stills["images"]
+    lines.append(
+        f"video stills as views: {stills['photos']} stills, CPU stage {views['cpu_ms']:.2f} ms each with "
+        f"--video-frames 8 vs {images['cpu_ms']:.2f} with 0; Classifier {views['classifier_ms']:.2f} "
+        f"vs {images['classifier_ms']:.2f} ms"
+    )
     scan, ceiling = section["scan"], section["scan"]["ceiling"]
     lines.append(
         f"video scan of {scan['videos']} clips, tiny CNN: ceiling {ceiling['images_per_s']:.1f} frames/s per actor "
