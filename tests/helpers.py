@@ -6,12 +6,17 @@ Fixtures stay in ``conftest.py``; everything here is a plain function or constan
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
 
 import av
 import numpy as np
@@ -343,3 +348,22 @@ PROVENANCE = [
     ("provenance/c2pa_tampered.jpg", lambda: tampered(c2pa_signed_jpeg("trainedAlgorithmicMedia")), "c2pa_invalid"),
     ("provenance/c2pa_camera.jpg", lambda: c2pa_signed_jpeg("digitalCapture", "CameraApp 3"), "c2pa_other"),
 ]
+
+
+def scan_killed_after_commits(args: list[str], scores_dir: str, *, commits: int = 1, env: dict | None = None) -> None:
+    """Run ``aidetect-batch scan ARGS`` in a session of its own and kill -9 the whole of it (the driver and its local
+    Ray) once ``commits`` scores files are committed in ``scores_dir``, as a crash would."""
+    argv = [sys.executable, "-m", "aidetect_batch", "scan", *args]
+    proc = subprocess.Popen(argv, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(glob.glob(os.path.join(scores_dir, "part-*.parquet"))) >= commits:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the scan ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

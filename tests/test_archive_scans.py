@@ -14,17 +14,13 @@ import io
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 import zipfile
 from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import encode, photo
+from helpers import encode, photo, scan_killed_after_commits
 from PIL import Image
 
 from aidetect_batch import schema
@@ -280,23 +276,10 @@ def test_kill_9_in_the_middle_of_a_scan_of_shards_and_zips_then_resume_gives_eve
     corpus = write_corpus(tmp_path / "in", shards=60, per_shard=4, side=200)
     expected = listed_members(corpus.root)
     out = str(tmp_path / "out")
-    argv = [sys.executable, "-m", "aidetect_batch", "scan", corpus.root, "--out", out, "--checkpoint", tiny_checkpoint]
-    argv += ["--commit-every", "0", "--rows-per-file", "1", "--batch-size", "8", "--decode-batch-size", "2"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(argv, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [corpus.root, "--out", out, "--checkpoint", tiny_checkpoint, "--commit-every", "0", "--rows-per-file", "1"]
+    args += ["--batch-size", "8", "--decode-batch-size", "2"]
     scores_dir = os.path.join(out, schema.SCORES_DIR)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if glob.glob(os.path.join(scores_dir, "part-*.parquet")):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the scan ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    scan_killed_after_commits(args, scores_dir, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     kept = committed_work(scores_dir)
     assert 0 < kept.rows < len(expected), "killed part-way"
     before = {f: open(f, "rb").read() for f in kept.files}

@@ -3,9 +3,6 @@
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import replace
 
@@ -14,7 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
-from helpers import encode, photo
+from helpers import encode, photo, scan_killed_after_commits
 
 from aidetect_batch import schema
 from aidetect_batch.errors import ConfigError
@@ -204,23 +201,10 @@ def test_resume_after_kill_9_gives_every_input_exactly_one_row(ray_cluster, tmp_
     """kill -9 the whole scan (driver and its local Ray) part-way, resume, and check the exact-once invariant."""
     imgs = write_photos(str(tmp_path / "imgs"), 240, side=160)
     out = str(tmp_path / "out")
-    argv = [sys.executable, "-m", "aidetect_batch", "scan", str(tmp_path / "imgs"), "--out", out]
-    argv += ["--checkpoint", tiny_checkpoint, "--commit-every", "0", "--rows-per-file", "1"]
-    env = {**os.environ, "RAY_DISABLE_IMPORT_WARNING": "1"}
-    proc = subprocess.Popen(argv, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [str(tmp_path / "imgs"), "--out", out, "--checkpoint", tiny_checkpoint, "--commit-every", "0"]
+    args += ["--rows-per-file", "1"]
     scores_dir = os.path.join(out, schema.SCORES_DIR)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(glob.glob(os.path.join(scores_dir, "part-*.parquet"))) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the scan ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    scan_killed_after_commits(args, scores_dir, commits=2, env={**os.environ, "RAY_DISABLE_IMPORT_WARNING": "1"})
     time.sleep(1)
     done, kept_rows, kept_files = committed_shards(scores_dir)
     assert 0 < kept_rows < len(imgs), "killed part-way"

@@ -7,15 +7,10 @@ channel is ``10 * i``, so the frame a sample landed on, and so its time, can be 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import zipfile
 
 import av
@@ -23,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import CLIP_FPS, CLIP_STEP, animated, encode, encode_clip, heic_like, photo
+from helpers import CLIP_FPS, CLIP_STEP, animated, encode, encode_clip, heic_like, photo, scan_killed_after_commits
 from PIL import Image
 
 from aidetect_batch import schema
@@ -309,21 +304,10 @@ def test_kill_9_in_the_middle_of_a_video_corpus_then_resume_writes_each_video_an
         (corpus / f"still_{i}.png").write_bytes(encode(photo(64, 48, seed=i), "PNG"))
     expected = {str(p) for p in corpus.iterdir()}
     out = str(tmp_path / "out")
-    argv = [sys.executable, "-m", "aidetect_batch", "scan", str(corpus), "--out", out, "--checkpoint", tiny_checkpoint]
-    argv += ["--commit-every", "0", "--rows-per-file", "1", "--batch-size", "8", "--video-frames", "4"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(argv, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [str(corpus), "--out", out, "--checkpoint", tiny_checkpoint, "--commit-every", "0", "--rows-per-file", "1"]
+    args += ["--batch-size", "8", "--video-frames", "4"]
     scores_dir, frames_dir = os.path.join(out, schema.SCORES_DIR), os.path.join(out, schema.FRAMES_DIR)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None and not glob.glob(f"{scores_dir}/part-*.parquet"):
-            time.sleep(0.05)
-        assert proc.poll() is None, "the scan ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    scan_killed_after_commits(args, scores_dir, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     kept = committed_work(scores_dir)
     assert 0 < kept.rows < len(expected), "killed part-way"
     with_videos = [f for f in kept.files if any(pq.read_table(f, columns=[schema.N_FRAMES]).column(0).to_pylist())]
