@@ -62,6 +62,8 @@ def test_an_old_scan_rebuilds_the_summary_it_wrote(old_scan):
     rebuilt = json.loads((old_scan / "report" / "summary.json").read_text())
     assert scan_out == str(old_scan)
     assert {s: rebuilt["status_counts"].pop(s) for s in NEW_STATUSES} == dict.fromkeys(NEW_STATUSES, 0)
+    media = {m["media"]: m["files"] for m in rebuilt.pop("media")}  # added since: checked apart
+    assert media == {"still": 13, "video": 0, "animation": 0}, "the old scan's rows are all stills"
     assert _differences(old, rebuilt) == []
     assert (summary.total, summary.ok, summary.failed) == (13, 12, 1)
     html = (old_scan / "report" / "index.html").read_text()
