@@ -4,6 +4,8 @@ clips reports videos per second as a share of the model's ceiling."""
 
 from __future__ import annotations
 
+import sys
+
 import av
 import numpy as np
 import pytest
@@ -120,3 +122,13 @@ def test_scans_of_the_clips_report_videos_per_second_against_the_ceiling(clips, 
     assert [line.split(" videos/s")[0] for line in lines[2:]] == [
         f"video scan N={r['n']:<3} {r['videos_per_s']:5.2f}" for r in scan["runs"]
     ]
+
+
+def test_torchcodec_is_compared_when_installed_and_left_out_when_not(clips, monkeypatch):
+    monkeypatch.setattr(bench_video, "REPEATS", 1)
+    rows = bench_video.torchcodec_rates(clips[:1], (4,))
+    if rows is None:
+        monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+        assert bench_video.torchcodec_rates(clips[:1], (4,)) is None
+        return
+    assert rows[0]["torchcodec_4_s"] > 0 and rows[0]["pyav_4_s"] > 0

@@ -6,6 +6,7 @@ fields and noise), 30 fps, a keyframe every 2 s, as H.264 in MP4 and VP9 in WebM
 - Per codec and resolution, on one decode thread and from the clip's bytes in memory: frames per second
   decoding every frame, against :func:`aidetect_batch.media.video.sample` taking N frames by seeking to the
   keyframe before each; the speed-up, and how many frames of decoding one sampled frame costs.
+- PyAV against torchcodec, when torchcodec is installed: seconds to sample the same N frames of each clip.
 - What sampling videos costs a scan of stills: with ``--video-frames`` above 0 every row travels as a stack of
   views, so the CPU stage and the Classifier are timed on stills with it 0 and 8.
 - Videos per second of an end-to-end scan (``--video-frames N``) of copies of the clips with the tiny CNN
@@ -302,6 +303,33 @@ def _scan_run(cfg: ScanConfig) -> dict[str, Any]:
     }
 
 
+def torchcodec_rates(clips: list[BenchClip], frames: tuple[int, ...]) -> list[dict[str, Any]] | None:
+    """Per clip, seconds for torchcodec to sample each of ``frames`` at the same times as
+    :func:`aidetect_batch.media.video.sample` (exact seeking, one FFmpeg thread, RGB frames out), beside PyAV's:
+    the measurement behind choosing PyAV. ``None`` when torchcodec is not installed (it needs FFmpeg from the
+    system, so it is not a dependency)."""
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: PLC0415 - optional, for this comparison only
+    except (ImportError, RuntimeError):
+        return None
+
+    def sampled(data: bytes, n: int) -> Any:
+        decoder = VideoDecoder(data, seek_mode="exact", num_ffmpeg_threads=1, dimension_order="NHWC")
+        return decoder.get_frames_played_at(seconds=video.targets(0.0, decoder.metadata.duration_seconds, n))
+
+    rows = []
+    for clip in clips:
+        with open(clip.path, "rb") as handle:
+            data = handle.read()
+        timed: dict[Any, Callable[[], Any]] = {}
+        for n in frames:
+            timed[("torchcodec", n)] = lambda n=n, data=data: sampled(data, n)
+            timed[("pyav", n)] = lambda n=n, data=data: video.sample(data, n, max_pixels=DEFAULT_MAX_PIXELS)
+        best = _best_of(timed)
+        rows.append({"clip": clip.name, **{f"{lib}_{n}_s": best[(lib, n)][0] for lib, n in timed}})
+    return rows
+
+
 def stills_as_views(
     root: str, *, photos: int = 64, rounds: int = 3, sizes: tuple[tuple[int, int], ...] = ((1024, 768), (1536, 1024))
 ) -> dict[str, Any]:
@@ -329,6 +357,11 @@ def stills_as_views(
     return {"photos": photos, "images": best[0], "views": best[video.DEFAULT_FRAMES]}
 
 
+def _ns(row: dict[str, Any]) -> list[int]:
+    """The N of a :func:`torchcodec_rates` row, from its keys."""
+    return sorted(int(k.split("_")[1]) for k in row if k.startswith("torchcodec_"))
+
+
 def run_video(seconds: float, copies: int, frames: tuple[int, ...]) -> dict[str, Any]:
     """The video suite (module docstring): clips of ``seconds``, scans of ``copies`` of each clip."""
     with tempfile.TemporaryDirectory() as root:
@@ -345,6 +378,7 @@ def run_video(seconds: float, copies: int, frames: tuple[int, ...]) -> dict[str,
             "decode": decode_rates(clips, frames),
             "scan": scan_rates(clips, root, frames, copies=copies),
             "stills": stills_as_views(root),
+            "torchcodec": torchcodec_rates(clips, frames),
         }
 
 
@@ -366,6 +400,11 @@ def video_lines(section: dict[str, Any]) -> list[str]:
             for k in row["seek"]
         ]
     stills = section["stills"]
+    for row in section.get("torchcodec") or []:
+        lines.append(
+            f"video {row['clip']:<15} sampled by torchcodec / PyAV: "
+            + ", ".join(f"N={n} {row[f'torchcodec_{n}_s']:.2f} / {row[f'pyav_{n}_s']:.2f} s" for n in _ns(row))
+        )
     views, images = stills["views"], stills["images"]
     lines.append(
         f"video stills as views: {stills['photos']} stills, CPU stage {views['cpu_ms']:.2f} ms each with "
