@@ -93,10 +93,8 @@ def test_thumbnail_of_a_vanished_file_is_a_placeholder(tmp_path):
     assert uri.startswith("data:image/jpeg;base64,")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
-def test_page_renders_in_headless_chromium(scanned, tmp_path):
-    _, out = scanned
-    url = "file://" + os.path.join(out, schema.REPORT_DIR, "index.html")
+def rendered_dom(url: str) -> tuple[str, int, int]:
+    """The page's DOM after headless Chromium ran its scripts, with how many images it has and how many decoded."""
     dom = subprocess.run(
         [CHROMIUM, *CHROMIUM_FLAGS, "--virtual-time-budget=5000", "--dump-dom", url],
         capture_output=True,
@@ -104,7 +102,14 @@ def test_page_renders_in_headless_chromium(scanned, tmp_path):
         timeout=120,
     ).stdout
     images = int(re.search(r'data-images="(\d+)"', dom).group(1))
-    rendered = int(re.search(r'data-images-rendered="(\d+)"', dom).group(1))
+    return dom, images, int(re.search(r'data-images-rendered="(\d+)"', dom).group(1))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_page_renders_in_headless_chromium(scanned, tmp_path):
+    _, out = scanned
+    url = "file://" + os.path.join(out, schema.REPORT_DIR, "index.html")
+    dom, images, rendered = rendered_dom(url)
     assert images == rendered == 1 + 2 * 23, "the histogram and every thumbnail decoded in the browser"
 
     shot = tmp_path / "shot.png"
@@ -221,14 +226,7 @@ def test_a_flagged_video_is_a_strip_of_its_frames_with_the_top_one_marked(clip_r
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_a_video_strip_renders_in_headless_chromium(clip_report, tmp_path):
     url = "file://" + os.path.join(clip_report, schema.REPORT_DIR, "index.html")
-    dom = subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, "--virtual-time-budget=5000", "--dump-dom", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
-    rendered = int(re.search(r'data-images-rendered="(\d+)"', dom).group(1))
+    dom, images, rendered = rendered_dom(url)
     assert images == rendered == 1 + 2 * (1 + 4 + 3), "the histogram, the still and every strip frame decoded"
     assert [len(s) for s in strips(dom)] == [4, 3, 3, 4], "by score, then by distance to the threshold"
     assert [t for s in strips(dom) for t, top, _ in s if top] == pytest.approx([0.875, 0.05, 0.05, 0.875])
