@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -105,6 +106,17 @@ def rendered_dom(url: str) -> tuple[str, int, int]:
     return dom, images, int(re.search(r'data-images-rendered="(\d+)"', dom).group(1))
 
 
+def screenshot(url: str, shot: Path, *, height: int) -> np.ndarray:
+    """The page as headless Chromium paints it in a window 1200 px wide and ``height`` tall, as int RGB pixels."""
+    subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--window-size=1200,{height}", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    return np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_page_renders_in_headless_chromium(scanned, tmp_path):
     _, out = scanned
@@ -112,14 +124,7 @@ def test_page_renders_in_headless_chromium(scanned, tmp_path):
     dom, images, rendered = rendered_dom(url)
     assert images == rendered == 1 + 2 * 23, "the histogram and every thumbnail decoded in the browser"
 
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, "--window-size=1200,2600", f"--screenshot={shot}", url],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    pixels = screenshot(url, tmp_path / "shot.png", height=2600)
 
     def share(rgb: tuple[int, int, int]) -> float:
         return float((np.abs(pixels - np.array(rgb)).sum(axis=2) < 30).mean())
@@ -231,13 +236,6 @@ def test_a_video_strip_renders_in_headless_chromium(clip_report, tmp_path):
     assert [len(s) for s in strips(dom)] == [4, 3, 3, 4], "by score, then by distance to the threshold"
     assert [t for s in strips(dom) for t, top, _ in s if top] == pytest.approx([0.875, 0.05, 0.05, 0.875])
 
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, "--window-size=1200,2400", f"--screenshot={shot}", url],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    pixels = screenshot(url, tmp_path / "shot.png", height=2400)
     marker = (np.abs(pixels - np.array([214, 39, 40])).sum(axis=2) < 30).sum()
     assert marker > 4 * 3 * 60, "the marked frames' outlines are on screen"
